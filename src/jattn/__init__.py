@@ -1,0 +1,36 @@
+"""jattn: attention for JAX researchers, exact against a float64 oracle.
+
+Shape legend, used in every docstring, annotation, einsum and comment:
+
+    B  batch (any number of leading dims, or none)     T  query length
+    S  key/value length                                N  query heads
+    K  key/value heads (N % K == 0; K == N multi-head, K == 1 multi-query, else grouped-query)
+    H  head dim (queries and keys)                     Hv value head dim
+    G  query heads per key/value head (N / K)          D  model width
+
+Public layout: q ``[B..., T, N, H]``, k ``[B..., S, K, H]``, v ``[B..., S, K, Hv]``.
+"""
+
+from jattn import masks, reference
+from jattn.attention import (
+    Choice,
+    Problem,
+    attention,
+    choose,
+    explain,
+    implementations,
+    register_implementation,
+)
+
+__all__ = [
+    "Choice",
+    "Problem",
+    "attention",
+    "choose",
+    "explain",
+    "implementations",
+    "masks",
+    "reference",
+    "register_implementation",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,647 @@
+"""Attention masks: lazy objects that say *what* may be attended, never *how*.
+
+True means "the query may attend this key". A mask is a predicate on integer positions,
+``mask.tile(q_idx, kv_idx) -> bool [..., len(q_idx), len(kv_idx)]``, from which every
+implementation takes what it needs:
+
+* ``mask.dense(T, S)``: the boolean matrix, broadcastable to ``[B..., N, T, S]``
+  (position-only masks give a NumPy ``[T, S]`` array).
+* ``mask.blocks(T, S, block_q, block_kv)``: the block layout, an ``int8`` array
+  ``[ceil(T / block_q), ceil(S / block_kv)]`` of ``EMPTY`` / ``PARTIAL`` / ``FULL`` tiles, which the
+  chunked, block-sparse and flash implementations read to skip work. Positions past ``T`` or ``S``
+  are ignored when classifying a tile.
+
+Masks combine with ``&``, ``|`` and ``~``. ``bool(mask)`` raises, so ``mask_a and mask_b`` fails
+loudly instead of silently picking one operand.
+
+Masks are pytrees: data-dependent masks (``padding``, ``segments``, boolean arrays) carry their
+arrays as leaves, so they pass through ``jax.jit`` and ``jax.vmap``; position-only masks have no
+leaves and are hashable. Data-dependent masks whose arrays are traced have an all-``PARTIAL``
+layout (nothing can be skipped that is not known at trace time).
+
+Builders follow the papers they come from: ``strided`` and ``fixed`` (Child et al. 2019, Sparse
+Transformer), ``global_tokens`` and ``longformer`` (Beltagy et al. 2020), ``random_blocks`` and
+``bigbird`` (Zaheer et al. 2020).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+"""Tile classes in a block layout: nothing attended / some attended / everything attended."""
+
+_ROWS_PER_EVAL = 1 << 22  # elements evaluated at once when a layout is computed from the predicate
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {name}={value}")
+    return int(value)
+
+
+class Mask:
+    """Base class of all masks. Subclasses implement ``tile`` and, where it is cheap, ``_layout``."""
+
+    #: True when the mask depends only on positions (no arrays), so its layout is known statically.
+    position_only: bool = True
+
+    def tile(self, q_idx, kv_idx):
+        """Whether query ``q_idx[i]`` may attend key ``kv_idx[j]``.
+
+        Args:
+          q_idx: int ``[bq]`` query positions. kv_idx: int ``[bkv]`` key positions.
+            NumPy inputs give a NumPy result for position-only masks; JAX inputs a JAX result.
+        Returns:
+          bool ``[..., bq, bkv]`` where ``...`` are the mask's own batch (and head) dims.
+        """
+        raise NotImplementedError
+
+    # -- public views -------------------------------------------------------------------------
+    def dense(self, q_len: int, kv_len: int):
+        """The boolean ``[..., T, S]`` matrix (NumPy for position-only masks)."""
+        q_len = _check_positive_int("q_len", q_len)
+        kv_len = _check_positive_int("kv_len", kv_len)
+        xp = np if self.position_only else jnp
+        return self.tile(xp.arange(q_len), xp.arange(kv_len))
+
+    def blocks(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
+        """Block layout ``int8 [ceil(T/block_q), ceil(S/block_kv)]`` of EMPTY/PARTIAL/FULL.
+
+        The layout holds for every batch element and head: a tile is EMPTY (FULL) only if it is
+        empty (full) for all of them.
+        """
+        args = (
+            _check_positive_int("q_len", q_len),
+            _check_positive_int("kv_len", kv_len),
+            _check_positive_int("block_q", block_q),
+            _check_positive_int("block_kv", block_kv),
+        )
+        if self.position_only:
+            return _cached_layout(self, *args)
+        return self._layout(*args)
+
+    def _layout(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
+        """Exact layout from the predicate, evaluated a band of query blocks at a time."""
+        if not self._concrete():
+            return _all_partial(q_len, kv_len, block_q, block_kv)
+        return _layout_from_predicate(self.tile, q_len, kv_len, block_q, block_kv)
+
+    def _concrete(self) -> bool:
+        return all(_is_concrete(leaf) for leaf in jax.tree.leaves(self))
+
+    def _canonical(self, batch_shape: tuple[int, ...], num_heads: int) -> Mask:
+        """This mask with array leaves reshaped to ``[B|1, N|1, ...]`` (B = prod(batch_shape))."""
+        del batch_shape, num_heads
+        return self
+
+    # -- combinators --------------------------------------------------------------------------
+    def __and__(self, other: Mask) -> Mask:
+        return And(self, _as_mask(other, "other"))
+
+    def __or__(self, other: Mask) -> Mask:
+        return Or(self, _as_mask(other, "other"))
+
+    def __invert__(self) -> Mask:
+        return Not(self)
+
+    __rand__ = __and__
+    __ror__ = __or__
+
+    def __bool__(self):
+        raise TypeError(
+            "a Mask has no truth value: combine masks with `&`, `|` and `~`, not `and`, `or`, `not`"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(mask: Mask, q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    layout = mask._layout(q_len, kv_len, block_q, block_kv)
+    layout.setflags(write=False)
+    return layout
+
+
+def _all_partial(q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    return np.full((-(-q_len // block_q), -(-kv_len // block_kv)), PARTIAL, np.int8)
+
+
+def _layout_from_predicate(tile_fn, q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
+    padded_kv = num_kv_blocks * block_kv
+    kv_idx = np.arange(padded_kv)
+    in_range_kv = (kv_idx < kv_len).reshape(num_kv_blocks, block_kv)  # [nk, bkv]
+    layout = np.empty((num_q_blocks, num_kv_blocks), np.int8)
+    q_blocks_per_eval = max(1, _ROWS_PER_EVAL // (block_q * padded_kv))
+    for start in range(0, num_q_blocks, q_blocks_per_eval):
+        stop = min(num_q_blocks, start + q_blocks_per_eval)
+        q_idx = np.arange(start * block_q, stop * block_q)
+        allowed = np.asarray(tile_fn(np.minimum(q_idx, q_len - 1), np.minimum(kv_idx, kv_len - 1)))
+        allowed = allowed.reshape(-1, stop - start, block_q, num_kv_blocks, block_kv)
+        valid = (q_idx < q_len).reshape(1, stop - start, block_q, 1, 1) & in_range_kv[None, None, None]
+        any_true = (allowed & valid).any(axis=(2, 4))  # [batch, q blocks, kv blocks]
+        all_true = (allowed | ~valid).all(axis=(2, 4))
+        tiles = np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY))
+        # A tile may be skipped (EMPTY) or left unmasked (FULL) only if that holds everywhere.
+        layout[start:stop] = np.where(
+            (tiles == EMPTY).all(0), EMPTY, np.where((tiles == FULL).all(0), FULL, PARTIAL)
+        )
+    return layout
+
+
+def _as_mask(value: Any, name: str) -> Mask:
+    if isinstance(value, Mask):
+        return value
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return from_array(value)
+    raise TypeError(f"{name} must be a jattn.masks.Mask or a boolean array, got {type(value).__name__}")
+
+
+def _register(cls=None, *, data_fields: Sequence[str] = (), eq: bool | None = None):
+    """Frozen dataclass registered as a pytree; ``data_fields`` are leaves, the rest static.
+
+    Masks without array leaves compare and hash by value (so jit and layout caches hit); masks
+    holding arrays compare by identity unless ``eq`` says otherwise.
+    """
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True, eq=(not data_fields) if eq is None else eq)(cls)
+        meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+
+    return wrap(cls) if cls is not None else wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# Position-only masks
+# ---------------------------------------------------------------------------------------------
+
+
+class _PositionMask(Mask):
+    """A mask given by a predicate ``_allowed(q [bq, 1], kv [1, bkv]) -> bool [bq, bkv]``."""
+
+    def _allowed(self, q, kv):
+        raise NotImplementedError
+
+    def tile(self, q_idx, kv_idx):
+        return self._allowed(q_idx[:, None], kv_idx[None, :])
+
+
+@_register
+class Full(_PositionMask):
+    """Every query attends every key (plain O(T·S) attention)."""
+
+    def _allowed(self, q, kv):
+        return (q >= 0) & (kv >= 0)
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        return np.full((-(-q_len // block_q), -(-kv_len // block_kv)), FULL, np.int8)
+
+
+@_register
+class SlidingWindow(_PositionMask):
+    """Query ``t`` attends keys ``s`` with ``t - left <= s - offset <= t + right``.
+
+    ``offset = kv_len - q_len`` is not applied: positions are absolute, as in self-attention.
+    ``left=None`` means unbounded to the left; ``right=None`` unbounded to the right.
+    ``causal`` is ``SlidingWindow(None, 0)``.
+    """
+
+    left: int | None = None
+    right: int | None = 0
+
+    def _allowed(self, q, kv):
+        ok = (q >= 0) & (kv >= 0)
+        if self.left is not None:
+            ok = ok & (kv >= q - self.left)
+        if self.right is not None:
+            ok = ok & (kv <= q + self.right)
+        return ok
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        # Analytic. Row t allows keys [lo(t), hi(t)], both increasing in t, so a tile with rows
+        # [q0, q1] and keys [k0, k1] meets the band iff k1 >= lo(q0) and k0 <= hi(q1), and lies
+        # inside it iff k0 >= lo(q1) and k1 <= hi(q0).
+        q0 = np.arange(0, q_len, block_q)[:, None]
+        q1 = np.minimum(q0 + block_q, q_len) - 1
+        k0 = np.arange(0, kv_len, block_kv)[None, :]
+        k1 = np.minimum(k0 + block_kv, kv_len) - 1
+        unbounded = q_len + kv_len  # further than any position
+        left = unbounded if self.left is None else self.left
+        right = unbounded if self.right is None else self.right
+        any_true = (k1 >= q0 - left) & (k0 <= q1 + right)
+        all_true = (k0 >= q1 - left) & (k1 <= q0 + right)
+        return np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY)).astype(np.int8)
+
+
+@_register
+class BlockWindow(_PositionMask):
+    """Query block ``i`` attends key blocks ``i - half_blocks ... i + half_blocks`` (BigBird)."""
+
+    block: int = 1
+    half_blocks: int = 0
+
+    def _allowed(self, q, kv):
+        return abs(q // self.block - kv // self.block) <= self.half_blocks
+
+
+@_register
+class PrefixLM(_PositionMask):
+    """Bidirectional attention within the first ``prefix`` positions, causal after them."""
+
+    prefix: int = 0
+
+    def _allowed(self, q, kv):
+        return (kv <= q) | (kv < self.prefix)
+
+
+@_register
+class Strided(_PositionMask):
+    """Sparse Transformer strided pattern (causal): the previous ``stride`` keys, plus every key
+    ``s`` with ``(t - s) % stride == 0``."""
+
+    stride: int = 1
+
+    def _allowed(self, q, kv):
+        causal = kv <= q
+        return causal & ((q - kv < self.stride) | ((q - kv) % self.stride == 0))
+
+
+@_register
+class Fixed(_PositionMask):
+    """Sparse Transformer fixed pattern (causal): keys in the query's own block of ``block``
+    positions, plus the last ``summary`` positions of every block (the summary cells)."""
+
+    block: int = 1
+    summary: int = 1
+
+    def _allowed(self, q, kv):
+        causal = kv <= q
+        same_block = (q // self.block) == (kv // self.block)
+        summary_cell = (kv % self.block) >= (self.block - self.summary)
+        return causal & (same_block | summary_cell)
+
+
+@_register
+class GlobalTokens(_PositionMask):
+    """Global positions attend everything and are attended by everything (Longformer)."""
+
+    indices: tuple[int, ...] = ()
+
+    def _allowed(self, q, kv):
+        xp = np if isinstance(q, np.ndarray) else jnp
+        idx = xp.asarray(self.indices, dtype=q.dtype)
+        is_global_q = (q[..., None] == idx).any(-1)
+        is_global_kv = (kv[..., None] == idx).any(-1)
+        return is_global_q | is_global_kv
+
+
+@_register
+class BlockLayout(_PositionMask):
+    """Explicit block pattern: tile ``(i, j)`` of size ``block_q × block_kv`` is allowed when
+    ``layout[i][j]``. Positions past the layout are not attended."""
+
+    layout: tuple[tuple[bool, ...], ...] = ()
+    block_q: int = 1
+    block_kv: int = 1
+
+    def _allowed(self, q, kv):
+        xp = np if isinstance(q, np.ndarray) else jnp
+        table = xp.asarray(self.layout, dtype=bool)
+        qb, kb = q // self.block_q, kv // self.block_kv
+        in_range = (qb < table.shape[0]) & (kb < table.shape[1])
+        rows = xp.minimum(qb, table.shape[0] - 1)
+        cols = xp.minimum(kb, table.shape[1] - 1)
+        return in_range & table[rows, cols]
+
+
+@_register
+class FromFn(_PositionMask):
+    """Any predicate ``fn(q_idx, kv_idx) -> bool`` built from array operations (NumPy and jnp)."""
+
+    fn: Callable[[Any, Any], Any] = None  # type: ignore[assignment]
+
+    def _allowed(self, q, kv):
+        return self.fn(q, kv) & (q >= 0) & (kv >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combinations
+# ---------------------------------------------------------------------------------------------
+
+
+def _combine_layouts(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if op == "and":
+        full = (a == FULL) & (b == FULL)
+        empty = (a == EMPTY) | (b == EMPTY)
+    else:
+        full = (a == FULL) | (b == FULL)
+        empty = (a == EMPTY) & (b == EMPTY)
+    return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+
+
+class _Binary(Mask):
+    a: Mask
+    b: Mask
+    _op = ""
+
+    @property
+    def position_only(self):  # type: ignore[override]
+        return self.a.position_only and self.b.position_only
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        # Combines the operands' layouts: exact for EMPTY/FULL, conservative (PARTIAL) where both
+        # operands are PARTIAL and the result happens to be empty or full.
+        la = self.a.blocks(q_len, kv_len, block_q, block_kv)
+        lb = self.b.blocks(q_len, kv_len, block_q, block_kv)
+        return _combine_layouts(self._op, la, lb)
+
+    def _canonical(self, batch_shape, num_heads):
+        return type(self)(
+            self.a._canonical(batch_shape, num_heads), self.b._canonical(batch_shape, num_heads)
+        )
+
+
+@_register(data_fields=("a", "b"), eq=True)
+class And(_Binary):
+    a: Mask
+    b: Mask
+    _op = "and"
+
+    def tile(self, q_idx, kv_idx):
+        return self.a.tile(q_idx, kv_idx) & self.b.tile(q_idx, kv_idx)
+
+
+
+@_register(data_fields=("a", "b"), eq=True)
+class Or(_Binary):
+    a: Mask
+    b: Mask
+    _op = "or"
+
+    def tile(self, q_idx, kv_idx):
+        return self.a.tile(q_idx, kv_idx) | self.b.tile(q_idx, kv_idx)
+
+
+
+@_register(data_fields=("a",), eq=True)
+class Not(Mask):
+    a: Mask
+
+    @property
+    def position_only(self):  # type: ignore[override]
+        return self.a.position_only
+
+    def tile(self, q_idx, kv_idx):
+        return ~self.a.tile(q_idx, kv_idx)
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        layout = self.a.blocks(q_len, kv_len, block_q, block_kv)
+        return (FULL - layout).astype(np.int8)
+
+    def _canonical(self, batch_shape, num_heads):
+        return Not(self.a._canonical(batch_shape, num_heads))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-dependent masks
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten_batch(x, batch_shape: tuple[int, ...], trailing: int):
+    """``x [b..., *trailing dims]`` with ``b...`` broadcastable to batch_shape -> ``[B|1, ...]``."""
+    lead = x.shape[: x.ndim - trailing]
+    rest = x.shape[x.ndim - trailing :]
+    if all(d == 1 for d in lead):
+        return x.reshape(1, *rest)
+    x = jnp.broadcast_to(x, (*batch_shape, *rest))
+    return x.reshape(math.prod(batch_shape), *rest)
+
+
+@_register(data_fields=("q_lengths", "kv_lengths"))
+class Padding(Mask):
+    """Queries ``t < q_lengths`` attend keys ``s < kv_lengths`` (per batch element)."""
+
+    q_lengths: Any
+    kv_lengths: Any
+    position_only = False
+
+    def tile(self, q_idx, kv_idx):
+        q_ok = q_idx < jnp.asarray(self.q_lengths)[..., None]  # [..., bq]
+        kv_ok = kv_idx < jnp.asarray(self.kv_lengths)[..., None]  # [..., bkv]
+        return q_ok[..., :, None] & kv_ok[..., None, :]
+
+    def _canonical(self, batch_shape, num_heads):
+        flat = [
+            _flatten_batch(jnp.asarray(x), batch_shape, 0)[:, None]  # [B|1, 1]
+            for x in (self.q_lengths, self.kv_lengths)
+        ]
+        return Padding(*flat)
+
+
+@_register(data_fields=("q_segment_ids", "kv_segment_ids"))
+class Segments(Mask):
+    """Packed sequences: a query attends keys with the same segment id."""
+
+    q_segment_ids: Any
+    kv_segment_ids: Any
+    position_only = False
+
+    def tile(self, q_idx, kv_idx):
+        q_seg = jnp.take(jnp.asarray(self.q_segment_ids), q_idx, axis=-1, mode="clip")  # [..., bq]
+        kv_seg = jnp.take(jnp.asarray(self.kv_segment_ids), kv_idx, axis=-1, mode="clip")
+        return q_seg[..., :, None] == kv_seg[..., None, :]
+
+    def _canonical(self, batch_shape, num_heads):
+        flat = [
+            _flatten_batch(jnp.asarray(x), batch_shape, 1)[:, None]  # [B|1, 1, len]
+            for x in (self.q_segment_ids, self.kv_segment_ids)
+        ]
+        return Segments(*flat)
+
+
+@_register(data_fields=("array",))
+class ArrayMask(Mask):
+    """A boolean array broadcastable to ``[B..., N, T, S]`` used as a mask."""
+
+    array: Any
+    position_only = False
+
+    def tile(self, q_idx, kv_idx):
+        arr = jnp.asarray(self.array)
+        rows = jnp.take(arr, q_idx, axis=-2, mode="clip")
+        return jnp.take(rows, kv_idx, axis=-1, mode="clip")
+
+    def _canonical(self, batch_shape, num_heads):
+        arr = jnp.asarray(self.array)
+        arr = arr.reshape((1,) * (len(batch_shape) + 2 - arr.ndim) + arr.shape)  # [b..., n, t, s]
+        return ArrayMask(_flatten_batch(arr, batch_shape, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------
+
+
+def full() -> Mask:
+    """No masking: every query attends every key."""
+    return Full()
+
+
+def causal() -> Mask:
+    """Query ``t`` attends keys ``s <= t`` (decoder self-attention)."""
+    return SlidingWindow(None, 0)
+
+
+def sliding_window(left: int, right: int = 0) -> Mask:
+    """Local attention: query ``t`` attends keys ``t - left <= s <= t + right``.
+
+    ``sliding_window(w)`` is causal local attention over the last ``w + 1`` positions;
+    ``sliding_window(w, w)`` is the symmetric window of an encoder (Longformer's local part).
+    """
+    return SlidingWindow(
+        _check_positive_int("left", left, allow_zero=True),
+        _check_positive_int("right", right, allow_zero=True),
+    )
+
+
+def _lengths(name: str, value: Any):
+    arr = jnp.asarray(value) if not isinstance(value, np.ndarray) else value
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if _is_concrete(arr) and np.any(np.asarray(arr) < 0):
+        raise ValueError(f"{name} must be >= 0, got {np.asarray(arr)}")
+    return arr
+
+
+def padding(q_lengths: Any, kv_lengths: Any | None = None) -> Mask:
+    """Valid-length masking for padded batches: int ``[B...]`` lengths of queries and keys.
+
+    ``kv_lengths`` defaults to ``q_lengths`` (self-attention). Padded queries get zero output.
+    """
+    q_lengths = _lengths("q_lengths", q_lengths)
+    kv_lengths = q_lengths if kv_lengths is None else _lengths("kv_lengths", kv_lengths)
+    return Padding(q_lengths, kv_lengths)
+
+
+def segments(q_segment_ids: Any, kv_segment_ids: Any | None = None) -> Mask:
+    """Packed sequences: int ``[B..., T]`` and ``[B..., S]`` segment ids; equal ids attend."""
+    q_ids = _lengths("q_segment_ids", q_segment_ids)
+    kv_ids = q_ids if kv_segment_ids is None else _lengths("kv_segment_ids", kv_segment_ids)
+    if q_ids.ndim == 0 or kv_ids.ndim == 0:
+        raise ValueError(
+            f"segment ids must have a sequence axis, got q_segment_ids.shape={q_ids.shape} and "
+            f"kv_segment_ids.shape={kv_ids.shape}"
+        )
+    return Segments(q_ids, kv_ids)
+
+
+def prefix_lm(prefix: int) -> Mask:
+    """Prefix language model: full attention over the first ``prefix`` positions, causal after."""
+    return PrefixLM(_check_positive_int("prefix", prefix, allow_zero=True))
+
+
+def strided(stride: int) -> Mask:
+    """Sparse Transformer strided attention (Child et al. 2019), causal."""
+    return Strided(_check_positive_int("stride", stride))
+
+
+def fixed(block: int, summary: int = 1) -> Mask:
+    """Sparse Transformer fixed attention (Child et al. 2019), causal."""
+    block = _check_positive_int("block", block)
+    summary = _check_positive_int("summary", summary)
+    if summary > block:
+        raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
+    return Fixed(block, summary)
+
+
+def global_tokens(indices: Sequence[int]) -> Mask:
+    """Positions ``indices`` attend and are attended by all positions (Longformer's global part)."""
+    indices = tuple(int(i) for i in np.asarray(indices).reshape(-1))
+    if any(i < 0 for i in indices):
+        raise ValueError(f"indices must be >= 0, got {indices}")
+    return GlobalTokens(indices)
+
+
+def random_blocks(block: int, num_random: int, seed: int = 0, *, max_len: int = 65536) -> Mask:
+    """BigBird's random part: each query block attends ``num_random`` random key blocks.
+
+    The pattern is drawn once from ``seed`` for sequences up to ``max_len`` positions.
+    """
+    block = _check_positive_int("block", block)
+    num_random = _check_positive_int("num_random", num_random, allow_zero=True)
+    num_blocks = -(-_check_positive_int("max_len", max_len) // block)
+    rng = np.random.default_rng(seed)
+    layout = np.zeros((num_blocks, num_blocks), bool)
+    for i in range(num_blocks):
+        picks = rng.permutation(num_blocks)[: min(num_random, num_blocks)]
+        layout[i, picks] = True
+    return BlockLayout(tuple(map(tuple, layout.tolist())), block, block)
+
+
+def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
+    """An explicit block pattern: bool ``[num_q_blocks, num_kv_blocks]``."""
+    arr = np.asarray(layout)
+    if arr.ndim != 2:
+        raise ValueError(f"layout must be 2-D [num_q_blocks, num_kv_blocks], got shape {arr.shape}")
+    block_q = _check_positive_int("block_q", block_q)
+    block_kv = block_q if block_kv is None else _check_positive_int("block_kv", block_kv)
+    return BlockLayout(tuple(map(tuple, arr.astype(bool).tolist())), block_q, block_kv)
+
+
+def from_fn(fn: Callable[[Any, Any], Any]) -> Mask:
+    """Any predicate of query and key positions, e.g. ``from_fn(lambda q, k: (q - k) % 3 == 0)``.
+
+    ``fn`` receives broadcastable integer arrays (NumPy or jnp) and must use array operations only.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    return FromFn(fn)
+
+
+def from_array(array: Any) -> Mask:
+    """A boolean array broadcastable to ``[B..., N, T, S]`` as a mask."""
+    arr = array if isinstance(array, (np.ndarray, jax.Array)) else np.asarray(array)
+    if arr.dtype != bool:
+        raise TypeError(f"a mask array must have dtype bool, got {arr.dtype}")
+    if arr.ndim < 2:
+        raise ValueError(f"a mask array needs at least [T, S] dims, got shape {arr.shape}")
+    return ArrayMask(arr)
+
+
+def longformer(window: int, global_indices: Sequence[int] = (0,), *, causal: bool = False) -> Mask:
+    """Longformer (Beltagy et al. 2020): a sliding window of ``window`` on each side (``causal``:
+    on the left only) plus global tokens."""
+    local = sliding_window(window, 0 if causal else window)
+    return local | global_tokens(global_indices)
+
+
+def bigbird(
+    block: int, num_window_blocks: int = 3, num_global_blocks: int = 1, num_random: int = 2,
+    seed: int = 0,
+) -> Mask:
+    """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks,
+    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
+    block = _check_positive_int("block", block)
+    w = _check_positive_int("num_window_blocks", num_window_blocks)
+    g = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
+    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
+    if g:
+        pattern = pattern | global_tokens(range(g * block))
+    return pattern
+
