@@ -11,7 +11,7 @@ Shape legend, used in every docstring, annotation, einsum and comment:
 Public layout: q ``[B..., T, N, H]``, k ``[B..., S, K, H]``, v ``[B..., S, K, Hv]``.
 """
 
-from jattn import masks, reference
+from jattn import masks, reference, variants
 from jattn.attention import (
     Choice,
     Problem,
@@ -32,5 +32,6 @@ __all__ = [
     "masks",
     "reference",
     "register_implementation",
+    "variants",
 ]
 __version__ = "0.1.0"

@@ -271,29 +271,33 @@ class PrefixLM(_PositionMask):
 
 @_register
 class Strided(_PositionMask):
-    """Sparse Transformer strided pattern (causal): the previous ``stride`` keys, plus every key
-    ``s`` with ``(t - s) % stride == 0``."""
+    """Sparse Transformer strided pattern: keys ``s`` within ``stride`` of the query, plus every
+    key with ``(t - s) % stride == 0``; only ``s <= t`` when ``causal``."""
 
     stride: int = 1
+    causal: bool = True
 
     def _allowed(self, q, kv):
-        causal = kv <= q
-        return causal & ((q - kv < self.stride) | ((q - kv) % self.stride == 0))
+        distance = q - kv if self.causal else abs(q - kv)
+        pattern = (distance < self.stride) | (distance % self.stride == 0)
+        return pattern & (distance >= 0) & (kv >= 0)
 
 
 @_register
 class Fixed(_PositionMask):
-    """Sparse Transformer fixed pattern (causal): keys in the query's own block of ``block``
-    positions, plus the last ``summary`` positions of every block (the summary cells)."""
+    """Sparse Transformer fixed pattern: keys in the query's own block of ``block`` positions,
+    plus the last ``summary`` positions of every block (the summary cells); only ``s <= t`` when
+    ``causal``."""
 
     block: int = 1
     summary: int = 1
+    causal: bool = True
 
     def _allowed(self, q, kv):
-        causal = kv <= q
         same_block = (q // self.block) == (kv // self.block)
         summary_cell = (kv % self.block) >= (self.block - self.summary)
-        return causal & (same_block | summary_cell)
+        allowed = (same_block | summary_cell) & (kv >= 0) & (q >= 0)
+        return allowed & (kv <= q) if self.causal else allowed
 
 
 @_register
@@ -556,18 +560,18 @@ def prefix_lm(prefix: int) -> Mask:
     return PrefixLM(_check_positive_int("prefix", prefix, allow_zero=True))
 
 
-def strided(stride: int) -> Mask:
-    """Sparse Transformer strided attention (Child et al. 2019), causal."""
-    return Strided(_check_positive_int("stride", stride))
+def strided(stride: int, *, causal: bool = True) -> Mask:
+    """Sparse Transformer strided attention (Child et al. 2019)."""
+    return Strided(_check_positive_int("stride", stride), bool(causal))
 
 
-def fixed(block: int, summary: int = 1) -> Mask:
-    """Sparse Transformer fixed attention (Child et al. 2019), causal."""
+def fixed(block: int, summary: int = 1, *, causal: bool = True) -> Mask:
+    """Sparse Transformer fixed attention (Child et al. 2019)."""
     block = _check_positive_int("block", block)
     summary = _check_positive_int("summary", summary)
     if summary > block:
         raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
-    return Fixed(block, summary)
+    return Fixed(block, summary, bool(causal))
 
 
 def global_tokens(indices: Sequence[int]) -> Mask:

@@ -1,0 +1,165 @@
+"""Named attention variants: what an experiment or scaling config selects by name.
+
+A variant is an attention function with the public layout plus, for variants that learn something
+of their own (Linformer's projections), a parameter initializer:
+
+    fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], *, causal: bool, params, key) -> [B, T, N, Hv]
+
+``causal`` is the model's property (a decoder passes True) and is combined with the variant's own
+pattern; ``params`` is what ``init_params`` returned (or None); ``key`` is a PRNG key for
+variants that draw random features (or None for a fixed draw).
+
+Variants are created from a name and options, ``get_variant("bigbird", block=64)``, so a config
+entry ``{variant: bigbird, options: {block: 64}}`` picks one, and new variants plug in with
+``register_variant`` without touching the training or scaling code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from jattn import masks as masks_lib
+from jattn.attention import attention
+
+AttentionFn = Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A configured attention variant.
+
+    Attributes:
+      name: the registered name it was built from.
+      fn: ``fn(q, k, v, *, causal, params, key) -> out`` (see the module docstring).
+      exact: True when it computes softmax attention exactly under its mask.
+      init_params: ``init_params(key, *, num_heads, num_kv_heads, head_dim, max_len) -> pytree``
+        or None when the variant has no parameters of its own.
+      max_len: the longest sequence it can take, or None for any.
+      options: the options it was built with (for tables and logs).
+    """
+
+    name: str
+    fn: AttentionFn
+    exact: bool
+    init_params: Callable[..., Any] | None = None
+    max_len: int | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, q, k, v, *, causal: bool = False, params=None, key=None):
+        return self.fn(q, k, v, causal=causal, params=params, key=key)
+
+
+_FACTORIES: dict[str, Callable[..., Variant]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_variant(name: str, factory: Callable[..., Variant], description: str = "") -> None:
+    """Make ``get_variant(name, **options)`` call ``factory(**options)``."""
+    _FACTORIES[name] = factory
+    _DESCRIPTIONS[name] = description or (inspect.getdoc(factory) or "").split("\n")[0]
+
+
+def variant_names() -> dict[str, str]:
+    """Registered variant names with one-line descriptions."""
+    return dict(_DESCRIPTIONS)
+
+
+def get_variant(name: str, **options) -> Variant:
+    """Build the variant registered as ``name`` with ``options``.
+
+    Raises:
+      ValueError: unknown name (the message lists the known ones) or an option the variant does
+        not take (the message lists the ones it does).
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown attention variant {name!r}; known: {sorted(_FACTORIES)}")
+    factory = _FACTORIES[name]
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"attention variant {name!r} takes no option(s) {unknown}; it takes {sorted(accepted)}"
+        )
+    variant = factory(**options)
+    return dataclasses.replace(variant, name=name, options=dict(options))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact softmax variants: a mask pattern and an implementation
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax_variant(
+    pattern: Callable[[bool], masks_lib.Mask | None], implementation: str | None = None
+) -> Variant:
+    """An exact variant from ``pattern(causal) -> mask`` (None: no mask)."""
+
+    def fn(q, k, v, *, causal, params=None, key=None):
+        del params, key
+        mask = pattern(causal)
+        if causal:
+            mask = masks_lib.causal() if mask is None else mask & masks_lib.causal()
+        return attention(q, k, v, mask=mask, implementation=implementation)
+
+    return Variant("softmax", fn, exact=True)
+
+
+def _full(implementation: str | None = None) -> Variant:
+    """Full softmax attention, O(T·S) (Vaswani et al. 2017)."""
+    return softmax_variant(lambda causal: None, implementation)
+
+
+def _local(window: int = 128, implementation: str | None = None) -> Variant:
+    """Sliding-window (local) attention: ``window`` positions on each side, left only if causal."""
+    masks_lib.sliding_window(window)  # validates
+    return softmax_variant(
+        lambda causal: masks_lib.sliding_window(window, 0 if causal else window), implementation
+    )
+
+
+def _strided(stride: int = 64, implementation: str | None = None) -> Variant:
+    """Sparse Transformer strided pattern (Child et al. 2019)."""
+    masks_lib.strided(stride)
+    return softmax_variant(lambda causal: masks_lib.strided(stride, causal=causal), implementation)
+
+
+def _fixed(block: int = 64, summary: int = 8, implementation: str | None = None) -> Variant:
+    """Sparse Transformer fixed pattern (Child et al. 2019)."""
+    masks_lib.fixed(block, summary)
+    return softmax_variant(
+        lambda causal: masks_lib.fixed(block, summary, causal=causal), implementation
+    )
+
+
+def _longformer(
+    window: int = 128, global_tokens: tuple[int, ...] = (0,), implementation: str | None = None
+) -> Variant:
+    """Longformer: sliding window plus global tokens (Beltagy et al. 2020)."""
+    masks_lib.longformer(window, global_tokens)
+    return softmax_variant(
+        lambda causal: masks_lib.longformer(window, global_tokens, causal=causal), implementation
+    )
+
+
+def _bigbird(
+    block: int = 64,
+    num_window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random: int = 2,
+    seed: int = 0,
+    implementation: str | None = None,
+) -> Variant:
+    """BigBird: window, global and random blocks (Zaheer et al. 2020)."""
+    mask = masks_lib.bigbird(block, num_window_blocks, num_global_blocks, num_random, seed)
+    return softmax_variant(lambda causal: mask, implementation)
+
+
+register_variant("full", _full)
+register_variant("local", _local)
+register_variant("strided", _strided)
+register_variant("fixed", _fixed)
+register_variant("longformer", _longformer)
+register_variant("bigbird", _bigbird)
