@@ -21,6 +21,7 @@ from jattn.attention import (
     implementations,
     register_implementation,
 )
+from jattn.core.multihead import init_multi_head_attention, multi_head_attention
 
 __all__ = [
     "Choice",
@@ -29,7 +30,9 @@ __all__ = [
     "choose",
     "explain",
     "implementations",
+    "init_multi_head_attention",
     "masks",
+    "multi_head_attention",
     "reference",
     "register_implementation",
     "variants",

@@ -95,14 +95,20 @@ def get_variant(name: str, **options) -> Variant:
 def softmax_variant(
     pattern: Callable[[bool], masks_lib.Mask | None], implementation: str | None = None
 ) -> Variant:
-    """An exact variant from ``pattern(causal) -> mask`` (None: no mask)."""
+    """An exact variant from ``pattern(causal) -> mask`` (None: no mask).
 
-    def fn(q, k, v, *, causal, params=None, key=None):
+    Its ``fn`` also takes ``mask=``, a caller's mask (e.g. ``masks.padding``) combined with the
+    pattern; approximate variants without that argument cannot mask padding.
+    """
+
+    def fn(q, k, v, *, causal, params=None, key=None, mask=None):
         del params, key
-        mask = pattern(causal)
+        combined = pattern(causal)
         if causal:
-            mask = masks_lib.causal() if mask is None else mask & masks_lib.causal()
-        return attention(q, k, v, mask=mask, implementation=implementation)
+            combined = masks_lib.causal() if combined is None else combined & masks_lib.causal()
+        if mask is not None:  # the caller's own mask (padding), on top of the pattern
+            combined = mask if combined is None else combined & mask
+        return attention(q, k, v, mask=combined, implementation=implementation)
 
     return Variant("softmax", fn, exact=True)
 
