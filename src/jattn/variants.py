@@ -39,6 +39,8 @@ class Variant:
         or None when the variant has no parameters of its own.
       max_len: the longest sequence it can take, or None for any.
       options: the options it was built with (for tables and logs).
+      mask: for exact variants, ``mask(causal) -> Mask | None``, the pattern's mask that ``fn``
+        applies (the scaling study counts attended pairs from it); None for approximate variants.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Variant:
     init_params: Callable[..., Any] | None = None
     max_len: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    mask: Callable[[bool], masks_lib.Mask | None] | None = None
 
     def __call__(self, q, k, v, *, causal: bool = False, params=None, key=None):
         return self.fn(q, k, v, causal=causal, params=params, key=key)
@@ -101,16 +104,20 @@ def softmax_variant(
     pattern; approximate variants without that argument cannot mask padding.
     """
 
-    def fn(q, k, v, *, causal, params=None, key=None, mask=None):
-        del params, key
+    def pattern_mask(causal: bool) -> masks_lib.Mask | None:
         combined = pattern(causal)
         if causal:
             combined = masks_lib.causal() if combined is None else combined & masks_lib.causal()
+        return combined
+
+    def fn(q, k, v, *, causal, params=None, key=None, mask=None):
+        del params, key
+        combined = pattern_mask(causal)
         if mask is not None:  # the caller's own mask (padding), on top of the pattern
             combined = mask if combined is None else combined & mask
         return attention(q, k, v, mask=combined, implementation=implementation)
 
-    return Variant("softmax", fn, exact=True)
+    return Variant("softmax", fn, exact=True, mask=pattern_mask)
 
 
 def _full(implementation: str | None = None) -> Variant:
