@@ -1,0 +1,1060 @@
+"""The scaling study: how time and memory of each attention variant grow with sequence length.
+
+For every variant of a config (picked by name from ``jattn.variants``, so new variants need no code
+here), every length and every pass (``forward``, ``forward_backward``), one *measurement* compiles
+the step once and records:
+
+* wall time: the median of timed calls after warm-up, each synchronised with ``block_until_ready``;
+* memory: the bytes the compiled executable allocates per call (arguments + outputs + XLA's
+  temporary buffers − aliased), from ``compiled.memory_analysis()``, and the device's own peak
+  (``memory_stats()["peak_bytes_in_use"]``, a process-wide high-water mark) where the backend has one;
+* FLOPs: XLA's cost analysis, and the analytic count (``analytic_flops``);
+* tokens per second.
+
+Guards keep a sweep going: a measurement whose compiled memory is over the memory budget is not run
+(``over_memory``); one whose first call, or whose prediction from the shorter lengths, is over the time
+budget is recorded as ``timeout`` and the longer lengths of that variant are skipped; a runtime
+out-of-memory is ``oom``; a length the variant cannot take (above Linformer's ``max_len``, an
+implementation that does not support the mask) is ``unsupported``. Each row is appended to
+``scaling.csv`` as soon as it is measured, so an interrupted sweep keeps its rows and a rerun
+continues where it stopped.
+
+The analysis fits ``log(y) = p · log(L) + c`` per variant over the lengths past the
+overhead-dominated regime (``fit_min_length``) and finds the *crossover*: the length from which a
+variant is faster (smaller, both) than the baseline (full attention) at every longer length.
+
+Two levels: ``op``, the attention call alone (q, k, v ``[B, T, N, H]``); ``model``, one training
+step (forward, backward, optimizer update) of a small transformer whose attention is the variant.
+
+Command line: ``python experiments/scaling.py configs/scaling/cpu.yaml [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import masks as masks_lib
+from jattn.variants import Variant, get_variant, variant_names
+
+PASSES = ("forward", "forward_backward")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Row statuses.
+OK = "ok"
+TIMEOUT = "timeout"  # a call over the time budget, measured or predicted
+OVER_MEMORY = "over_memory"  # the compiled step needs more than the memory budget; not run
+OOM = "oom"  # the device ran out of memory at run time
+UNSUPPORTED = "unsupported"  # the variant cannot take this length or input
+ERROR = "error"  # anything else, with the message in ``detail``
+_BLOCKING = (TIMEOUT, OVER_MEMORY, OOM)  # a longer length of the same curve would fail the same way
+_COUNT_BLOCK = 512  # tile size at which attended pairs are counted
+
+# Columns that identify the measured setup: rows of another setup cannot be resumed into one table.
+SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "causal", "backend")
+_ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
+_RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
+_TIME_FIELDS = ("time_s", "time_min_s", "compile_s", "tokens_per_s")
+_COST_FIELDS = ("memory_bytes", "temp_bytes", "device_peak_bytes", "xla_flops", "analytic_flops")
+_MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS  # numeric columns (empty where not measured)
+ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS
+
+
+# ---------------------------------------------------------------------------------------------
+# Config schema
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ValueError(f"scaling config: {key} must be {expected}, got {got!r}")
+
+
+def _is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantEntry:
+    """One curve of the study: a registered variant with options, under a display name.
+
+    Attributes:
+      name: the label in tables and plots, unique within a config (e.g. ``local_256``).
+      variant: a name from ``jattn.variants.variant_names()`` (e.g. ``local``).
+      options: keyword options of ``get_variant`` (e.g. ``{window: 256, implementation: banded}``).
+    """
+
+    name: str
+    variant: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.name, str) and bool(self.name), "variants[].name", "a non-empty string", self.name
+        )
+        known = sorted(variant_names())
+        _require(
+            self.variant in known,
+            f"variants[{self.name}].variant",
+            f"a registered variant, one of {known}",
+            self.variant,
+        )
+        _require(
+            isinstance(self.options, Mapping), f"variants[{self.name}].options", "a mapping", self.options
+        )
+
+    def build(self) -> Variant:
+        """The configured variant (raises ValueError naming an option the variant does not take)."""
+        try:
+            return get_variant(self.variant, **self.options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"scaling config: variants[{self.name}]: {err}") from None
+
+    @property
+    def options_json(self) -> str:
+        return json.dumps(dict(self.options), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    """A scaling sweep. Lengths are self-attention lengths (T = S).
+
+    Attributes:
+      variants: the curves; ``baseline`` names the one the others are compared with.
+      lengths: sequence lengths, measured in increasing order.
+      passes: ``forward`` and/or ``forward_backward``.
+      levels: ``op`` (the attention call) and/or ``model`` (a training step of ``model``).
+      baseline: the entry name crossovers are measured against (full attention).
+      batch, num_heads, num_kv_heads (default num_heads), head_dim, dtype, causal: the op's inputs.
+      warmup: calls before timing (the first is also the time-budget probe), at least 1.
+      repeats: timed calls (fewer when they would not fit the time budget); the median is reported.
+      time_budget_s: the longest one call may take; longer (measured or predicted) is a ``timeout``.
+      memory_budget_gb: the most the compiled step may allocate; more is ``over_memory``, not run.
+      fit_min_length: exponents are fitted on the lengths from here on (past the overhead regime).
+      out_dir: the run folder (``scaling.csv``, ``scaling.md``, PNGs).
+      resume: keep the rows already in ``out_dir/scaling.csv`` and measure only the missing ones.
+      seed: inputs and parameters.
+    """
+
+    variants: tuple[VariantEntry, ...]
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    passes: tuple[str, ...] = PASSES
+    levels: tuple[str, ...] = ("op",)
+    baseline: str = "full"
+    batch: int = 1
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    warmup: int = 1
+    repeats: int = 5
+    time_budget_s: float = 30.0
+    memory_budget_gb: float = 4.0
+    fit_min_length: int = 1024
+    out_dir: str = "experiments/results/scaling"
+    resume: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "lengths", tuple(self.lengths))
+        object.__setattr__(self, "passes", tuple(self.passes))
+        object.__setattr__(self, "levels", tuple(self.levels))
+        _require(len(self.variants) > 0, "variants", "a non-empty list", self.variants)
+        names = [entry.name for entry in self.variants]
+        _require(len(set(names)) == len(names), "variants[].name", "unique names", names)
+        _require(self.baseline in names, "baseline", f"one of the variant names {names}", self.baseline)
+        bad = [length for length in self.lengths if not _is_positive_int(length)]
+        _require(not bad and len(self.lengths) > 0, "lengths", "a non-empty list of positive integers", bad)
+        _require(len(set(self.lengths)) == len(self.lengths), "lengths", "distinct lengths", self.lengths)
+        bad = [p for p in self.passes if p not in PASSES]
+        _require(not bad and len(self.passes) > 0, "passes", f"a non-empty subset of {PASSES}", self.passes)
+        known_levels = tuple(_LEVEL_BUILDERS)
+        bad = [lv for lv in self.levels if lv not in known_levels]
+        _require(
+            not bad and len(self.levels) > 0, "levels", f"a non-empty subset of {known_levels}", self.levels
+        )
+        for key in ("batch", "num_heads", "head_dim", "warmup", "repeats", "fit_min_length"):
+            _require(_is_positive_int(getattr(self, key)), key, "a positive integer", getattr(self, key))
+        kv_heads = self.kv_heads
+        _require(
+            _is_positive_int(kv_heads) and self.num_heads % kv_heads == 0,
+            "num_kv_heads",
+            f"a positive divisor of num_heads={self.num_heads}",
+            self.num_kv_heads,
+        )
+        _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        for key in ("time_budget_s", "memory_budget_gb"):
+            value = getattr(self, key)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                key,
+                "a positive number",
+                value,
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_gb * 2**30)
+
+    def setup(self) -> dict[str, str]:
+        """The SETUP_FIELDS of this config's rows, as they are written to the CSV."""
+        return {
+            "batch": str(self.batch),
+            "num_heads": str(self.num_heads),
+            "num_kv_heads": str(self.kv_heads),
+            "head_dim": str(self.head_dim),
+            "dtype": self.dtype,
+            "causal": str(self.causal),
+            "backend": jax.default_backend(),
+        }
+
+
+def build_variants(config: ScalingConfig) -> dict[str, Variant]:
+    """Every entry's variant by entry name; raises before any measurement if one is misconfigured."""
+    return {entry.name: entry.build() for entry in config.variants}
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic counts
+# ---------------------------------------------------------------------------------------------
+
+
+def attended_pairs(mask: masks_lib.Mask | None, q_len: int, kv_len: int) -> int | None:
+    """How many (query, key) pairs ``mask`` allows, or None if it depends on data.
+
+    Counted tile by tile from the block layout: FULL tiles by their area, PARTIAL ones from the
+    mask's predicate, so a long sliding window costs O(T·w) to count, not O(T·S).
+    """
+    if mask is None:
+        return q_len * kv_len
+    if not mask.position_only:
+        return None
+    layout = mask.blocks(q_len, kv_len, _COUNT_BLOCK, _COUNT_BLOCK)  # [nq, nk]
+    total = 0
+    for qi, kj in zip(*np.nonzero(layout != masks_lib.EMPTY), strict=True):
+        q_idx = np.arange(qi * _COUNT_BLOCK, min((qi + 1) * _COUNT_BLOCK, q_len))
+        kv_idx = np.arange(kj * _COUNT_BLOCK, min((kj + 1) * _COUNT_BLOCK, kv_len))
+        if layout[qi, kj] == masks_lib.FULL:
+            total += q_idx.size * kv_idx.size
+        else:
+            total += int(np.count_nonzero(mask.tile(q_idx, kv_idx)))
+    return total
+
+
+def exact_attention_flops(
+    pairs: int, *, batch: int, num_heads: int, head_dim: int, value_head_dim: int
+) -> float:
+    """Forward FLOPs of exact attention over ``pairs`` attended (query, key) pairs per head.
+
+    Two matmuls per pair: q·k (2·H) and p·v (2·Hv); softmax and masking are not counted.
+    """
+    return 2.0 * batch * num_heads * pairs * (head_dim + value_head_dim)
+
+
+def pass_flops(forward: float, pass_name: str) -> float:
+    """A pass's FLOPs from the forward count: the backward pass is two forward's worth of matmuls
+    (dq, dk from the score gradient; dv and the score gradient from the output gradient), without
+    any recomputation."""
+    return forward if pass_name == "forward" else 3.0 * forward
+
+
+def analytic_flops(variant: Variant, config: ScalingConfig, length: int, pass_name: str) -> float | None:
+    """The analytic FLOP count of one op-level measurement, or None when there is none.
+
+    Exact variants: attended pairs of the variant's mask (``Variant.mask``) times the matmul cost.
+    Approximate variants have no mask to count; XLA's count (``xla_flops``) is their figure.
+    """
+    if not variant.exact or variant.mask is None:
+        return None
+    pairs = attended_pairs(variant.mask(config.causal), length, length)
+    if pairs is None:
+        return None
+    forward = exact_attention_flops(
+        pairs,
+        batch=config.batch,
+        num_heads=config.num_heads,
+        head_dim=config.head_dim,
+        value_head_dim=config.head_dim,
+    )
+    return pass_flops(forward, pass_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measured steps: a pure function and its arguments per level
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one measurement runs: ``fn(*args)``, jit-compiled once.
+
+    Attributes:
+      fn: the step (forward, or forward+backward) as a pure function.
+      args: its arguments (arrays and pytrees).
+      tokens: query tokens processed per call (for tokens/s).
+      analytic_flops: the analytic count, or None.
+    """
+
+    fn: Callable[..., Any]
+    args: tuple
+    tokens: int
+    analytic_flops: float | None
+
+
+def _op_step(variant: Variant, config: ScalingConfig, length: int, pass_name: str) -> Step:
+    """The attention call alone on random q, k, v ``[B, T, N|K, H]``."""
+    dtype = jnp.dtype(config.dtype)
+    keys = jax.random.split(jax.random.key(config.seed), 6)
+    q = jax.random.normal(
+        keys[0], (config.batch, length, config.num_heads, config.head_dim), dtype
+    )  # [B, T, N, H]
+    k = jax.random.normal(
+        keys[1], (config.batch, length, config.kv_heads, config.head_dim), dtype
+    )  # [B, S, K, H]
+    v = jax.random.normal(
+        keys[2], (config.batch, length, config.kv_heads, config.head_dim), dtype
+    )  # [B, S, K, H]
+    params = None
+    if variant.init_params is not None:
+        params = variant.init_params(
+            keys[3],
+            num_heads=config.num_heads,
+            num_kv_heads=config.kv_heads,
+            head_dim=config.head_dim,
+            max_len=variant.max_len or length,
+        )
+    causal = config.causal
+
+    def forward(q, k, v, params, key):
+        return variant(q, k, v, causal=causal, params=params, key=key)  # [B, T, N, H]
+
+    if pass_name == "forward":
+        fn, args = forward, (q, k, v, params, keys[4])
+    else:
+        dout = jax.random.normal(keys[5], q.shape, dtype)  # [B, T, N, H]
+
+        def fn(q, k, v, params, key, dout):
+            _, pullback = jax.vjp(lambda *qkvp: forward(*qkvp, key), q, k, v, params)
+            return pullback(dout)  # (dq, dk, dv, dparams)
+
+        args = (q, k, v, params, keys[4], dout)
+    return Step(fn, args, config.batch * length, analytic_flops(variant, config, length, pass_name))
+
+
+_LEVEL_BUILDERS: dict[str, Callable[[Variant, ScalingConfig, int, str], Step]] = {"op": _op_step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one point
+# ---------------------------------------------------------------------------------------------
+
+
+def compiled_memory_bytes(compiled) -> tuple[int, int]:
+    """(bytes a call allocates, of which XLA temporaries) from the compiled memory analysis.
+
+    Arguments + outputs + temporaries − aliased: the temporaries are one arena allocated per call,
+    so this is what a call holds at its peak on every backend (XLA's own ``peak_memory_in_bytes``
+    leaves the temporaries out on CPU).
+    """
+    stats = compiled.memory_analysis()
+    temp = int(stats.temp_size_in_bytes)
+    total = (
+        int(stats.argument_size_in_bytes)
+        + int(stats.output_size_in_bytes)
+        + temp
+        - int(stats.alias_size_in_bytes)
+    )
+    return total, temp
+
+
+def compiled_flops(compiled) -> float | None:
+    """XLA's cost-analysis FLOPs of the compiled step (None where the backend gives none)."""
+    costs = compiled.cost_analysis()
+    if isinstance(costs, Sequence):  # older jax: one dict per computation
+        costs = costs[0] if costs else None
+    if not costs or "flops" not in costs:
+        return None
+    return float(costs["flops"])
+
+
+def device_peak_bytes() -> int | None:
+    """The device's high-water mark of allocated bytes, where the backend reports one (GPU, TPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Timed calls of one measurement.
+
+    Attributes:
+      times: seconds of each timed call (for a timeout: the single over-budget call).
+      over_budget: a call took longer than the time budget.
+    """
+
+    times: tuple[float, ...]
+    over_budget: bool
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def time_calls(
+    call: Callable[[], Any],
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timing:
+    """Time ``call`` (synchronised): ``warmup`` untimed calls, then up to ``repeats`` timed ones.
+
+    The first warm-up call probes the cost: if it takes longer than ``budget_s`` the measurement
+    stops there (``over_budget``, its time kept as a lower bound); otherwise the number of timed
+    calls is cut so that warm-up and repeats together stay within about ``budget_s`` (at least one).
+    """
+
+    def timed() -> float:
+        start = clock()
+        jax.block_until_ready(call())
+        return clock() - start
+
+    first = timed()
+    if first > budget_s:
+        return Timing((first,), over_budget=True)
+    spent = first + sum(timed() for _ in range(warmup - 1))
+    affordable = int((budget_s - spent) // max(first, 1e-9))
+    times = tuple(timed() for _ in range(max(1, min(repeats, affordable))))
+    return Timing(times, over_budget=False)
+
+
+def predict_time(times: Mapping[int, float], length: int) -> float | None:
+    """One call's time at ``length`` extrapolated from the shorter lengths' times.
+
+    Uses the local log-log slope of the last two lengths, clamped to [1, 3] (a slope below 1 is the
+    overhead regime, not the asymptote), or slope 2 from a single length; None without data.
+    """
+    shorter = sorted(length_ for length_ in times if length_ < length)
+    if not shorter:
+        return None
+    last = shorter[-1]
+    slope = 2.0
+    if len(shorter) >= 2:
+        prev = shorter[-2]
+        slope = math.log(times[last] / times[prev]) / math.log(last / prev)
+        slope = min(3.0, max(1.0, slope))
+    return times[last] * (length / last) ** slope
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _failure_status(err: Exception) -> str:
+    if _is_oom(err):
+        return OOM
+    if isinstance(err, (NotImplementedError, ValueError, TypeError)):
+        return UNSUPPORTED
+    return ERROR
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.3g} s"
+
+
+def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None) -> dict[str, Any]:
+    """Compile and time one step under the config's budgets; the measured columns of its row.
+
+    Never raises for a failing step: out of memory, over a budget or unsupported become the
+    ``status`` and ``detail`` columns.
+    """
+    if predicted_s is not None and predicted_s > config.time_budget_s:
+        return {
+            "status": TIMEOUT,
+            "detail": f"predicted {_fmt_seconds(predicted_s)} per call from the shorter lengths, over the "
+            f"{_fmt_seconds(config.time_budget_s)} budget; not run",
+        }
+    row: dict[str, Any] = {"analytic_flops": step.analytic_flops}
+    try:
+        start = time.perf_counter()
+        compiled = jax.jit(step.fn).lower(*step.args).compile()
+        row["compile_s"] = time.perf_counter() - start
+        row["memory_bytes"], row["temp_bytes"] = compiled_memory_bytes(compiled)
+        row["xla_flops"] = compiled_flops(compiled)
+        if row["memory_bytes"] > config.memory_budget_bytes:
+            return row | {
+                "status": OVER_MEMORY,
+                "detail": f"compiled step needs {row['memory_bytes'] / 2**30:.2f} GiB, over the "
+                f"{config.memory_budget_gb:g} GiB budget; not run",
+            }
+        timing = time_calls(
+            lambda: compiled(*step.args),
+            warmup=config.warmup,
+            repeats=config.repeats,
+            budget_s=config.time_budget_s,
+        )
+    except Exception as err:  # noqa: BLE001 - a failing point is a row, the sweep goes on
+        return row | {"status": _failure_status(err), "detail": _short(err)}
+    row |= {
+        "time_s": timing.median,
+        "time_min_s": min(timing.times),
+        "repeats": len(timing.times),
+        "tokens_per_s": step.tokens / timing.median,
+        "device_peak_bytes": device_peak_bytes(),
+    }
+    if timing.over_budget:
+        return row | {
+            "status": TIMEOUT,
+            "detail": f"first call took {_fmt_seconds(timing.times[0])}, over the "
+            f"{_fmt_seconds(config.time_budget_s)} budget",
+        }
+    return row | {"status": OK, "detail": ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One measurement of the sweep."""
+
+    level: str
+    entry: VariantEntry
+    pass_name: str
+    length: int
+
+    @property
+    def track(self) -> tuple[str, str, str]:
+        """The curve this point belongs to: its lengths share guards and a fit."""
+        return (self.level, self.entry.name, self.pass_name)
+
+    def key(self) -> tuple[str, ...]:
+        return (*self.track, self.entry.variant, self.entry.options_json, str(self.length))
+
+
+def _row_key(row: Mapping[str, str]) -> tuple[str, ...]:
+    return (row["level"], row["name"], row["pass"], row["variant"], row["options"], str(row["length"]))
+
+
+def plan(config: ScalingConfig) -> list[Point]:
+    """Every point of the sweep: per level and variant, each pass over increasing lengths."""
+    return [
+        Point(level, entry, pass_name, length)
+        for level in config.levels
+        for entry in config.variants
+        for pass_name in config.passes
+        for length in sorted(config.lengths)
+    ]
+
+
+@dataclasses.dataclass
+class _Track:
+    """What the guards know about one curve so far."""
+
+    times: dict[int, float] = dataclasses.field(default_factory=dict)
+    blocked_by: tuple[str, int] | None = None  # (status, length) that the longer lengths inherit
+
+    def record(self, length: int, status: str, time_s: float | None) -> None:
+        if status == OK and time_s is not None:
+            self.times[length] = time_s
+        elif status in _BLOCKING and (self.blocked_by is None or length < self.blocked_by[1]):
+            self.blocked_by = (status, length)
+
+
+def _skipped(blocked_by: tuple[str, int]) -> dict[str, Any]:
+    status, length = blocked_by
+    reason = {TIMEOUT: "over the time budget", OVER_MEMORY: "over the memory budget", OOM: "out of memory"}[
+        status
+    ]
+    return {"status": status, "detail": f"skipped: {reason} at length {length}"}
+
+
+def _parse_float(text: str | None) -> float | None:
+    return None if text in (None, "", "None") else float(text)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``scaling.csv``, numeric columns as floats (None where empty), length as int."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["length"] = int(row["length"])
+        for key in _MEASURED_FIELDS:
+            row[key] = _parse_float(row.get(key))
+    return rows
+
+
+def append_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+    """Append one row to the CSV (with the header if the file is new) and flush it to disk."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in ROW_FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, path: Path) -> None:
+    setup = config.setup()
+    for row in rows:
+        differing = {key: (row[key], setup[key]) for key in SETUP_FIELDS if str(row[key]) != setup[key]}
+        if differing:
+            described = ", ".join(
+                f"{key}: {there} there, {here} here" for key, (there, here) in differing.items()
+            )
+            raise ValueError(
+                f"{path} holds results of another setup ({described}); set resume=false to start over, "
+                "or choose another out_dir"
+            )
+
+
+def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Measure every missing point of the config, appending rows to ``out_dir/scaling.csv``.
+
+    Returns all rows of the CSV (earlier and new). Raises ValueError before measuring anything if
+    a variant entry is misconfigured or the CSV holds another setup.
+    """
+    from tqdm.auto import tqdm
+
+    variants = build_variants(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "scaling.csv"
+    if not config.resume and csv_path.exists():
+        csv_path.unlink()
+    existing = read_rows(csv_path)
+    _check_resumable(existing, config, csv_path)
+    done = {_row_key(row) for row in existing}
+    tracks: dict[tuple[str, str, str], _Track] = {}
+    for row in sorted(existing, key=lambda r: r["length"]):
+        tracks.setdefault((row["level"], row["name"], row["pass"]), _Track()).record(
+            row["length"], row["status"], row["time_s"]
+        )
+    todo = [point for point in plan(config) if point.key() not in done]
+    fixed_columns = config.setup() | {
+        "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+    }
+    bar = tqdm(todo, desc="scaling", unit="pt", disable=not progress)
+    for point in bar:
+        bar.set_postfix_str(f"{point.level} {point.entry.name} {point.pass_name} L={point.length}")
+        track = tracks.setdefault(point.track, _Track())
+        result = _measure_point(point, variants[point.entry.name], config, track)
+        row = {
+            "level": point.level,
+            "name": point.entry.name,
+            "variant": point.entry.variant,
+            "options": point.entry.options_json,
+            "pass": point.pass_name,
+            "length": point.length,
+            **fixed_columns,
+            **result,
+        }
+        append_row(csv_path, row)
+        track.record(point.length, row["status"], row.get("time_s"))
+        if row["status"] not in (OK, UNSUPPORTED) and not row["detail"].startswith("skipped"):
+            bar.write(
+                f"{point.entry.name} {point.pass_name} L={point.length}: {row['status']} ({row['detail']})"
+            )
+    bar.close()
+    return read_rows(csv_path)
+
+
+def _measure_point(point: Point, variant: Variant, config: ScalingConfig, track: _Track) -> dict[str, Any]:
+    if track.blocked_by is not None and track.blocked_by[1] < point.length:
+        return _skipped(track.blocked_by)
+    if variant.max_len is not None and point.length > variant.max_len:
+        return {
+            "status": UNSUPPORTED,
+            "detail": f"length {point.length} is above the variant's max_len={variant.max_len}",
+        }
+    try:
+        step = _LEVEL_BUILDERS[point.level](variant, config, point.length, point.pass_name)
+    except Exception as err:  # noqa: BLE001 - a failing point is a row, the sweep goes on
+        return {"status": _failure_status(err), "detail": _short(err)}
+    return measure(step, config, predict_time(track.times, point.length))
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """``y ≈ exp(log_scale) · L ** exponent`` fitted by least squares on log-log axes.
+
+    Attributes:
+      exponent: the growth exponent p (1 linear, 2 quadratic).
+      log_scale: the intercept c of ``log y = p log L + c``.
+      lengths: the lengths the fit used.
+      r2: coefficient of determination of the log-log fit.
+    """
+
+    exponent: float
+    log_scale: float
+    lengths: tuple[int, ...]
+    r2: float
+
+    def __call__(self, length: float) -> float:
+        return math.exp(self.log_scale) * length**self.exponent
+
+
+def fit_exponent(points: Mapping[int, float], min_length: int) -> Fit | None:
+    """Fit the log-log slope over the points with ``length >= min_length``.
+
+    If fewer than two such points exist (the long lengths failed), the two longest points are used;
+    None with fewer than two positive points in all.
+    """
+    usable = {length: y for length, y in points.items() if y is not None and y > 0}
+    chosen = sorted(length for length in usable if length >= min_length)
+    if len(chosen) < 2:
+        chosen = sorted(usable)[-2:]
+    if len(chosen) < 2:
+        return None
+    x = np.log(np.asarray(chosen, np.float64))
+    y = np.log(np.asarray([usable[length] for length in chosen], np.float64))
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    spread = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residual**2)) / spread if spread > 0 else 1.0
+    return Fit(float(slope), float(intercept), tuple(chosen), r2)
+
+
+def crossover(baseline: Mapping[int, float | None], other: Mapping[int, float | None]) -> int | None:
+    """The shortest length from which ``other`` is below ``baseline`` at every longer length.
+
+    A missing value (failed: timeout, out of memory) counts as infinitely large, so a variant that
+    runs where the baseline failed wins there; lengths where both failed carry no information and
+    are skipped. None if ``other`` does not win at the longest informative length.
+    """
+    inf = math.inf
+    informative = sorted(
+        length
+        for length in set(baseline) | set(other)
+        if baseline.get(length) is not None or other.get(length) is not None
+    )
+    start = None
+    for length in informative:
+        base = baseline.get(length)
+        value = other.get(length)
+        wins = (inf if value is None else value) < (inf if base is None else base)
+        if not wins:
+            start = None
+        elif start is None:
+            start = length
+    return start
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """One curve's analysis.
+
+    Attributes:
+      level, name, pass_name: the curve.
+      time_fit, memory_fit: log-log fits (None with too few points).
+      faster_from, smaller_from, wins_from: crossover lengths against the baseline in time, in
+        memory, and in both (None: never, or this is the baseline).
+    """
+
+    level: str
+    name: str
+    pass_name: str
+    time_fit: Fit | None
+    memory_fit: Fit | None
+    faster_from: int | None
+    smaller_from: int | None
+    wins_from: int | None
+
+
+def _series(rows: Iterable[Mapping[str, Any]], column: str) -> dict[int, float | None]:
+    return {row["length"]: (row[column] if row["status"] == OK else None) for row in rows}
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], config: ScalingConfig) -> list[Summary]:
+    """Exponents and crossovers of every curve in ``rows`` (those of the config's entries)."""
+    by_track: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_track.setdefault((row["level"], row["name"], row["pass"]), []).append(row)
+    summaries = []
+    for level in config.levels:
+        for pass_name in config.passes:
+            base_rows = by_track.get((level, config.baseline, pass_name), [])
+            base_time, base_memory = _series(base_rows, "time_s"), _series(base_rows, "memory_bytes")
+            for entry in config.variants:
+                track_rows = by_track.get((level, entry.name, pass_name))
+                if not track_rows:
+                    continue
+                times, memory = _series(track_rows, "time_s"), _series(track_rows, "memory_bytes")
+                is_base = entry.name == config.baseline
+                faster = None if is_base else crossover(base_time, times)
+                smaller = None if is_base else crossover(base_memory, memory)
+                both = None if faster is None or smaller is None else max(faster, smaller)
+                summaries.append(
+                    Summary(
+                        level,
+                        entry.name,
+                        pass_name,
+                        fit_exponent(times, config.fit_min_length),
+                        fit_exponent(memory, config.fit_min_length),
+                        faster,
+                        smaller,
+                        both,
+                    )
+                )
+    return summaries
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: Markdown and plots
+# ---------------------------------------------------------------------------------------------
+
+_CELL_FOR_STATUS = {
+    TIMEOUT: "timeout",
+    OVER_MEMORY: "> budget",
+    OOM: "OOM",
+    UNSUPPORTED: "n/a",
+    ERROR: "error",
+}
+_PASS_TITLES = {"forward": "forward", "forward_backward": "forward + backward"}
+
+
+def _fmt_fit(fit: Fit | None) -> str:
+    if fit is None:
+        return "–"
+    return f"{fit.exponent:.2f} ({fit.lengths[0]}–{fit.lengths[-1]})"
+
+
+def _fmt_length(length: int | None) -> str:
+    return "never" if length is None else str(length)
+
+
+def _cell(row: Mapping[str, Any] | None, column: str, scale: float) -> str:
+    if row is None:
+        return ""
+    if row["status"] != OK or row[column] is None:
+        return _CELL_FOR_STATUS.get(row["status"], row["status"])
+    return f"{row[column] / scale:.3g}"
+
+
+def _length_table(
+    rows: Sequence[Mapping[str, Any]], config: ScalingConfig, column: str, scale: float
+) -> list[str]:
+    lengths = sorted(config.lengths)
+    index = {(row["name"], row["length"]): row for row in rows}
+    lines = ["| variant | " + " | ".join(str(length) for length in lengths) + " |"]
+    lines.append("|---|" + "---:|" * len(lengths))
+    for entry in config.variants:
+        cells = [_cell(index.get((entry.name, length)), column, scale) for length in lengths]
+        lines.append(f"| {entry.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def machine_description() -> str:
+    """The backend, device kind, device count and CPU cores, for the header of results."""
+    device = jax.devices()[0]
+    return (
+        f"{jax.default_backend()} backend, {jax.device_count()} × {device.device_kind}, "
+        f"{os.cpu_count()} CPU cores, jax {jax.__version__}"
+    )
+
+
+def markdown_report(
+    rows: Sequence[Mapping[str, Any]],
+    summaries: Sequence[Summary],
+    config: ScalingConfig,
+    *,
+    command: str = "",
+) -> str:
+    """``scaling.md``: setup, exponents and crossovers, then time and memory tables per length."""
+    kv = f", {config.kv_heads} key/value heads" if config.kv_heads != config.num_heads else ""
+    lines = [
+        "# Scaling: time and memory against sequence length",
+        "",
+        f"Machine: {machine_description()}.",
+        f"Setup: batch {config.batch}, {config.num_heads} heads{kv}, head dim {config.head_dim}, "
+        f"{config.dtype}, {'causal' if config.causal else 'non-causal'} self-attention (T = S).",
+        f"Time: median of up to {config.repeats} calls after {config.warmup} warm-up call(s), budget "
+        f"{config.time_budget_s:g} s per call. Memory: what the compiled step allocates per call "
+        f"(arguments + outputs + XLA temporaries), budget {config.memory_budget_gb:g} GiB.",
+    ]
+    if command:
+        lines.append(f"Command: `{command}`")
+    lines += [
+        "",
+        f"## Exponents and crossovers against `{config.baseline}`",
+        "",
+        f"Exponent p of `y ∝ L^p`, fitted on log-log axes over the lengths ≥ {config.fit_min_length} "
+        "(the range in brackets). Crossover: the length from which the variant is faster (smaller, both) "
+        f"than `{config.baseline}` at every longer measured length; a length where `{config.baseline}` "
+        "failed counts as a win.",
+        "",
+        "| level | pass | variant | time exponent | memory exponent | faster from | smaller from | "
+        "faster and smaller from |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        is_base = s.name == config.baseline
+        crossings = (
+            ["(baseline)"] * 3
+            if is_base
+            else [_fmt_length(x) for x in (s.faster_from, s.smaller_from, s.wins_from)]
+        )
+        lines.append(
+            f"| {s.level} | {_PASS_TITLES[s.pass_name]} | {s.name} | {_fmt_fit(s.time_fit)} | "
+            f"{_fmt_fit(s.memory_fit)} | " + " | ".join(crossings) + " |"
+        )
+    for level in config.levels:
+        for pass_name in config.passes:
+            track_rows = [row for row in rows if row["level"] == level and row["pass"] == pass_name]
+            title = f"{level}, {_PASS_TITLES[pass_name]}"
+            lines += ["", f"## {title}: time per call (ms)", ""]
+            lines += _length_table(track_rows, config, "time_s", 1e-3)
+            lines += ["", f"## {title}: memory (MiB)", ""]
+            lines += _length_table(track_rows, config, "memory_bytes", 2**20)
+    failures = [row for row in rows if row["status"] != OK and not str(row["detail"]).startswith("skipped")]
+    if failures:
+        lines += ["", "## Measurements that did not run to the end", ""]
+        lines += [
+            f"- {row['level']} {row['name']} {row['pass']} L={row['length']}: {row['status']}: "
+            f"{row['detail']}"
+            for row in failures
+        ]
+    lines += [
+        "",
+        "Cells: `timeout` over the time budget (measured or predicted), `> budget` over the memory "
+        "budget (not run), `OOM` out of memory at run time, `n/a` unsupported length, `error` see above. "
+        "All columns (FLOPs from XLA and analytic, tokens/s, compile time) are in `scaling.csv`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(
+    rows: Sequence[Mapping[str, Any]],
+    summaries: Sequence[Summary],
+    config: ScalingConfig,
+    out_dir: str | os.PathLike,
+) -> list[Path]:
+    """``time_<level>.png`` and ``memory_<level>.png``: log-log curves, one line per variant and a
+    panel per pass, with slope-1 and slope-2 guide lines; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fits = {(s.level, s.name, s.pass_name): s for s in summaries}
+    written = []
+    for level in config.levels:
+        for column, label, scale, stem in (
+            ("time_s", "time per call (s)", 1.0, "time"),
+            ("memory_bytes", "memory per call (MiB)", 2**20, "memory"),
+        ):
+            fig, axes = plt.subplots(
+                1, len(config.passes), figsize=(6.5 * len(config.passes), 5), squeeze=False
+            )
+            for ax, pass_name in zip(axes[0], config.passes, strict=True):
+                _plot_panel(ax, rows, fits, config, level, pass_name, column, scale)
+                ax.set_title(f"{level}: {_PASS_TITLES[pass_name]}")
+                ax.set_xlabel("sequence length L")
+                ax.set_ylabel(label)
+            fig.suptitle(
+                f"{label.split(' (')[0]} against sequence length ({machine_description()})", fontsize=10
+            )
+            fig.tight_layout()
+            path = Path(out_dir) / f"{stem}_{level}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _plot_panel(
+    ax, rows, fits, config: ScalingConfig, level: str, pass_name: str, column: str, scale: float
+) -> None:
+    key = "time" if column == "time_s" else "memory"
+    anchor = None
+    for entry in config.variants:
+        points = sorted(
+            (row["length"], row[column] / scale)
+            for row in rows
+            if (row["level"], row["name"], row["pass"]) == (level, entry.name, pass_name)
+            and row["status"] == OK
+            and row[column]
+        )
+        if not points:
+            continue
+        summary = fits.get((level, entry.name, pass_name))
+        fit = None if summary is None else getattr(summary, f"{key}_fit")
+        label = entry.name if fit is None else f"{entry.name} (p = {fit.exponent:.2f})"
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if entry.name == config.baseline or anchor is None:
+            anchor = (xs[0], ys[0])
+    if anchor is not None:
+        lengths = np.asarray(sorted(config.lengths), np.float64)
+        for slope, style in ((1, ":"), (2, "--")):
+            ax.plot(
+                lengths,
+                anchor[1] * (lengths / anchor[0]) ** slope,
+                style,
+                color="gray",
+                linewidth=1,
+                label=f"slope {slope} (∝ L{'²' if slope == 2 else ''})",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def write_report(
+    config: ScalingConfig, rows: Sequence[Mapping[str, Any]] | None = None, *, command: str = ""
+) -> list[Path]:
+    """Write ``scaling.md`` and the PNGs next to ``scaling.csv`` (read from there if ``rows`` is None)."""
+    out_dir = Path(config.out_dir)
+    rows = read_rows(out_dir / "scaling.csv") if rows is None else rows
+    names = {entry.name for entry in config.variants}
+    rows = [
+        row
+        for row in rows
+        if row["level"] in config.levels and row["name"] in names and row["pass"] in config.passes
+    ]
+    summaries = summarize(rows, config)
+    md_path = out_dir / "scaling.md"
+    md_path.write_text(markdown_report(rows, summaries, config, command=command))
+    return [md_path, *plot_scaling(rows, summaries, config, out_dir)]
