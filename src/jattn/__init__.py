@@ -21,6 +21,8 @@ from jattn.attention import (
     implementations,
     register_implementation,
 )
+from jattn.core import sparse  # registers the "banded" and "block_sparse" implementations
+from jattn.core.linear import linear_attention, linformer_attention, performer_attention
 from jattn.core.multihead import init_multi_head_attention, multi_head_attention
 
 __all__ = [
@@ -31,10 +33,14 @@ __all__ = [
     "explain",
     "implementations",
     "init_multi_head_attention",
+    "linear_attention",
+    "linformer_attention",
     "masks",
     "multi_head_attention",
+    "performer_attention",
     "reference",
     "register_implementation",
+    "sparse",
     "variants",
 ]
 __version__ = "0.1.0"

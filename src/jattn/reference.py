@@ -124,3 +124,149 @@ def attention_vjp_reference(
         "v": _unrepeat(dv, group),
         "bias": None if bias is None else _reduce_to_shape(ds, np.shape(bias)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Approximate linear-cost variants (jattn.core.linear), in their quadratic form
+# ---------------------------------------------------------------------------------------------
+#
+#     A = φ(q) φ(k)ᵀ   (lower-triangular part only when causal)      per head, [T, S]
+#     out = A v / A 1  (a row whose normalizer A 1 is zero is all zeros)
+#
+# Gradients, with G = d_out and den = A 1:
+#     dA = (G vᵀ - (G·out) 1ᵀ) / den,   dv = Aᵀ (G / den),   dφ(q) = dA φ(k),   dφ(k) = dAᵀ φ(q)
+# then through the feature map φ.
+
+_FEATURE_MAPS_REFERENCE = {  # name -> (φ(x), φ'(x)), elementwise
+    "elu+1": (
+        lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))),
+        lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0))),
+    ),
+    "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
+}
+
+
+def _kernel_attention(phi_q, phi_k, vh, causal):
+    """phi_q [..., T, F], phi_k [..., S, F], vh [..., S, Hv] -> (A [..., T, S], den [..., T], out)."""
+    a = phi_q @ np.swapaxes(phi_k, -1, -2)
+    if causal:
+        a = np.tril(a)
+    den = a.sum(-1)
+    safe = np.where(den > 0, den, 1.0)
+    out = np.where((den > 0)[..., None], (a @ vh) / safe[..., None], 0.0)
+    return a, den, out
+
+
+def _kernel_attention_vjp(phi_q, phi_k, vh, a, den, out, do, causal):
+    """(dφ(q), dφ(k), dv) of ``Σ out · do`` for the quadratic form above."""
+    safe = np.where(den > 0, den, 1.0)[..., None]  # [..., T, 1]
+    do = np.where(den[..., None] > 0, do, 0.0)
+    d_num = do / safe  # [..., T, Hv]
+    d_den = -(do * out).sum(-1, keepdims=True) / safe  # [..., T, 1]
+    da = d_num @ np.swapaxes(vh, -1, -2) + d_den  # [..., T, S]
+    if causal:
+        da = np.tril(da)
+    return da @ phi_k, np.swapaxes(da, -1, -2) @ phi_q, np.swapaxes(a, -1, -2) @ d_num
+
+
+def linear_attention_reference(q, k, v, *, feature_map: str = "elu+1", causal: bool = False) -> np.ndarray:
+    """Linear attention (Katharopoulos et al. 2020) in float64: ``[B..., T, N, Hv]``.
+
+    Args: as ``jattn.linear_attention`` (``feature_map`` by name only).
+    """
+    phi, _ = _FEATURE_MAPS_REFERENCE[feature_map]
+    qh, kh, vh, *_ = _prepare(q, k, v, None, None, None)
+    _, _, out = _kernel_attention(phi(qh), phi(kh), vh, causal)
+    return np.moveaxis(out, -3, -2)
+
+
+def linear_attention_vjp_reference(
+    q, k, v, d_out, *, feature_map: str = "elu+1", causal: bool = False
+) -> dict[str, np.ndarray]:
+    """Gradients of ``Σ linear_attention_reference(...) · d_out``: ``{"q", "k", "v"}``."""
+    phi, d_phi = _FEATURE_MAPS_REFERENCE[feature_map]
+    qh, kh, vh, _, _, _, group = _prepare(q, k, v, None, None, None)
+    phi_q, phi_k = phi(qh), phi(kh)
+    a, den, out = _kernel_attention(phi_q, phi_k, vh, causal)
+    do = np.moveaxis(np.asarray(d_out, np.float64), -2, -3)  # [B..., N, T, Hv]
+    d_phi_q, d_phi_k, dv = _kernel_attention_vjp(phi_q, phi_k, vh, a, den, out, do, causal)
+    return {
+        "q": np.moveaxis(d_phi_q * d_phi(qh), -3, -2),
+        "k": _unrepeat(d_phi_k * d_phi(kh), group),
+        "v": _unrepeat(dv, group),
+    }
+
+
+def _favor_features(x, features, scale):
+    """FAVOR+ ``φ(x) = exp(x'·w - |x'|²/2) / sqrt(M)`` with ``x' = sqrt(scale)·x``: ``[..., L, M]``."""
+    x = np.sqrt(scale) * x
+    return np.exp(x @ features.T - 0.5 * (x * x).sum(-1, keepdims=True)) / np.sqrt(features.shape[0])
+
+
+def _favor_features_vjp(x, features, scale, phi, d_phi):
+    """dx from dφ: ``∂φ_m/∂x' = φ_m (w_m - x')`` and ``x' = sqrt(scale)·x``."""
+    root = np.sqrt(scale)
+    weighted = d_phi * phi  # [..., L, M]
+    return root * (weighted @ features - weighted.sum(-1, keepdims=True) * (root * x))
+
+
+def performer_attention_reference(q, k, v, features, *, causal: bool = False, scale=None) -> np.ndarray:
+    """Performer attention (FAVOR+, Choromanski et al. 2021) in float64 with given features.
+
+    Args:
+      q, k, v: as ``jattn.performer_attention``. features: ``[M, H]``, e.g. from
+        ``jattn.core.linear.performer_features`` with the same key.
+      scale: defaults to ``1 / sqrt(H)``.
+    Returns:
+      ``[B..., T, N, Hv]``.
+    """
+    qh, kh, vh, _, _, scale, _ = _prepare(q, k, v, None, None, scale)
+    w = np.asarray(features, np.float64)
+    _, _, out = _kernel_attention(_favor_features(qh, w, scale), _favor_features(kh, w, scale), vh, causal)
+    return np.moveaxis(out, -3, -2)
+
+
+def performer_attention_vjp_reference(
+    q, k, v, d_out, features, *, causal: bool = False, scale=None
+) -> dict[str, np.ndarray]:
+    """Gradients of ``Σ performer_attention_reference(...) · d_out``: ``{"q", "k", "v"}``."""
+    qh, kh, vh, _, _, scale, group = _prepare(q, k, v, None, None, scale)
+    w = np.asarray(features, np.float64)
+    phi_q, phi_k = _favor_features(qh, w, scale), _favor_features(kh, w, scale)
+    a, den, out = _kernel_attention(phi_q, phi_k, vh, causal)
+    do = np.moveaxis(np.asarray(d_out, np.float64), -2, -3)  # [B..., N, T, Hv]
+    d_phi_q, d_phi_k, dv = _kernel_attention_vjp(phi_q, phi_k, vh, a, den, out, do, causal)
+    return {
+        "q": np.moveaxis(_favor_features_vjp(qh, w, scale, phi_q, d_phi_q), -3, -2),
+        "k": _unrepeat(_favor_features_vjp(kh, w, scale, phi_k, d_phi_k), group),
+        "v": _unrepeat(dv, group),
+    }
+
+
+def _linformer_project(proj, x):
+    """``[max_len, P]`` applied to the sequence axis of ``x [B..., S, K, H]`` -> ``[B..., P, K, H]``."""
+    proj = np.asarray(proj, np.float64)[: x.shape[-3]]
+    return np.einsum("sp,...skh->...pkh", proj, np.asarray(x, np.float64))
+
+
+def linformer_attention_reference(q, k, v, proj_k, proj_v, *, scale=None) -> np.ndarray:
+    """Linformer (Wang et al. 2020) in float64: softmax attention over ``proj_kᵀ k``, ``proj_vᵀ v``."""
+    return attention_reference(q, _linformer_project(proj_k, k), _linformer_project(proj_v, v), scale=scale)
+
+
+def linformer_attention_vjp_reference(q, k, v, d_out, proj_k, proj_v, *, scale=None) -> dict[str, np.ndarray]:
+    """Gradients of ``Σ linformer_attention_reference(...) · d_out``:
+    ``{"q", "k", "v", "proj_k", "proj_v"}`` (projection rows past S get zero)."""
+    grads = attention_vjp_reference(
+        q, _linformer_project(proj_k, k), _linformer_project(proj_v, v), d_out, scale=scale
+    )
+    kv_len = np.shape(k)[-3]
+    result = {"q": grads["q"]}
+    for name, x, proj in (("k", k, proj_k), ("v", v, proj_v)):
+        used = np.asarray(proj, np.float64)[:kv_len]  # [S, P]
+        result[name] = np.einsum("sp,...pkh->...skh", used, grads[name])
+        d_proj = np.zeros(np.shape(proj))
+        flat = lambda a: np.asarray(a, np.float64).reshape(-1, *np.shape(a)[-3:])  # noqa: E731  [B, L, K, H]
+        d_proj[:kv_len] = np.einsum("bskh,bpkh->sp", flat(x), flat(grads[name]))
+        result[f"proj_{name}"] = d_proj
+    return result
