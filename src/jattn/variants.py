@@ -21,8 +21,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jattn import masks as masks_lib
 from jattn.attention import attention
+from jattn.core import linear as linear_lib
 
 AttentionFn = Callable[..., Any]
 
@@ -176,3 +180,71 @@ register_variant("strided", _strided)
 register_variant("fixed", _fixed)
 register_variant("longformer", _longformer)
 register_variant("bigbird", _bigbird)
+
+
+# ---------------------------------------------------------------------------------------------
+# Approximate linear-cost variants (jattn.core.linear)
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(feature_map: str = "elu+1") -> Variant:
+    """Linear attention with a kernel feature map (Katharopoulos et al. 2020); causal by prefix sums."""
+    if feature_map not in linear_lib.FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(linear_lib.FEATURE_MAPS)}, got {feature_map!r}")
+
+    def fn(q, k, v, *, causal, params=None, key=None):
+        del params, key
+        return linear_lib.linear_attention(q, k, v, feature_map=feature_map, causal=causal)
+
+    return Variant("linear", fn, exact=False)
+
+
+def _performer(num_features: int = 256, orthogonal: bool = True) -> Variant:
+    """Performer, FAVOR+ positive random features (Choromanski et al. 2021); features from ``key``
+    (a fixed draw when key is None)."""
+    linear_lib.performer_features(None, num_features, 1)  # validates num_features
+
+    def fn(q, k, v, *, causal, params=None, key=None):
+        del params
+        return linear_lib.performer_attention(
+            q, k, v, key=key, num_features=num_features, causal=causal, orthogonal=orthogonal
+        )
+
+    return Variant("performer", fn, exact=False)
+
+
+def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
+    """Linformer, keys and values projected along the sequence to ``projected_len`` (Wang et al.
+    2020); learned projections for sequences up to ``max_len`` (default: the model's)."""
+    projected_len = masks_lib._check_positive_int("projected_len", projected_len)
+    if max_len is not None:
+        max_len = masks_lib._check_positive_int("max_len", max_len)
+
+    def init_params(key, *, num_heads, num_kv_heads, head_dim, max_len):
+        del num_heads, num_kv_heads, head_dim  # one projection pair shared by all heads
+        max_len = masks_lib._check_positive_int("max_len", max_len)
+        if projected_len > max_len:
+            raise ValueError(
+                f"linformer projected_len={projected_len} exceeds max_len={max_len}: it would not compress"
+            )
+        key_k, key_v = jax.random.split(key)
+        std = projected_len**-0.5  # the paper's N(0, 1/k) initialization
+        return {
+            "proj_k": std * jax.random.normal(key_k, (max_len, projected_len), jnp.float32),
+            "proj_v": std * jax.random.normal(key_v, (max_len, projected_len), jnp.float32),
+        }
+
+    def fn(q, k, v, *, causal, params=None, key=None):
+        del key
+        if causal:
+            raise NotImplementedError("linformer projects the whole sequence, so it cannot be causal")
+        if params is None:
+            raise ValueError("linformer needs params=variant.init_params(...) (its projections)")
+        return linear_lib.linformer_attention(q, k, v, params["proj_k"], params["proj_v"])
+
+    return Variant("linformer", fn, exact=False, init_params=init_params, max_len=max_len)
+
+
+register_variant("linear", _linear)
+register_variant("performer", _performer)
+register_variant("linformer", _linformer)

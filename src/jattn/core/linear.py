@@ -27,20 +27,13 @@ import jax.numpy as jnp
 
 from jattn.attention import Problem, attention, make_problem
 from jattn.core._batching import vmap_over_heads
+from jattn.masks import _check_positive_int
 
 FEATURE_MAPS: dict[str, Callable] = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020
     "relu": jax.nn.relu,
 }
 DEFAULT_CHUNK = 64  # positions per step of the causal prefix-sum scan
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {name}={value}")
-    return value
 
 
 def _check_causal_lengths(problem: Problem, causal: bool, fn_name: str) -> None:
