@@ -117,8 +117,10 @@ def _visitor(make_update, plan: _Plan):
     return visit
 
 
-def _forward(q, k, v, mask, bias, plan: _Plan, cfg):
-    """q [T', H], k/v [S', H] padded to block multiples -> (out [T', Hv] f32, lse [T'] f32)."""
+def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
+    """q [T', H], k/v [S', H] padded to block multiples -> (out [T', Hv] f32, lse [T'] f32).
+
+    Rows with nothing to attend get ``out`` 0 and ``lse = empty_lse``."""
     q_blocks, k_blocks, v_blocks = _blocks(q, plan.block_q), _blocks(k, plan.block_kv), _blocks(v, plan.block_kv)
     kv_ids, counts = _ragged_table(plan.kv_ids)
 
@@ -148,7 +150,7 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg):
         )
         m, l, acc = jax.lax.fori_loop(0, counts[qi], lambda j, c: visit(qi, kv_ids[qi, j], c), init)
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), empty_lse)
         return out, lse
 
     out, lse = jax.lax.map(one_q_block, jnp.arange(plan.num_q_blocks))
@@ -295,6 +297,40 @@ def _chunked_one_head_fn(plan: _Plan, scale: float, softcap: float | None):
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend
+
+
+def chunked_forward_with_lse(q, k, v, mask, *, plan: _Plan, scale: float, softcap=None):
+    """One head's forward with its log-sum-exp, for callers that merge partial softmaxes (ring attention).
+
+    Args:
+      q: ``[T, H]``; k: ``[S, H]``; v: ``[S, Hv]`` with T, S = ``plan.q_len``, ``plan.kv_len``.
+      mask: anything with ``tile(q_idx, kv_idx) -> bool [bq, bkv]`` over local indices, or None;
+        ``plan`` (from ``make_plan``) must list every tile it leaves non-empty.
+    Returns:
+      ``(out [T, Hv] float32, lse [T] float32)``; a row with nothing to attend has out 0 and
+      lse ``MASK_VALUE``, so it weighs nothing when merged.
+    """
+    cfg = {"scale": scale, "softcap": softcap}
+    padded_q, padded_kv = plan.num_q_blocks * plan.block_q, plan.num_kv_blocks * plan.block_kv
+    qp, kp, vp = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
+    out, lse = _forward(qp, kp, vp, mask, None, plan, cfg, empty_lse=MASK_VALUE)
+    return out[: plan.q_len], lse[: plan.q_len]
+
+
+def chunked_backward_with_lse(q, k, v, mask, out, lse, d_out, *, plan: _Plan, scale: float, softcap=None):
+    """One head's (dq, dk, dv), all float32, given the final ``out [T, Hv]`` and ``lse [T]``.
+
+    ``out`` and ``lse`` may belong to a larger softmax of which these keys are one block (ring
+    attention): the result is then this block's share of the gradients. Shapes and ``mask`` as in
+    ``chunked_forward_with_lse``; ``d_out``: ``[T, Hv]``.
+    """
+    cfg = {"scale": scale, "softcap": softcap}
+    padded_q, padded_kv = plan.num_q_blocks * plan.block_q, plan.num_kv_blocks * plan.block_kv
+    qp, kp, vp = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
+    outp, dop = _pad_rows(out.astype(jnp.float32), padded_q), _pad_rows(d_out, padded_q)
+    lsep = _pad_rows(lse, padded_q)
+    dq, dk, dv, _ = _backward(qp, kp, vp, mask, None, outp, lsep, dop, plan, cfg)
+    return dq[: plan.q_len], dk[: plan.kv_len], dv[: plan.kv_len]
 
 
 def default_block(length: int) -> int:
