@@ -1,0 +1,330 @@
+"""The scaling study: fits and crossovers on synthetic data with known answers, the guards
+(time-out, memory budget, out of memory, unsupported lengths), resuming an interrupted sweep, and a
+tiny end-to-end sweep with its report."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jattn import masks, scaling
+from jattn.variants import Variant, get_variant, register_variant
+
+TINY = dict(
+    lengths=(16, 32, 64), passes=("forward",), num_heads=2, head_dim=8, warmup=1, repeats=2, fit_min_length=16
+)
+
+
+def entry(name, variant="full", **options):
+    return scaling.VariantEntry(name, variant, options)
+
+
+def config(tmp_path, variants, **overrides):
+    return scaling.ScalingConfig(variants=tuple(variants), out_dir=str(tmp_path), **(TINY | overrides))
+
+
+def by_point(rows):
+    return {(row["name"], row["pass"], row["length"]): row for row in rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test variants that fail in known ways
+# ---------------------------------------------------------------------------------------------
+
+
+def _failing_variant(error_at: int, error: BaseException, max_len: int | None = None) -> Variant:
+    """Full attention that raises ``error`` (at trace time) for lengths >= ``error_at``."""
+    full = get_variant("full", implementation="xla")
+
+    def fn(q, k, v, *, causal, params=None, key=None):
+        if q.shape[1] >= error_at:
+            raise error
+        return full(q, k, v, causal=causal)
+
+    return Variant("failing", fn, exact=False, max_len=max_len)
+
+
+register_variant(
+    "_test_oom",
+    lambda: _failing_variant(32, jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")),
+)
+register_variant("_test_unsupported", lambda: _failing_variant(32, NotImplementedError("no such mask")))
+register_variant("_test_max_len", lambda: _failing_variant(10**9, RuntimeError("never"), max_len=32))
+register_variant("_test_interrupt", lambda: _failing_variant(64, KeyboardInterrupt()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis on synthetic data
+# ---------------------------------------------------------------------------------------------
+
+POWERS = [2**i for i in range(6, 15)]
+
+
+@settings(deadline=None, max_examples=25)
+@given(exponent=st.floats(0.3, 3.0), scale=st.floats(1e-6, 1e3))
+def test_fit_recovers_a_power_law(exponent, scale):
+    fit = scaling.fit_exponent({n: scale * n**exponent for n in POWERS}, min_length=64)
+    assert fit.exponent == pytest.approx(exponent, abs=1e-9)
+    assert fit(1000.0) == pytest.approx(scale * 1000.0**exponent, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0)
+
+
+def test_fit_skips_the_overhead_regime():
+    # A constant overhead dominates the short lengths; the quadratic term the long ones.
+    times = {n: 1.0 + 1e-6 * n**2 for n in POWERS}
+    assert scaling.fit_exponent(times, min_length=64).exponent < 1.5
+    late = scaling.fit_exponent(times, min_length=4096)
+    assert late.lengths == (4096, 8192, 16384)
+    assert late.exponent == pytest.approx(2.0, abs=0.05)
+
+
+def test_fit_with_failed_long_lengths_uses_the_two_longest_measured():
+    fit = scaling.fit_exponent({64: 1.0, 128: 2.0, 256: None, 512: None}, min_length=256)
+    assert fit.lengths == (64, 128) and fit.exponent == pytest.approx(1.0)
+    assert scaling.fit_exponent({64: 1.0, 128: None}, min_length=64) is None
+
+
+@settings(deadline=None, max_examples=25)
+@given(log2_cross=st.floats(6.5, 13.5))
+def test_crossover_of_linear_against_quadratic(log2_cross):
+    # full = L^2, variant = c·L: they cross at L = c, so the variant wins from the next power of two.
+    cross = 2.0**log2_cross
+    full = {n: float(n) ** 2 for n in POWERS}
+    variant = {n: cross * n for n in POWERS}
+    expected = min(n for n in POWERS if n > cross)
+    assert scaling.crossover(full, variant) == expected
+
+
+def test_crossover_needs_a_win_at_every_longer_length():
+    full = {64: 1.0, 128: 2.0, 256: 4.0, 512: 8.0}
+    assert scaling.crossover(full, {64: 2.0, 128: 1.0, 256: 5.0, 512: 7.0}) == 512
+    assert scaling.crossover(full, {64: 0.5, 128: 1.0, 256: 2.0, 512: 4.0}) == 64
+    assert scaling.crossover(full, {64: 0.5, 128: 1.0, 256: 2.0, 512: 9.0}) is None
+
+
+def test_crossover_counts_a_failed_baseline_as_a_win():
+    full = {64: 1.0, 128: 2.0, 256: None, 512: None}
+    assert scaling.crossover(full, {64: 3.0, 128: 4.0, 256: 5.0, 512: 6.0}) == 256
+    # Where both failed there is no information: the last informative length decides.
+    assert scaling.crossover(full, {64: 3.0, 128: 1.0, 256: None, 512: None}) == 128
+    assert scaling.crossover({64: 1.0, 128: 2.0}, {64: 3.0, 128: None}) is None
+
+
+def test_summarize_on_synthetic_rows(tmp_path):
+    cfg = config(tmp_path, [entry("full"), entry("linear")], lengths=tuple(POWERS), fit_min_length=512)
+
+    def row(name, n, time_s, memory):
+        return (
+            {"level": "op", "name": name, "pass": "forward", "length": n, "status": scaling.OK},
+            time_s,
+            memory,
+        )
+
+    rows = []
+    for n in POWERS:
+        for name, time_s, memory in (("full", 1e-8 * n**2, 4.0 * n**2), ("linear", 1e-5 * n, 64e3 * n)):
+            base, t, m = row(name, n, time_s, memory)
+            rows.append(base | {"time_s": t, "memory_bytes": m})
+    summaries = {s.name: s for s in scaling.summarize(rows, cfg) if s.pass_name == "forward"}
+    assert summaries["full"].time_fit.exponent == pytest.approx(2.0)
+    assert summaries["linear"].memory_fit.exponent == pytest.approx(1.0)
+    assert summaries["linear"].faster_from == 1024  # 1e-8 n² > 1e-5 n for n > 1000
+    assert summaries["linear"].smaller_from == 16384  # 4 n² > 64e3 n for n > 16000
+    assert summaries["linear"].wins_from == 16384
+    assert summaries["full"].faster_from is None
+
+
+def test_predict_time():
+    assert scaling.predict_time({}, 128) is None
+    assert scaling.predict_time({64: 1.0}, 128) == pytest.approx(4.0)  # slope 2 from one point
+    assert scaling.predict_time({64: 1.0, 128: 8.0}, 256) == pytest.approx(64.0)  # slope 3
+    assert scaling.predict_time({64: 1.0, 128: 1.01}, 256) == pytest.approx(2.02)  # clamped to slope 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement and guards
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Each call to the measured function advances time by ``cost`` seconds."""
+
+    def __init__(self, cost):
+        self.now, self.cost, self.calls = 0.0, cost, 0
+
+    def clock(self):
+        return self.now
+
+    def call(self):
+        self.now += self.cost
+        self.calls += 1
+        return np.zeros(())
+
+
+def test_time_calls_stops_after_an_over_budget_call():
+    fake = FakeClock(cost=5.0)
+    timing = scaling.time_calls(fake.call, warmup=2, repeats=5, budget_s=1.0, clock=fake.clock)
+    assert timing.over_budget and timing.times == (5.0,) and fake.calls == 1
+
+
+def test_time_calls_cuts_repeats_to_the_budget():
+    fake = FakeClock(cost=1.0)
+    timing = scaling.time_calls(fake.call, warmup=2, repeats=10, budget_s=6.5, clock=fake.clock)
+    assert not timing.over_budget
+    assert len(timing.times) == 4 and fake.calls == 6  # 2 warm-up + 4 within the budget
+    fake = FakeClock(cost=1.0)
+    assert len(scaling.time_calls(fake.call, warmup=1, repeats=3, budget_s=100, clock=fake.clock).times) == 3
+
+
+def test_attended_pairs_match_the_dense_mask():
+    for mask in (masks.causal(), masks.sliding_window(40, 40), masks.strided(32), masks.sliding_window(7)):
+        expected = int(np.count_nonzero(mask.dense(1100, 1100)))
+        assert scaling.attended_pairs(mask, 1100, 1100) == expected
+    assert scaling.attended_pairs(None, 100, 30) == 3000
+
+
+def test_analytic_flops_agree_with_xla_for_full_attention(tmp_path):
+    cfg = config(tmp_path, [entry("full", implementation="xla")])
+    variant = get_variant("full", implementation="xla")
+    for pass_name in scaling.PASSES:
+        step = scaling._op_step(variant, cfg, 128, pass_name)
+        xla = scaling.compiled_flops(jax.jit(step.fn).lower(*step.args).compile())
+        assert step.analytic_flops == pytest.approx(xla, rel=0.35)
+
+
+def test_guards_record_failures_and_skip_longer_lengths(tmp_path):
+    variants = [
+        entry("full", implementation="xla"),
+        entry("oom", "_test_oom"),
+        entry("unsupported", "_test_unsupported"),
+        entry("max_len", "_test_max_len"),
+    ]
+    rows = by_point(scaling.run_sweep(config(tmp_path, variants), progress=False))
+    assert len(rows) == 12
+    assert rows[("full", "forward", 64)]["status"] == scaling.OK
+    assert rows[("oom", "forward", 16)]["status"] == scaling.OK
+    assert rows[("oom", "forward", 32)]["status"] == scaling.OOM
+    assert "RESOURCE_EXHAUSTED" in rows[("oom", "forward", 32)]["detail"]
+    assert rows[("oom", "forward", 64)]["status"] == scaling.OOM
+    assert rows[("oom", "forward", 64)]["detail"] == "skipped: out of memory at length 32"
+    assert [rows[("unsupported", "forward", n)]["status"] for n in (16, 32, 64)] == [
+        scaling.OK,
+        scaling.UNSUPPORTED,
+        scaling.UNSUPPORTED,
+    ]
+    assert rows[("max_len", "forward", 32)]["status"] == scaling.OK
+    assert "max_len=32" in rows[("max_len", "forward", 64)]["detail"]
+
+
+def test_time_and_memory_budgets(tmp_path):
+    cfg = config(tmp_path / "time", [entry("full", implementation="xla")], time_budget_s=1e-9)
+    rows = by_point(scaling.run_sweep(cfg, progress=False))
+    first = rows[("full", "forward", 16)]
+    assert (
+        first["status"] == scaling.TIMEOUT and first["time_s"] > 1e-9 and "first call took" in first["detail"]
+    )
+    assert rows[("full", "forward", 32)]["detail"] == "skipped: over the time budget at length 16"
+
+    cfg = config(tmp_path / "memory", [entry("full", implementation="xla")], memory_budget_gb=40e3 / 2**30)
+    rows = [row for row in scaling.run_sweep(cfg, progress=False)]
+    assert rows[0]["status"] == scaling.OK  # 16 x 16 scores fit in 40 kB, 64 x 64 do not
+    assert rows[-1]["status"] == scaling.OVER_MEMORY
+    first_over = next(row for row in rows if row["status"] == scaling.OVER_MEMORY)
+    assert "compiled step needs" in first_over["detail"] and first_over["time_s"] is None
+    assert first_over["memory_bytes"] > 40e3 > rows[0]["memory_bytes"]
+
+
+def test_a_prediction_over_the_budget_is_a_timeout_without_running(tmp_path):
+    cfg = config(tmp_path, [entry("full")], time_budget_s=1.0)
+    step = scaling._op_step(get_variant("full"), cfg, 16, "forward")
+    row = scaling.measure(step, cfg, predicted_s=3.0)
+    assert row["status"] == scaling.TIMEOUT and "predicted 3 s" in row["detail"]
+
+
+def test_an_interrupted_sweep_keeps_its_rows_and_resumes(tmp_path):
+    interrupting = config(tmp_path, [entry("full", implementation="xla"), entry("late", "_test_interrupt")])
+    with pytest.raises(KeyboardInterrupt):
+        scaling.run_sweep(interrupting, progress=False)
+    kept = scaling.read_rows(tmp_path / "scaling.csv")
+    assert len(kept) == 3 + 2  # full: 3 lengths; late: 16 and 32
+    resumed = config(tmp_path, [entry("full", implementation="xla"), entry("late", "full")])
+    # Same name, other variant: a different curve, so its rows are measured anew.
+    rows = scaling.run_sweep(resumed, progress=False)
+    assert len(rows) == 5 + 3
+    assert rows[:5] == kept  # nothing measured twice, nothing rewritten
+    again = scaling.run_sweep(resumed, progress=False)
+    assert again == rows
+
+
+def test_resuming_another_setup_is_refused(tmp_path):
+    scaling.run_sweep(config(tmp_path, [entry("full")], lengths=(16,)), progress=False)
+    with pytest.raises(ValueError, match="head_dim: 8 there, 16 here"):
+        scaling.run_sweep(config(tmp_path, [entry("full")], lengths=(16,), head_dim=16), progress=False)
+    fresh = config(tmp_path, [entry("full")], lengths=(16,), head_dim=16, resume=False)
+    assert len(scaling.run_sweep(fresh, progress=False)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"variants\[fast\]\.variant must be a registered variant.*'local'"):
+        scaling.VariantEntry("fast", "no_such_variant")
+
+
+def test_bad_option_is_reported_before_the_sweep(tmp_path):
+    cfg = config(tmp_path, [entry("full"), entry("local", "local", width=3)])
+    with pytest.raises(ValueError, match=r"variants\[local\].*takes no option"):
+        scaling.run_sweep(cfg, progress=False)
+    assert not (tmp_path / "scaling.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lengths=(16, 0)), "lengths must be a non-empty list of positive integers"),
+        (dict(lengths=(16, 32.0)), "lengths must be"),
+        (dict(lengths=()), "lengths must be"),
+        (dict(passes=("backward",)), "passes must be"),
+        (dict(baseline="dense"), "baseline must be one of the variant names"),
+        (dict(num_kv_heads=3), "num_kv_heads must be a positive divisor of num_heads=2"),
+        (dict(dtype="float8"), "dtype must be one of"),
+        (dict(time_budget_s=0), "time_budget_s must be a positive number"),
+        (dict(warmup=0), "warmup must be a positive integer"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, [entry("full")], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    variants = [
+        entry("full", implementation="xla"),
+        entry("local_8", "local", window=8, implementation="xla"),
+    ]
+    cfg = config(tmp_path, variants, lengths=(32, 64), passes=scaling.PASSES)
+    rows = scaling.run_sweep(cfg, progress=False)
+    assert len(rows) == 2 * 2 * 2 and all(row["status"] == scaling.OK for row in rows)
+    for row in rows:
+        assert row["time_s"] > 0 and row["memory_bytes"] > 0 and row["xla_flops"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["length"] / row["time_s"])
+        assert row["analytic_flops"] > 0 and row["backend"] == jax.default_backend()
+    full_fwd = by_point(rows)[("full", "forward", 64)]
+    assert full_fwd["analytic_flops"] == 2 * 2 * 64 * 64 * (8 + 8)
+    written = scaling.write_report(cfg, command="python experiments/scaling.py tiny.yaml")
+    assert [p.name for p in written] == ["scaling.md", "time_op.png", "memory_op.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    report = (tmp_path / "scaling.md").read_text()
+    assert "| op | forward | local_8 |" in report and "python experiments/scaling.py tiny.yaml" in report
+    assert math.isfinite(float(report.split("| op | forward | full | ")[1].split(" ")[0]))
