@@ -11,7 +11,7 @@ Shape legend, used in every docstring, annotation, einsum and comment:
 Public layout: q ``[B..., T, N, H]``, k ``[B..., S, K, H]``, v ``[B..., S, K, Hv]``.
 """
 
-from jattn import masks, reference, variants
+from jattn import kernels, masks, reference, variants
 from jattn.attention import (
     Choice,
     Problem,
@@ -21,6 +21,7 @@ from jattn.attention import (
     implementations,
     register_implementation,
 )
+from jattn.kernels import flash_attention
 from jattn.core import sparse  # registers the "banded" and "block_sparse" implementations
 from jattn.core.linear import linear_attention, linformer_attention, performer_attention
 from jattn.core.multihead import init_multi_head_attention, multi_head_attention
@@ -31,7 +32,9 @@ __all__ = [
     "attention",
     "choose",
     "explain",
+    "flash_attention",
     "implementations",
+    "kernels",
     "init_multi_head_attention",
     "linear_attention",
     "linformer_attention",

@@ -1,0 +1,66 @@
+"""What the flash lowerings receive: a static kernel configuration and the padded operands."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static settings of one flash call (hashable: it is a ``custom_vjp`` nondiff argument).
+
+    Attributes:
+      scale, softcap: score modifiers (see ``jattn.attention``).
+      q_len, kv_len: the true lengths (operands are padded to block multiples).
+      block_q, block_kv: tile sizes. num_warps, num_stages: Triton launch settings.
+      formula: the in-kernel mask formula (``blocks.mask_formula``) or None.
+      interpret: run the kernel in Pallas interpret mode.
+    """
+
+    scale: float
+    softcap: float | None
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_kv: int
+    num_warps: int
+    num_stages: int
+    formula: Any
+    interpret: bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KernelAux:
+    """The non-differentiable operands of a flash call.
+
+    Attributes:
+      rows: int32 ``[num_q_blocks, 1 + 3W]`` schedule of the forward and dq passes.
+      cols: int32 ``[num_kv_blocks, 1 + 3Wt]`` schedule of the dk/dv pass.
+      table: int8 ``[B|1, N|1, P, bq, bkv]`` partial-tile table, or None.
+      q_vectors: int32 ``[B|1, T', 1]`` per-query vectors of the formula.
+      kv_vectors: int32 ``[B|1, 1, S']`` per-key vectors of the formula.
+    """
+
+    rows: Any
+    cols: Any
+    table: Any
+    q_vectors: tuple
+    kv_vectors: tuple
+
+
+def split_refs(refs, aux: KernelAux, has_bias: bool, num_fixed: int):
+    """Kernel refs -> (fixed refs, bias_ref, table_ref, q vector refs, kv vector refs, the rest).
+
+    Both lowerings pass operands in this order: ``num_fixed`` fixed refs, then the bias and the
+    table when present, then the mask vectors, then the outputs (and scratch).
+    """
+    fixed, rest = list(refs[:num_fixed]), list(refs[num_fixed:])
+    bias_ref = rest.pop(0) if has_bias else None
+    table_ref = rest.pop(0) if aux.table is not None else None
+    q_vec_refs = [rest.pop(0) for _ in aux.q_vectors]
+    kv_vec_refs = [rest.pop(0) for _ in aux.kv_vectors]
+    return fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest

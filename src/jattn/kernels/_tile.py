@@ -1,0 +1,152 @@
+"""The math of one ``[block_q, block_kv]`` tile, shared by the Triton and the Mosaic TPU kernels.
+
+Everything here works on values already loaded from refs, so both lowerings call the same
+functions and differ only in how tiles reach them (a loop over a kv-tile list on GPU, a grid axis
+over a prefetched list on TPU). Running statistics are kept as 2-D ``[block_q, 1]`` columns: TPU
+Mosaic has no cheap 1-D <-> 2-D reshapes, and Triton is indifferent.
+
+A tile is *masked* (the layout said PARTIAL, or it crosses the end of the keys) or *full*; full
+tiles call these functions with ``allowed=None`` and pay no elementwise masking at all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn.core._common import MASK_VALUE, logits
+
+
+def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
+    """The ``[bq, bkv]`` bool mask of a tile from a static formula (see ``blocks.mask_formula``).
+
+    Args:
+      formula: nested tuple, e.g. ``("and", ("position", causal), ("segments", 0, 0))``.
+      q_pos: int32 ``[bq, 1]`` query positions. kv_pos: int32 ``[1, bkv]`` key positions.
+      q_vectors: per-query int32 columns ``[bq, 1]`` (padding validity, segment ids).
+      kv_vectors: per-key int32 rows ``[1, bkv]``.
+      table_tile: the tile of the compact table (int ``[bq, bkv]``) or None.
+    """
+    op = formula[0]
+    if op == "position":  # a position-only mask evaluates its own predicate in the kernel
+        return formula[1]._allowed(q_pos, kv_pos)
+    if op == "padding":
+        return (q_vectors[formula[1]] != 0) & (kv_vectors[formula[2]] != 0)
+    if op == "segments":
+        return q_vectors[formula[1]] == kv_vectors[formula[2]]
+    if op == "table":
+        return table_tile != 0
+    if op == "not":
+        return jnp.logical_not(evaluate_formula(formula[1], q_pos, kv_pos, q_vectors, kv_vectors, table_tile))
+    parts = [evaluate_formula(f, q_pos, kv_pos, q_vectors, kv_vectors, table_tile) for f in formula[1:]]
+    return (parts[0] & parts[1]) if op == "and" else (parts[0] | parts[1])
+
+
+def allowed_in_tile(formula, q_start, kv_start, block_q, block_kv, kv_len, q_vectors, kv_vectors, table_tile):
+    """The formula's mask of the tile at (q_start, kv_start), keys past ``kv_len`` excluded: bool [bq, bkv]."""
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)  # [bq, 1]
+    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bkv]
+    allowed = kv_pos < kv_len
+    if formula is not None:
+        allowed = allowed & evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile)
+    return jnp.broadcast_to(allowed, (block_q, block_kv))
+
+
+def _rows_used(allowed):
+    """Which query rows ``[bq, 1]`` and key rows ``[bkv, 1]`` of a tile attend anything."""
+    as_float = allowed.astype(jnp.float32)  # [bq, bkv]
+    q_used = jnp.max(as_float, axis=1, keepdims=True) > 0  # [bq, 1]
+    kv_used = jnp.max(as_float.T, axis=1, keepdims=True) > 0  # [bkv, 1]
+    return q_used, kv_used
+
+
+def sanitize(allowed, q, k, v, d_out=None):
+    """Zero the rows of a masked tile that nothing attends (padding may hold NaN; ``0 · NaN``
+    would otherwise reach the output through a matmul). Full tiles have no such rows."""
+    if allowed is None:
+        return q, k, v, d_out
+    q_used, kv_used = _rows_used(allowed)
+    q = jnp.where(q_used, q, jnp.zeros_like(q))
+    k = jnp.where(kv_used, k, jnp.zeros_like(k))
+    v = jnp.where(kv_used, v, jnp.zeros_like(v))
+    if d_out is not None:
+        d_out = jnp.where(q_used, d_out, jnp.zeros_like(d_out))
+    return q, k, v, d_out
+
+
+def masked_logits(q, k, bias, allowed, *, scale, softcap):
+    """Logits of a tile in float32 with masked entries at MASK_VALUE: (s [bq, bkv], tanh | None)."""
+    s, capped = logits(q, k, bias, scale=scale, softcap=softcap)
+    if allowed is not None:
+        s = jnp.where(allowed, s, MASK_VALUE)
+    return s, capped
+
+
+def init_statistics(block_q: int, value_dim: int):
+    """Running max ``m [bq, 1]``, sum ``l [bq, 1]`` and accumulator ``[bq, Hv]``, all float32."""
+    return (
+        jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
+        jnp.zeros((block_q, value_dim), jnp.float32),
+    )
+
+
+def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
+    """Fold one kv tile into the running softmax statistics (FlashAttention-2, Dao 2023).
+
+    Args:
+      stats: ``(m [bq, 1], l [bq, 1], acc [bq, Hv])`` float32.
+      q: ``[bq, H]``; k: ``[bkv, H]``; v: ``[bkv, Hv]``; bias ``[bq, bkv]`` or None;
+      allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
+    """
+    m, l, acc = stats
+    q, k, v, _ = sanitize(allowed, q, k, v)
+    s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
+    p = jnp.exp(s - m_new)
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    alpha = jnp.exp(m - m_new)
+    pv = jax.lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
+
+
+def finish_statistics(stats):
+    """``(out [bq, Hv] float32, lse [bq, 1] float32)``; rows that attended nothing give 0 and 0."""
+    m, l, acc = stats
+    attended = l > 0
+    safe_l = jnp.where(attended, l, 1.0)
+    return acc / safe_l, jnp.where(attended, m + jnp.log(safe_l), 0.0)
+
+
+def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softcap):
+    """Recompute a tile's probabilities from the saved log-sum-exp and form dS.
+
+    Args:
+      q ``[bq, H]``, k ``[bkv, H]``, v ``[bkv, Hv]``, d_out ``[bq, Hv]``; lse, delta ``[bq, 1]``
+      float32 (delta = rowsum(dO ∘ O)); bias ``[bq, bkv]`` or None; allowed as in
+      ``online_softmax_step``.
+    Returns:
+      ``(p, ds, q, k, d_out)``: p and ds ``[bq, bkv]`` float32 (ds through the softcap, before
+      ``scale``), and the sanitized q, k, d_out the gradient matmuls must use.
+    """
+    q, k, v, d_out = sanitize(allowed, q, k, v, d_out)
+    s, capped = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)
+    p = jnp.exp(s - lse)  # [bq, bkv]
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    dp = jax.lax.dot_general(d_out, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta)
+    if capped is not None:
+        ds = ds * (1.0 - capped * capped)
+    return p, ds, q, k, d_out
+
+
+def matmul(a, b, *, transpose_a: bool = False):
+    """``a @ b`` (or ``aᵀ @ b``) in float32, operands cast to b's dtype."""
+    contract = (0,) if transpose_a else (1,)
+    return jax.lax.dot_general(
+        a.astype(b.dtype), b, ((contract, (0,)), ((), ())), preferred_element_type=jnp.float32
+    )

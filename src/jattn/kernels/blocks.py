@@ -1,0 +1,183 @@
+"""From a mask to what the flash kernel is given: tile schedules, an in-kernel mask formula, a table.
+
+* ``make_schedule``: the block layout (``mask.blocks``) as per-q-tile lists of the non-empty kv
+  tiles (forward and dq pass) and the transposed per-kv-tile lists of q tiles (dk/dv pass), each
+  entry with a "masked" flag and an index into the compact tile table. Empty tiles are not in the
+  lists, so the kernels never load or compute them.
+* ``mask_formula``: masks the kernel can compute from positions (causal, sliding window, prefix
+  LM) and from per-position vectors (padding lengths, segment ids), combined with ``& | ~``.
+* ``tile_table``: any other mask (BigBird/random blocks, ``from_fn``, boolean arrays, global
+  tokens...) as a compact ``[B|1, N|1, P, bq, bkv]`` table holding only its P partial tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import masks as masks_lib
+from jattn.core.chunked import make_plan
+
+# Position-only masks whose ``_allowed`` uses only comparisons, so Triton and Mosaic lower it.
+IN_KERNEL_POSITION_MASKS = (masks_lib.Full, masks_lib.SlidingWindow, masks_lib.PrefixLM)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """Which tiles each kernel pass visits, as packed int32 rows the kernels index directly.
+
+    Row ``r`` of ``rows`` (one per q tile, forward/dq; ``cols`` is one per kv tile, dk/dv) is
+    ``[count, ids[W], masked[W], table[W]]``: the first ``count`` entries of ``ids`` are the
+    visited tiles, in increasing order; entries past ``count`` repeat the last visited id (a
+    grid-based kernel then re-uses the block it already holds instead of fetching a new one).
+
+    Attributes:
+      rows: int32 ``[num_q_blocks, 1 + 3 * W]``. cols: int32 ``[num_kv_blocks, 1 + 3 * Wt]``.
+      partial_tiles: int32 ``[P, 2]`` (q tile, kv tile) of the tiles the table holds.
+      block_q, block_kv: tile sizes.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    partial_tiles: np.ndarray
+    block_q: int
+    block_kv: int
+
+    @property
+    def width(self) -> int:
+        return (self.rows.shape[1] - 1) // 3
+
+    @property
+    def transposed_width(self) -> int:
+        return (self.cols.shape[1] - 1) // 3
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.cols.shape[0]
+
+
+def _pack(lists, masked: np.ndarray, table_index: np.ndarray, transposed: bool) -> np.ndarray:
+    """Visiting lists -> packed rows ``[count, ids, masked, table]`` (see ``Schedule``)."""
+    width = max([len(ids) for ids in lists] + [1])
+    packed = np.zeros((len(lists), 1 + 3 * width), np.int32)
+    for r, ids in enumerate(lists):
+        ids = np.asarray(ids, np.int32)
+        count = len(ids)
+        padded = np.full(width, ids[-1] if count else 0, np.int32)
+        padded[:count] = ids
+        tiles = (padded, np.full(width, r)) if transposed else (np.full(width, r), padded)
+        packed[r, 0] = count
+        packed[r, 1 : 1 + width] = padded
+        packed[r, 1 + width : 1 + 2 * width] = masked[tiles] * (np.arange(width) < count)
+        packed[r, 1 + 2 * width :] = table_index[tiles]
+    return packed
+
+
+def make_schedule(layout: np.ndarray, q_len: int, kv_len: int, block_q: int, block_kv: int) -> Schedule:
+    """Build the kernel schedule from a block layout (``int8 [num_q_blocks, num_kv_blocks]``)."""
+    plan = make_plan(np.array(layout), q_len, kv_len, block_q, block_kv)
+    masked = np.asarray(plan.masked, bool)  # [nq, nk]: PARTIAL or crossing the end of the keys
+    partial = np.argwhere(masked & (np.asarray(layout) != masks_lib.EMPTY)).astype(np.int32)  # [P, 2]
+    table_index = np.zeros(masked.shape, np.int32)
+    table_index[partial[:, 0], partial[:, 1]] = np.arange(len(partial))
+    return Schedule(
+        rows=_pack(plan.kv_ids, masked, table_index, transposed=False),
+        cols=_pack(plan.q_ids, masked, table_index, transposed=True),
+        partial_tiles=partial,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+
+
+def visited_tiles(schedule: Schedule) -> tuple[int, int]:
+    """(tiles the forward/dq loops visit, tiles the dk/dv loops visit), read from the counts."""
+    return int(schedule.rows[:, 0].sum()), int(schedule.cols[:, 0].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-kernel formula
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Vectors:
+    """Per-position vectors the formula reads: q-side ``[B|1, T]``, kv-side ``[B|1, S]``."""
+
+    q_len: int
+    kv_len: int
+    q: list
+    kv: list
+
+
+def _formula(mask: masks_lib.Mask, vectors: _Vectors):
+    """The static formula of ``mask``, appending its vectors; None if the kernel cannot compute it."""
+    if isinstance(mask, IN_KERNEL_POSITION_MASKS):
+        return ("position", mask)
+    if isinstance(mask, masks_lib.Padding):  # canonical lengths [B|1, 1]
+        vectors.q.append(jnp.arange(vectors.q_len)[None, :] < mask.q_lengths)
+        vectors.kv.append(jnp.arange(vectors.kv_len)[None, :] < mask.kv_lengths)
+        return ("padding", len(vectors.q) - 1, len(vectors.kv) - 1)
+    if isinstance(mask, masks_lib.Segments):  # canonical ids [B|1, 1, len]
+        vectors.q.append(mask.q_segment_ids[:, 0])
+        vectors.kv.append(mask.kv_segment_ids[:, 0])
+        return ("segments", len(vectors.q) - 1, len(vectors.kv) - 1)
+    if isinstance(mask, masks_lib.Not):
+        inner = _formula(mask.a, vectors)
+        return None if inner is None else ("not", inner)
+    if isinstance(mask, (masks_lib.And, masks_lib.Or)):
+        a, b = _formula(mask.a, vectors), _formula(mask.b, vectors)
+        if a is None or b is None:
+            return None
+        return ("and" if isinstance(mask, masks_lib.And) else "or", a, b)
+    return None
+
+
+def mask_formula(mask: masks_lib.Mask | None, q_len: int, kv_len: int):
+    """``(formula, q_vectors, kv_vectors)`` for a canonical mask.
+
+    ``formula`` is None without a mask, ``("table",)`` when some part of the mask is not a
+    position formula (then the whole mask goes through ``tile_table``). Vectors are int32
+    ``[B|1, T]`` / ``[B|1, S]``.
+    """
+    if mask is None:
+        return None, [], []
+    vectors = _Vectors(q_len, kv_len, [], [])
+    formula = _formula(mask, vectors)
+    if formula is None:
+        return ("table",), [], []
+    as_int = lambda xs: [jnp.asarray(x).astype(jnp.int32) for x in xs]  # noqa: E731
+    return formula, as_int(vectors.q), as_int(vectors.kv)
+
+
+def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int):
+    """The mask on the schedule's partial tiles: int8 ``[B|1, N|1, P, bq, bkv]`` (P >= 1).
+
+    Position-only masks are evaluated in NumPy one band of q tiles at a time (the table is a
+    compile-time constant); data-dependent masks (boolean arrays) from their dense form, which
+    they hold anyway.
+    """
+    bq, bkv = schedule.block_q, schedule.block_kv
+    partial = schedule.partial_tiles
+    if len(partial) == 0:
+        return jnp.zeros((1, 1, 1, bq, bkv), jnp.int8)
+    q_padded, kv_padded = schedule.num_q_blocks * bq, schedule.num_kv_blocks * bkv
+    if mask.position_only:
+        tiles = np.empty((len(partial), bq, bkv), np.int8)
+        kv_idx = np.arange(kv_padded)
+        for qi in np.unique(partial[:, 0]):
+            band = np.asarray(mask.tile(np.arange(qi * bq, (qi + 1) * bq), kv_idx))  # [bq, S']
+            band = band.reshape(bq, -1, bkv)  # [bq, nk, bkv]
+            rows = np.flatnonzero(partial[:, 0] == qi)
+            tiles[rows] = np.moveaxis(band[:, partial[rows, 1]], 1, 0)
+        return jnp.asarray(tiles[None, None])
+    dense = mask.tile(jnp.arange(q_padded), jnp.arange(kv_padded))  # [B|1, N|1, T', S']
+    dense = jnp.broadcast_to(dense, (*dense.shape[:-2], q_padded, kv_padded))
+    dense = dense.reshape(*dense.shape[:-2], q_padded // bq, bq, kv_padded // bkv, bkv)
+    tiles = dense[..., partial[:, 0], :, partial[:, 1], :]  # [P, B|1, N|1, bq, bkv]
+    return jnp.moveaxis(tiles, 0, -3).astype(jnp.int8)

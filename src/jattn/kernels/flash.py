@@ -1,0 +1,316 @@
+"""``jattn.flash_attention``: the Pallas tiled (flash) attention kernel, forward and backward.
+
+FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023): each q tile keeps a running max and
+sum of the softmax in float32 while it visits the kv tiles; the forward saves the log-sum-exp;
+the backward recomputes each tile's probabilities from it, one pass over q tiles for dq and one
+over kv tiles for dk and dv (deterministic, no atomics). O(T + S) memory.
+
+The mask's block layout (``mask.blocks``) decides which tiles are visited (``blocks.py``): empty
+tiles are never loaded, full tiles run without elementwise masking, partial tiles are masked in
+the kernel from positions, lengths and segment ids, or from a compact table of their bits.
+
+Two lowerings of one design share the tile math (``_tile.py``): Triton on NVIDIA GPUs
+(``gpu.py``, also the interpret-mode path on CPU) and Mosaic on TPUs (``tpu.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import masks as masks_lib
+from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
+from jattn.kernels import blocks, gpu, tpu
+from jattn.kernels._config import KernelAux, KernelConfig
+
+LOWERINGS = {"triton": gpu, "mosaic_tpu": tpu}
+MAX_HEAD_DIM = 256
+_KERNEL_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of one flash call.
+
+    Attributes:
+      block_q: queries per tile. block_kv: keys per tile. Both powers of two >= 16.
+      num_warps, num_stages: Triton launch settings (ignored by the TPU lowering).
+    """
+
+    block_q: int
+    block_kv: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            _check_block(name, getattr(self, name), gpu.MIN_BLOCK)
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+
+
+def _check_block(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be an int (a power of two >= {minimum}), got {type(value).__name__} {value!r}"
+        )
+    if value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {name}={value}")
+    return int(value)
+
+
+@functools.cache
+def block_size_table() -> dict:
+    """The tuned table ``{lowering: {dtype: {head_dim: BlockSizes}}}`` from ``block_sizes.json``."""
+    raw = json.loads(resources.files("jattn.kernels").joinpath("block_sizes.json").read_text())
+    return {
+        lowering: {
+            dtype: {int(h): BlockSizes(**sizes) for h, sizes in by_dim.items()}
+            for dtype, by_dim in table.items()
+        }
+        for lowering, table in raw.items()
+        if lowering in LOWERINGS
+    }
+
+
+def lookup_block_sizes(lowering: str, dtype, head_dim: int) -> BlockSizes:
+    """The table entry for the smallest tabulated head dim >= ``head_dim`` (else the largest)."""
+    by_dim = block_size_table()[lowering][jnp.dtype(dtype).name]
+    fitting = [h for h in sorted(by_dim) if h >= head_dim]
+    return by_dim[fitting[0] if fitting else max(by_dim)]
+
+
+def _fit_to_length(block: int, length: int, minimum: int) -> int:
+    """A tile no longer than the (power-of-two-rounded) sequence, at least ``minimum``."""
+    return min(block, max(minimum, 1 << (length - 1).bit_length()))
+
+
+def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=None) -> BlockSizes:
+    """Table lookup by dtype and head dim, fitted to the lengths; ``block_q``/``block_kv`` override."""
+    minimum = LOWERINGS[lowering].MIN_BLOCK
+    head_dim = max(problem.head_dim, problem.value_head_dim)
+    table = lookup_block_sizes(lowering, problem.dtype, LOWERINGS[lowering].padded_head_dim(head_dim))
+    bq = (
+        _fit_to_length(table.block_q, problem.q_len, minimum)
+        if block_q is None
+        else _check_block("block_q", block_q, minimum)
+    )
+    bkv = (
+        _fit_to_length(table.block_kv, problem.kv_len, minimum)
+        if block_kv is None
+        else _check_block("block_kv", block_kv, minimum)
+    )
+    return dataclasses.replace(table, block_q=bq, block_kv=bkv)
+
+
+def lowering_for(platform: str) -> str:
+    """Which lowering a platform uses: Mosaic on TPU, Triton elsewhere (interpreted on CPU)."""
+    return "mosaic_tpu" if platform == "tpu" else "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable kernel call
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_statistic_layout(x):
+    """[B, T', N] -> [B, N, T', 1] float32."""
+    return jnp.moveaxis(x, 2, 1)[..., None].astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(lowering: str, cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
+    return LOWERINGS[lowering].forward(cfg, q, k, v, bias, aux)[0]
+
+
+def _flash_fwd(lowering, cfg, q, k, v, bias, aux):
+    out, lse = LOWERINGS[lowering].forward(cfg, q, k, v, bias, aux)
+    return out, (q, k, v, bias, aux, out, lse)
+
+
+def _flash_bwd(lowering, cfg, residuals, d_out):
+    q, k, v, bias, aux, out, lse = residuals
+    delta = jnp.einsum("btnh,btnh->btn", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, T', N]
+    dq, dk, dv, ds = LOWERINGS[lowering].backward(
+        cfg, q, k, v, bias, aux, lse, _row_statistic_layout(delta), d_out
+    )
+    dbias = None
+    if bias is not None:  # ds [B, N, T', S'] -> bias [B|1, N|1, T', S']
+        summed = tuple(axis for axis in (0, 1) if bias.shape[axis] == 1)
+        dbias = ds.sum(axis=summed, keepdims=True).astype(bias.dtype)
+    d_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
+    return dq, dk, dv, dbias, d_aux
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a canonical problem to the kernel operands
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_axis(x, axis: int, size: int):
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pads)
+
+
+def _kernel_aux(problem: Problem, schedule: blocks.Schedule, q_padded: int, kv_padded: int):
+    formula, q_vectors, kv_vectors = blocks.mask_formula(problem.mask, problem.q_len, problem.kv_len)
+    table = None
+    if formula == ("table",):
+        table = blocks.tile_table(problem.mask, schedule, problem.q_len, problem.kv_len)
+    aux = KernelAux(
+        rows=jnp.asarray(schedule.rows),
+        cols=jnp.asarray(schedule.cols),
+        table=table,
+        q_vectors=tuple(_pad_axis(x, 1, q_padded)[:, :, None] for x in q_vectors),  # [B|1, T', 1]
+        kv_vectors=tuple(_pad_axis(x, 1, kv_padded)[:, None, :] for x in kv_vectors),  # [B|1, 1, S']
+    )
+    return formula, aux
+
+
+def flash_problem(problem: Problem, *, platform: str, interpret: bool, block_q=None, block_kv=None):
+    """Run the kernel on a canonical ``Problem`` for ``platform`` -> ``[B, T, N, Hv]``.
+
+    ``platform`` picks the lowering ("tpu": Mosaic; "gpu"/"cuda"/"cpu": Triton), so a CPU
+    process can lower for either with ``jax.export``.
+    """
+    lowering = lowering_for(platform)
+    sizes = choose_block_sizes(lowering, problem, block_q, block_kv)
+    bq, bkv = sizes.block_q, sizes.block_kv
+    q_len, kv_len = problem.q_len, problem.kv_len
+    q_padded, kv_padded = -(-q_len // bq) * bq, -(-kv_len // bkv) * bkv
+    mask = masks_lib.full() if problem.mask is None else problem.mask
+    schedule = blocks.make_schedule(mask.blocks(q_len, kv_len, bq, bkv), q_len, kv_len, bq, bkv)
+    formula, aux = _kernel_aux(problem, schedule, q_padded, kv_padded)
+    pad_dim = LOWERINGS[lowering].padded_head_dim
+    head_dim, value_dim = pad_dim(problem.head_dim), pad_dim(problem.value_head_dim)
+    q = _pad_axis(_pad_axis(problem.q, 3, head_dim), 1, q_padded)  # [B, T', N, H']
+    k = _pad_axis(_pad_axis(problem.k, 3, head_dim), 1, kv_padded)  # [B, S', K, H']
+    v = _pad_axis(_pad_axis(problem.v, 3, value_dim), 1, kv_padded)  # [B, S', K, Hv']
+    bias = problem.bias
+    if bias is not None:  # [B|1, N|1, T|1, S|1] -> [B|1, N|1, T', S']
+        bias = jnp.broadcast_to(bias, (*bias.shape[:2], q_len, kv_len))
+        bias = _pad_axis(_pad_axis(bias, 2, q_padded), 3, kv_padded)
+    cfg = KernelConfig(
+        scale=float(problem.scale),
+        softcap=None if problem.softcap is None else float(problem.softcap),
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=bq,
+        block_kv=bkv,
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
+        formula=formula,
+        interpret=bool(interpret),
+    )
+    out = _flash(lowering, cfg, q, k, v, bias, aux)  # [B, T', N, Hv']
+    return out[:, :q_len, :, : problem.value_head_dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry and registration
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_interpret(interpret) -> bool:
+    backend = jax.default_backend()
+    if interpret is None:
+        return backend == "cpu"
+    if not isinstance(interpret, bool):
+        raise TypeError(
+            f"interpret must be True, False or None, got {type(interpret).__name__} {interpret!r}"
+        )
+    if not interpret and backend == "cpu":
+        raise ValueError("interpret=False compiles the kernel for a GPU or TPU, but the backend is 'cpu'")
+    return interpret
+
+
+def unsupported_reason(problem: Problem) -> str | None:
+    """None when the kernel runs ``problem``, else why it cannot (``supports`` of the registry)."""
+    if not any(problem.dtype == d for d in _KERNEL_DTYPES):
+        return f"the flash kernel takes float16, bfloat16 or float32, got {problem.dtype}"
+    widest = max(problem.head_dim, problem.value_head_dim)
+    if widest > MAX_HEAD_DIM:
+        return f"the flash kernel takes head dims up to {MAX_HEAD_DIM}, got {widest}"
+    if problem.backend not in (*_GPU_BACKENDS, "tpu", "cpu"):
+        return f"the flash kernel runs on GPU, TPU or (interpreted) CPU, the backend is {problem.backend!r}"
+    return None
+
+
+def run(problem: Problem):
+    """The registry's ``run``: compiled on GPU/TPU, interpreted on CPU -> ``[B, T, N, Hv]``."""
+    return flash_problem(problem, platform=problem.backend, interpret=problem.backend == "cpu")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_q", "block_kv", "interpret"))
+def _flash_attention_jit(q, k, v, mask, bias, *, scale, softcap, block_q, block_kv, interpret):
+    problem = make_problem(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
+    why_not = unsupported_reason(problem)
+    if why_not is not None:
+        raise NotImplementedError(why_not)
+    out = flash_problem(
+        problem, platform=problem.backend, interpret=interpret, block_q=block_q, block_kv=block_kv
+    )  # [B, T, N, Hv]
+    return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(q.dtype)
+
+
+def flash_attention(
+    q, k, v, *, mask=None, bias=None, scale=None, softcap=None, block_q=None, block_kv=None, interpret=None
+):
+    """Softmax attention by the Pallas flash kernel (same numbers as ``jattn.attention``).
+
+    Args:
+      q: ``[B..., T, N, H]``; k: ``[B..., S, K, H]``; v: ``[B..., S, K, Hv]`` with N % K == 0
+        (grouped-query K/V are indexed, never repeated). H, Hv <= 256; float16, bfloat16, float32.
+      mask: a ``jattn.masks`` mask or a boolean array broadcastable to ``[B..., N, T, S]``. Its
+        block layout decides which tiles run; rows with nothing to attend return zeros.
+      bias: added to the scaled scores, broadcastable to ``[B..., N, T, S]`` (the kernel reads it
+        as ``[B|1, N|1, T, S]``, and its gradient takes ``[B, N, T, S]`` float32 memory).
+      scale: defaults to ``1 / sqrt(H)``. softcap: logits become ``softcap · tanh(logits / softcap)``.
+      block_q, block_kv: tile sizes (powers of two >= 16; on TPU >= 128), default from the table
+        in ``block_sizes.json`` by dtype and head dim, shrunk to short sequences.
+      interpret: None runs interpreted on CPU and compiled on GPU/TPU.
+    Returns:
+      ``[B..., T, N, Hv]`` in q's dtype.
+    """
+    _check_shapes(q, k, v)
+    if mask is not None:
+        mask = masks_lib._as_mask(mask, "mask")
+    scale = _check_positive_float("scale", scale)
+    softcap = _check_positive_float("softcap", softcap)
+    interpret = _resolve_interpret(interpret)
+    minimum = LOWERINGS[lowering_for(jax.default_backend())].MIN_BLOCK
+    block_q = None if block_q is None else _check_block("block_q", block_q, minimum)
+    block_kv = None if block_kv is None else _check_block("block_kv", block_kv, minimum)
+    return _flash_attention_jit(
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        scale=scale,
+        softcap=softcap,
+        block_q=block_q,
+        block_kv=block_kv,
+        interpret=interpret,
+    )
+
+
+def flash_tiles(q_len: int, kv_len: int, mask=None, *, block_q: int, block_kv: int) -> tuple[int, int]:
+    """(tiles the forward/dq loops visit, tiles the dk/dv loops visit) per batch element and head,
+    from the schedule the kernel is given."""
+    mask = masks_lib.full() if mask is None else masks_lib._as_mask(mask, "mask")
+    layout = mask.blocks(q_len, kv_len, block_q, block_kv)
+    return blocks.visited_tiles(blocks.make_schedule(layout, q_len, kv_len, block_q, block_kv))

@@ -1,0 +1,367 @@
+"""The flash kernels through Pallas' Triton lowering (NVIDIA GPUs; interpret mode on CPU).
+
+Layout ``[B, T, N, H]`` as given (no transposes). Pallas Triton has no scalar prefetch, so each
+program reads its row of the tile schedule as an ordinary int32 input and loops
+``lax.fori_loop(0, count)`` over dynamic ``pl.ds`` loads of the listed kv tiles: empty tiles are
+never loaded. Grids put the q (or kv) tile first so that neighbouring programs share K/V in L2.
+
+* forward, grid ``(num_q_blocks, B, N)``: out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``.
+* dq, same grid, over the same kv-tile lists; also writes dS tiles when there is a bias.
+* dk/dv, grid ``(num_kv_blocks, B, K)``: loops over the G query heads of the kv head and the
+  listed q tiles, so grouped-query gradients are summed in registers (no atomics, no repeat).
+
+Triton needs power-of-two tiles of at least 16 in each matmul dim; ``padded_head_dim`` says to
+what the wrapper pads head dims (80 and 96 run as 128).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from jattn.kernels import _tile
+from jattn.kernels._config import KernelAux, KernelConfig, split_refs
+
+MIN_BLOCK = 16
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton's ``tl.dot`` wants power-of-two dims of at least 16."""
+    return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+
+
+def _compiler_params(cfg: KernelConfig):
+    return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _select(batched: bool, index):
+    return index if batched else 0
+
+
+def _optional_specs(aux: KernelAux, bias, heads: int, q_block: int, kv_block: int, index_of):
+    """BlockSpecs (and operands) of the bias and the tile table.
+
+    ``heads``: the head-axis block (1 per query head, G per kv head); ``q_block``/``kv_block``:
+    the bias block along T'/S'; ``index_of(grid ids) -> (b, head block, q block, kv block)``.
+    """
+    specs, operands = [], []
+    if bias is not None:  # [B|1, N|1, T', S']
+        b_dim, n_dim = bias.shape[:2]
+
+        def bias_map(*ids):
+            b, n, qi, kj = index_of(*ids)
+            return _select(b_dim > 1, b), _select(n_dim > 1, n), qi, kj
+
+        specs.append(pl.BlockSpec((None, heads if n_dim > 1 else 1, q_block, kv_block), bias_map))
+        operands.append(bias)
+    if aux.table is not None:  # [B|1, N|1, P, bq, bkv]
+        table_b, table_n = aux.table.shape[:2]
+
+        def table_map(*ids):
+            b, n, _, _ = index_of(*ids)
+            return _select(table_b > 1, b), _select(table_n > 1, n), 0, 0, 0
+
+        specs.append(pl.BlockSpec((None, heads if table_n > 1 else 1, *aux.table.shape[2:]), table_map))
+        operands.append(aux.table)
+    return specs, operands
+
+
+def _vector_specs(aux: KernelAux, q_vec_block, q_vec_index, kv_vec_block, kv_vec_index, b_of):
+    specs, operands = [], []
+    for vec in aux.q_vectors:  # [B|1, T', 1]
+        batched = vec.shape[0] > 1
+        specs.append(
+            pl.BlockSpec(
+                (None, q_vec_block, 1),
+                lambda *ids, bb=batched: (_select(bb, b_of(*ids)), q_vec_index(*ids), 0),
+            )
+        )
+        operands.append(vec)
+    for vec in aux.kv_vectors:  # [B|1, 1, S']
+        batched = vec.shape[0] > 1
+        specs.append(
+            pl.BlockSpec(
+                (None, 1, kv_vec_block),
+                lambda *ids, bb=batched: (_select(bb, b_of(*ids)), 0, kv_vec_index(*ids)),
+            )
+        )
+        operands.append(vec)
+    return specs, operands
+
+
+def _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, head, table_id):
+    """The mask of a masked tile in a loop that loads kv-side data with ``pl.ds``."""
+    kv_vectors = [ref[:, pl.ds(kv_start, cfg.block_kv)] for ref in kv_vec_refs]  # [1, bkv]
+    table_tile = None if table_ref is None else table_ref[head, table_id, :, :]  # [bq, bkv]
+    return _tile.allowed_in_tile(
+        cfg.formula,
+        q_start,
+        kv_start,
+        cfg.block_q,
+        cfg.block_kv,
+        cfg.kv_len,
+        q_vectors,
+        kv_vectors,
+        table_tile,
+    )
+
+
+def _entry(sched_ref, width: int, j):
+    """(tile id, masked flag, table index) of entry j of a packed schedule row."""
+    return sched_ref[1 + j], sched_ref[1 + width + j], sched_ref[1 + 2 * width + j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, (out_ref, lse_ref) = split_refs(
+        refs, aux, has_bias, 4
+    )
+    sched_ref, q_ref, k_ref, v_ref = fixed
+    q_start = pl.program_id(0) * cfg.block_q
+    q = q_ref[...]  # [bq, H]
+    q_vectors = [ref[...] for ref in q_vec_refs]  # [bq, 1]
+    step = functools.partial(_tile.online_softmax_step, scale=cfg.scale, softcap=cfg.softcap)
+
+    def visit(j, stats):
+        kv_id, masked, table_id = _entry(sched_ref, width, j)
+        kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
+        k = k_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, H]
+        v = v_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, Hv]
+        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]  # [bq, bkv]
+
+        def masked_tile(stats):
+            allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
+            return step(stats, q, k, v, bias, allowed)
+
+        return jax.lax.cond(masked != 0, masked_tile, lambda stats: step(stats, q, k, v, bias, None), stats)
+
+    stats = jax.lax.fori_loop(0, sched_ref[0], visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
+    out, lse = _tile.finish_statistics(stats)
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse
+
+
+def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
+    """q ``[B, T', N, H]``, k ``[B, S', K, H]``, v ``[B, S', K, Hv]`` (padded) -> (out, lse ``[B, N, T', 1]``)."""
+    batch, q_padded, num_heads, head_dim = q.shape
+    kv_padded, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    bq = cfg.block_q
+    specs = [
+        pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
+        pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
+        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, n // group, 0)),
+    ]
+    operands = [aux.rows, q, k, v]
+    extra_specs, extra = _optional_specs(aux, bias, 1, bq, kv_padded, lambda i, b, n: (b, n, i, 0))
+    vec_specs, vecs = _vector_specs(
+        aux, bq, lambda i, b, n: i, kv_padded, lambda i, b, n: 0, lambda i, b, n: b
+    )
+    kernel = functools.partial(
+        _forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None, width=(aux.rows.shape[1] - 1) // 3
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(q_padded // bq, batch, num_heads),
+        in_specs=specs + extra_specs + vec_specs,
+        out_specs=[
+            pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
+            pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, q_padded, num_heads, value_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, q_padded, 1), jnp.float32),
+        ],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="jattn_flash_forward",
+    )(*operands, *extra, *vecs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+    num_fixed = 7
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, num_fixed)
+    sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
+    if has_bias:
+        _, dq_ref, dbias_ref = rest  # the first is the zero-filled dbias input aliased to dbias
+    else:
+        (dq_ref,), dbias_ref = rest, None
+    q_start = pl.program_id(0) * cfg.block_q
+    q, d_out = q_ref[...], do_ref[...]  # [bq, H], [bq, Hv]
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
+    q_vectors = [ref[...] for ref in q_vec_refs]
+
+    def visit(j, dq):
+        kv_id, masked, table_id = _entry(sched_ref, width, j)
+        kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
+        k = k_ref[pl.ds(kv_start, cfg.block_kv), :]
+        v = v_ref[pl.ds(kv_start, cfg.block_kv), :]
+        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]
+
+        def update(allowed, dq):
+            _, ds, _, k_used, _ = _tile.probs_and_dscores(
+                q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+            )
+            if dbias_ref is not None:
+                dbias_ref[0, :, pl.ds(kv_start, cfg.block_kv)] = ds
+            return dq + cfg.scale * _tile.matmul(ds, k_used)
+
+        def masked_tile(dq):
+            allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
+            return update(allowed, dq)
+
+        return jax.lax.cond(masked != 0, masked_tile, functools.partial(update, None), dq)
+
+    dq = jax.lax.fori_loop(0, sched_ref[0], visit, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int, group: int):
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, (dk_ref, dv_ref) = split_refs(refs, aux, has_bias, 7)
+    sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
+    kv_start = pl.program_id(0) * cfg.block_kv
+    k, v = k_ref[...], v_ref[...]  # [bkv, H], [bkv, Hv]
+    kv_vectors = [ref[...] for ref in kv_vec_refs]  # [1, bkv]
+    bq = cfg.block_q
+
+    def visit(g, j, grads):
+        q_id, masked, table_id = _entry(sched_ref, width, j)
+        q_start = pl.multiple_of(q_id * bq, bq)
+        q = q_ref[pl.ds(q_start, bq), g, :]  # [bq, H]
+        d_out = do_ref[pl.ds(q_start, bq), g, :]  # [bq, Hv]
+        lse = lse_ref[g, pl.ds(q_start, bq), :]  # [bq, 1]
+        delta = delta_ref[g, pl.ds(q_start, bq), :]
+        bias_head = g if bias_ref is not None and bias_ref.shape[0] > 1 else 0
+        bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, bq), :]  # [bq, bkv]
+
+        def update(allowed, grads):
+            dk, dv = grads
+            p, ds, q_used, _, do_used = _tile.probs_and_dscores(
+                q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+            )
+            dv = dv + _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
+            return dk + cfg.scale * _tile.matmul(ds, q_used, transpose_a=True), dv
+
+        def masked_tile(grads):
+            q_vectors = [ref[pl.ds(q_start, bq), :] for ref in q_vec_refs]  # [bq, 1]
+            table_head = g if table_ref is not None and table_ref.shape[0] > 1 else 0
+            table_tile = None if table_ref is None else table_ref[table_head, table_id, :, :]
+            allowed = _tile.allowed_in_tile(
+                cfg.formula,
+                q_start,
+                kv_start,
+                bq,
+                cfg.block_kv,
+                cfg.kv_len,
+                q_vectors,
+                kv_vectors,
+                table_tile,
+            )
+            return update(allowed, grads)
+
+        return jax.lax.cond(masked != 0, masked_tile, functools.partial(update, None), grads)
+
+    def one_head(g, grads):
+        return jax.lax.fori_loop(0, sched_ref[0], functools.partial(visit, g), grads)
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(0, group, one_head, init)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out):
+    """Gradients (dq, dk, dv, dbias ``[B, N, T', S']`` float32 or None) of the padded problem.
+
+    lse, delta: ``[B, N, T', 1]`` float32; d_out ``[B, T', N, Hv]``.
+    """
+    batch, q_padded, num_heads, head_dim = q.shape
+    kv_padded, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    bq, bkv = cfg.block_q, cfg.block_kv
+    has_bias = bias is not None
+
+    # dq (and dS for the bias): grid over q tiles, loops over their kv tiles.
+    specs = [
+        pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
+        pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
+        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, n // group, 0)),
+        pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
+        pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
+        pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
+    ]
+    operands = [aux.rows, q, k, v, d_out, lse, delta]
+    extra_specs, extra = _optional_specs(aux, bias, 1, bq, kv_padded, lambda i, b, n: (b, n, i, 0))
+    vec_specs, vecs = _vector_specs(
+        aux, bq, lambda i, b, n: i, kv_padded, lambda i, b, n: 0, lambda i, b, n: b
+    )
+    out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    aliases = {}
+    if has_bias:  # dS is written only on visited tiles: start from zeros
+        dbias_shape = (batch, num_heads, q_padded, kv_padded)
+        dbias_spec = pl.BlockSpec((None, 1, bq, kv_padded), lambda i, b, n: (b, n, i, 0))
+        aliases = {len(operands) + len(extra) + len(vecs): 1}
+        vec_specs = [*vec_specs, dbias_spec]
+        vecs = [*vecs, jnp.zeros(dbias_shape, jnp.float32)]
+        out_specs.append(dbias_spec)
+        out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
+    width = (aux.rows.shape[1] - 1) // 3
+    dq_and_dbias = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width),
+        grid=(q_padded // bq, batch, num_heads),
+        in_specs=specs + extra_specs + vec_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="jattn_flash_dq",
+    )(*operands, *extra, *vecs)
+    dq, dbias = (dq_and_dbias[0], dq_and_dbias[1]) if has_bias else (dq_and_dbias[0], None)
+
+    # dk, dv: grid over kv tiles of each kv head, loops over its G query heads and their q tiles.
+    specs = [
+        pl.BlockSpec((None, aux.cols.shape[1]), lambda j, b, h: (j, 0)),
+        pl.BlockSpec((None, q_padded, group, head_dim), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bkv, None, head_dim), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, bkv, None, value_dim), lambda j, b, h: (b, j, h, 0)),
+        pl.BlockSpec((None, q_padded, group, value_dim), lambda j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, group, q_padded, 1), lambda j, b, h: (b, h, 0, 0)),
+        pl.BlockSpec((None, group, q_padded, 1), lambda j, b, h: (b, h, 0, 0)),
+    ]
+    operands = [aux.cols, q, k, v, d_out, lse, delta]
+    extra_specs, extra = _optional_specs(aux, bias, group, q_padded, bkv, lambda j, b, h: (b, h, 0, j))
+    vec_specs, vecs = _vector_specs(
+        aux, q_padded, lambda j, b, h: 0, bkv, lambda j, b, h: j, lambda j, b, h: b
+    )
+    width = (aux.cols.shape[1] - 1) // 3
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width, group=group),
+        grid=(kv_padded // bkv, batch, num_kv_heads),
+        in_specs=specs + extra_specs + vec_specs,
+        out_specs=[
+            pl.BlockSpec((None, bkv, None, head_dim), lambda j, b, h: (b, j, h, 0)),
+            pl.BlockSpec((None, bkv, None, value_dim), lambda j, b, h: (b, j, h, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="jattn_flash_dkv",
+    )(*operands, *extra, *vecs)
+    return dq, dk, dv, dbias

@@ -1,0 +1,403 @@
+"""The flash kernels through Pallas' Mosaic TPU lowering.
+
+Same design as ``gpu.py`` with TPU pipelining: the tile schedule is scalar-prefetched
+(``pltpu.PrefetchScalarGridSpec``) and the index maps read it, so the grid's last axis walks the
+listed kv tiles of each q tile (``(B, N, num_q_blocks, W)``) and Mosaic only DMAs listed tiles;
+entries past a row's count repeat its last tile (no new DMA) and are skipped with ``pl.when``.
+Running statistics live in VMEM scratch across the last grid axis. The dk/dv pass walks
+``(B, K, num_kv_blocks, G, Wt)``: the G query heads of a kv head accumulate into one scratch.
+
+Operands are transposed to ``[B, N, T, H]`` here (Mosaic wants the last two block dims to be
+(sublane, lane) tiles). Tiles are multiples of 128; head dims are taken as they are (a block
+dim equal to the full array dim is always legal).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jattn.kernels import _tile
+from jattn.kernels._config import KernelAux, KernelConfig, split_refs
+
+MIN_BLOCK = 128
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Mosaic takes any head dim as a full-width block."""
+    return head_dim
+
+
+def _select(batched: bool, index):
+    return index if batched else 0
+
+
+def _entry(sched_ref, row, row_size: int, width: int, j):
+    """(tile id, masked flag, table index) of entry j of packed row ``row`` (flattened in SMEM)."""
+    base = row * row_size + 1
+    return sched_ref[base + j], sched_ref[base + width + j], sched_ref[base + 2 * width + j]
+
+
+def _heads_first(x):
+    """[B, L, N, H] <-> [B, N, L, H]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _optional_specs(aux: KernelAux, bias, block_q: int, block_kv: int, index_of):
+    """BlockSpecs of bias, table and vectors; ``index_of(*grid, sched) -> (b, head, q tile, kv tile, table)``."""
+    specs, operands = [], []
+    if bias is not None:  # [B|1, N|1, T', S']
+        b_dim, n_dim = bias.shape[:2]
+
+        def bias_map(*ids):
+            b, n, qi, kj, _ = index_of(*ids)
+            return _select(b_dim > 1, b), _select(n_dim > 1, n), qi, kj
+
+        specs.append(pl.BlockSpec((None, None, block_q, block_kv), bias_map))
+        operands.append(bias)
+    if aux.table is not None:  # [B|1, N|1, P, bq, bkv]
+        table_b, table_n = aux.table.shape[:2]
+
+        def table_map(*ids):
+            b, n, _, _, t = index_of(*ids)
+            return _select(table_b > 1, b), _select(table_n > 1, n), t, 0, 0
+
+        specs.append(pl.BlockSpec((None, None, None, block_q, block_kv), table_map))
+        operands.append(aux.table)
+    for vec in aux.q_vectors:  # [B|1, T', 1]
+        batched = vec.shape[0] > 1
+        specs.append(
+            pl.BlockSpec(
+                (None, block_q, 1),
+                lambda *ids, bb=batched: (_select(bb, index_of(*ids)[0]), index_of(*ids)[2], 0),
+            )
+        )
+        operands.append(vec)
+    for vec in aux.kv_vectors:  # [B|1, 1, S']
+        batched = vec.shape[0] > 1
+        specs.append(
+            pl.BlockSpec(
+                (None, 1, block_kv),
+                lambda *ids, bb=batched: (_select(bb, index_of(*ids)[0]), 0, index_of(*ids)[3]),
+            )
+        )
+        operands.append(vec)
+    return specs, operands
+
+
+def _tile_allowed(cfg, q_start, kv_start, q_vec_refs, kv_vec_refs, table_ref):
+    table_tile = None if table_ref is None else table_ref[...]
+    return _tile.allowed_in_tile(
+        cfg.formula,
+        q_start,
+        kv_start,
+        cfg.block_q,
+        cfg.block_kv,
+        cfg.kv_len,
+        [ref[...] for ref in q_vec_refs],
+        [ref[...] for ref in kv_vec_refs],
+        table_tile,
+    )
+
+
+def _on_tile(masked, run, allowed_fn):
+    """Run ``run(allowed)`` for a masked tile and ``run(None)`` for a full one."""
+
+    @pl.when(masked != 0)
+    def _():
+        run(allowed_fn())
+
+    @pl.when(masked == 0)
+    def _():
+        run(None)
+
+
+def _params(num_parallel: int, num_arbitrary: int):
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * num_parallel + ("arbitrary",) * num_arbitrary
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, 3)
+    q_ref, k_ref, v_ref = fixed
+    out_ref, lse_ref, m_ref, l_ref, acc_ref = rest
+    i, j = pl.program_id(2), pl.program_id(3)
+    row_size = 1 + 3 * width
+    kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
+
+    @pl.when(j == 0)
+    def _():
+        m_ref[...], l_ref[...], acc_ref[...] = _tile.init_statistics(cfg.block_q, acc_ref.shape[-1])
+
+    def run(allowed):
+        bias = None if bias_ref is None else bias_ref[...]
+        stats = (m_ref[...], l_ref[...], acc_ref[...])
+        m_ref[...], l_ref[...], acc_ref[...] = _tile.online_softmax_step(
+            stats, q_ref[...], k_ref[...], v_ref[...], bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+        )
+
+    @pl.when(j < sched_ref[i * row_size])
+    def _():
+        allowed = lambda: _tile_allowed(  # noqa: E731
+            cfg, i * cfg.block_q, kv_id * cfg.block_kv, q_vec_refs, kv_vec_refs, table_ref
+        )
+        _on_tile(masked, run, allowed)
+
+    @pl.when(j == width - 1)
+    def _():
+        out, lse = _tile.finish_statistics((m_ref[...], l_ref[...], acc_ref[...]))
+        out_ref[...] = out.astype(out_ref.dtype)
+        lse_ref[...] = lse
+
+
+def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
+    """q ``[B, T', N, H]``, k/v ``[B, S', K, H]`` -> (out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``)."""
+    batch, q_padded, num_heads, head_dim = q.shape
+    num_kv_heads, value_dim = k.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    bq, bkv = cfg.block_q, cfg.block_kv
+    width = (aux.rows.shape[1] - 1) // 3
+    row_size = 1 + 3 * width
+
+    def index_of(b, n, i, j, sched):
+        kv_id, _, table_id = _entry(sched, i, row_size, width, j)
+        return b, n, i, kv_id, table_id
+
+    kv_map = lambda b, n, i, j, sched: (b, n // group, index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+    specs = [
+        pl.BlockSpec((None, None, bq, head_dim), lambda b, n, i, j, sched: (b, n, i, 0)),
+        pl.BlockSpec((None, None, bkv, head_dim), kv_map),
+        pl.BlockSpec((None, None, bkv, value_dim), kv_map),
+    ]
+    extra_specs, extra = _optional_specs(aux, bias, bq, bkv, index_of)
+    out_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(batch, num_heads, q_padded // bq, width),
+        in_specs=specs + extra_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, bq, value_dim), out_map),
+            pl.BlockSpec((None, None, bq, 1), out_map),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, value_dim), jnp.float32),
+        ],
+    )
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None, width=width),
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_heads, q_padded, value_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, q_padded, 1), jnp.float32),
+        ],
+        compiler_params=_params(3, 1),
+        interpret=cfg.interpret,
+        name="jattn_flash_forward",
+    )(aux.rows.reshape(-1), _heads_first(q), _heads_first(k), _heads_first(v), *extra)
+    return _heads_first(out), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
+    if has_bias:
+        _, dq_ref, dbias_ref, dq_acc = rest  # the first is the zero-filled dbias input aliased to dbias
+    else:
+        (dq_ref, dq_acc), dbias_ref = rest, None
+    i, j = pl.program_id(2), pl.program_id(3)
+    row_size = 1 + 3 * width
+    kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
+    count = sched_ref[i * row_size]
+
+    @pl.when(j == 0)
+    def _():
+        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+        if dbias_ref is not None:  # a q tile that visits nothing still owns one dbias block
+            dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
+
+    def run(allowed):
+        bias = None if bias_ref is None else bias_ref[...]
+        _, ds, _, k_used, _ = _tile.probs_and_dscores(
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            do_ref[...],
+            lse_ref[...],
+            delta_ref[...],
+            bias,
+            allowed,
+            scale=cfg.scale,
+            softcap=cfg.softcap,
+        )
+        if dbias_ref is not None:
+            dbias_ref[...] = ds
+        dq_acc[...] += cfg.scale * _tile.matmul(ds, k_used)
+
+    @pl.when(j < count)
+    def _():
+        allowed = lambda: _tile_allowed(  # noqa: E731
+            cfg, i * cfg.block_q, kv_id * cfg.block_kv, q_vec_refs, kv_vec_refs, table_ref
+        )
+        _on_tile(masked, run, allowed)
+
+    @pl.when(j == width - 1)
+    def _():
+        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int, group: int):
+    fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
+    dk_ref, dv_ref, dk_acc, dv_acc = rest
+    kj, g, jq = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    row_size = 1 + 3 * width
+    q_id, masked, _ = _entry(sched_ref, kj, row_size, width, jq)
+
+    @pl.when((g == 0) & (jq == 0))
+    def _():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    def run(allowed):
+        bias = None if bias_ref is None else bias_ref[...]
+        p, ds, q_used, _, do_used = _tile.probs_and_dscores(
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            do_ref[...],
+            lse_ref[...],
+            delta_ref[...],
+            bias,
+            allowed,
+            scale=cfg.scale,
+            softcap=cfg.softcap,
+        )
+        dv_acc[...] += _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
+        dk_acc[...] += cfg.scale * _tile.matmul(ds, q_used, transpose_a=True)  # [bkv, H]
+
+    @pl.when(jq < sched_ref[kj * row_size])
+    def _():
+        allowed = lambda: _tile_allowed(  # noqa: E731
+            cfg, q_id * cfg.block_q, kj * cfg.block_kv, q_vec_refs, kv_vec_refs, table_ref
+        )
+        _on_tile(masked, run, allowed)
+
+    @pl.when((g == group - 1) & (jq == width - 1))
+    def _():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out):
+    """Gradients (dq, dk, dv, dbias ``[B, N, T', S']`` float32 or None), layouts as in ``gpu.backward``."""
+    batch, q_padded, num_heads, head_dim = q.shape
+    kv_padded, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    bq, bkv = cfg.block_q, cfg.block_kv
+    has_bias = bias is not None
+    qt, kt, vt, dot = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(d_out)
+
+    # dq (and dS for the bias): grid (B, N, q tiles, listed kv tiles).
+    width = (aux.rows.shape[1] - 1) // 3
+    row_size = 1 + 3 * width
+
+    def index_of(b, n, i, j, sched):
+        kv_id, _, table_id = _entry(sched, i, row_size, width, j)
+        return b, n, i, kv_id, table_id
+
+    q_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
+    kv_map = lambda b, n, i, j, sched: (b, n // group, index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+    specs = [
+        pl.BlockSpec((None, None, bq, head_dim), q_map),
+        pl.BlockSpec((None, None, bkv, head_dim), kv_map),
+        pl.BlockSpec((None, None, bkv, value_dim), kv_map),
+        pl.BlockSpec((None, None, bq, value_dim), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+    ]
+    operands = [qt, kt, vt, dot, lse, delta]
+    extra_specs, extra = _optional_specs(aux, bias, bq, bkv, index_of)
+    out_specs = [pl.BlockSpec((None, None, bq, head_dim), q_map)]
+    out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
+    aliases = {}
+    if has_bias:
+        dbias_shape = (batch, num_heads, q_padded, kv_padded)
+        dbias_spec = pl.BlockSpec((None, None, bq, bkv), lambda *ids: index_of(*ids)[:4])
+        aliases = {1 + len(operands) + len(extra): 1}  # +1: the scalar-prefetch operand comes first
+        extra_specs, extra = [*extra_specs, dbias_spec], [*extra, jnp.zeros(dbias_shape, jnp.float32)]
+        out_specs.append(dbias_spec)
+        out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
+    results = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(batch, num_heads, q_padded // bq, width),
+            in_specs=specs + extra_specs,
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
+        ),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_params(3, 1),
+        interpret=cfg.interpret,
+        name="jattn_flash_dq",
+    )(aux.rows.reshape(-1), *operands, *extra)
+    dq, dbias = _heads_first(results[0]), (results[1] if has_bias else None)
+
+    # dk, dv: grid (B, K, kv tiles, G query heads, listed q tiles).
+    width = (aux.cols.shape[1] - 1) // 3
+    row_size = 1 + 3 * width
+
+    def index_t(b, h, kj, g, jq, sched):
+        q_id, _, table_id = _entry(sched, kj, row_size, width, jq)
+        return b, h * group + g, q_id, kj, table_id
+
+    q_map = lambda *ids: (*index_t(*ids)[:3], 0)  # noqa: E731
+    kv_map = lambda b, h, kj, g, jq, sched: (b, h, kj, 0)  # noqa: E731
+    specs = [
+        pl.BlockSpec((None, None, bq, head_dim), q_map),
+        pl.BlockSpec((None, None, bkv, head_dim), kv_map),
+        pl.BlockSpec((None, None, bkv, value_dim), kv_map),
+        pl.BlockSpec((None, None, bq, value_dim), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+    ]
+    extra_specs, extra = _optional_specs(aux, bias, bq, bkv, index_t)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width, group=group),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(batch, num_kv_heads, kv_padded // bkv, group, width),
+            in_specs=specs + extra_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, bkv, head_dim), kv_map),
+                pl.BlockSpec((None, None, bkv, value_dim), kv_map),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((bkv, head_dim), jnp.float32),
+                pltpu.VMEM((bkv, value_dim), jnp.float32),
+            ],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+        compiler_params=_params(3, 2),
+        interpret=cfg.interpret,
+        name="jattn_flash_dkv",
+    )(aux.cols.reshape(-1), *operands, *extra)
+    return dq, _heads_first(dk), _heads_first(dv), dbias
