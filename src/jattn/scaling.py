@@ -227,6 +227,71 @@ class ScalingConfig:
         }
 
 
+_ENTRY_KEYS = tuple(field.name for field in dataclasses.fields(VariantEntry))
+_BOOL_KEYS = ("causal", "resume")
+_LIST_KEYS = ("variants", "lengths", "passes", "levels")
+
+
+def _check_keys(data: Any, known: Sequence[str], where: str) -> None:
+    _require(isinstance(data, Mapping), where, "a mapping", data)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"scaling config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ScalingConfig:
+    """A ``ScalingConfig`` from parsed YAML; unknown keys and wrong types are errors naming the key."""
+    _check_keys(data, [field.name for field in dataclasses.fields(ScalingConfig)], "the top level")
+    for key in _LIST_KEYS:
+        if key in data:
+            _require(isinstance(data[key], (list, tuple)), key, "a list", data[key])
+    for key in _BOOL_KEYS:
+        if key in data:
+            _require(isinstance(data[key], bool), key, "true or false", data[key])
+    for key in ("out_dir", "baseline", "dtype"):
+        if key in data:
+            _require(isinstance(data[key], str), key, "a string", data[key])
+    entries = []
+    for i, item in enumerate(data.get("variants", ())):
+        _check_keys(item, _ENTRY_KEYS, f"variants[{i}]")
+        entries.append(VariantEntry(**item))
+    return ScalingConfig(**{**data, "variants": tuple(entries)})
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` / ``key.sub=value`` / ``variants.0.options.window=64`` on parsed YAML.
+
+    Values are parsed as YAML (``lengths=[256,512]``, ``causal=true``). Returns a new mapping.
+    """
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(dict(data))
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path:
+            raise ValueError(f"override {override!r} must look like key=value or key.sub=value")
+        *parents, last = path.split(".")
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(text)
+        else:
+            node[last] = yaml.safe_load(text)
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ScalingConfig:
+    """Read a YAML config, apply ``key=value`` overrides and validate it."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
 def build_variants(config: ScalingConfig) -> dict[str, Variant]:
     """Every entry's variant by entry name; raises before any measurement if one is misconfigured."""
     return {entry.name: entry.build() for entry in config.variants}
