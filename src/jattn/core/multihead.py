@@ -82,8 +82,10 @@ def init_multi_head_attention(
             )
         head_dim = in_features // num_heads
     head_dim = _check_positive("head_dim", head_dim)
-    value_head_dim = head_dim if value_head_dim is None else _check_positive("value_head_dim", value_head_dim)
-    in_kv_features = in_features if in_kv_features is None else _check_positive("in_kv_features", in_kv_features)
+    value_head_dim = _check_positive("value_head_dim", head_dim if value_head_dim is None else value_head_dim)
+    in_kv_features = (
+        in_features if in_kv_features is None else _check_positive("in_kv_features", in_kv_features)
+    )
     out_features = in_features if out_features is None else _check_positive("out_features", out_features)
 
     shapes = {
@@ -125,9 +127,7 @@ def _check_params(params: Params, x_q, x_kv, num_heads: int, num_kv_heads: int) 
             )
     out_shape = tuple(params["out"]["kernel"].shape)
     if len(out_shape) != 3 or out_shape[0] != num_heads:
-        raise ValueError(
-            f"params['out']['kernel'] must be [{num_heads}, Hv, Dout], got shape {out_shape}"
-        )
+        raise ValueError(f"params['out']['kernel'] must be [{num_heads}, Hv, Dout], got shape {out_shape}")
 
 
 def _project_in(layer: dict, x, heads_spec: str):
@@ -208,7 +208,13 @@ def multi_head_attention(
             q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, implementation=implementation
         )
     else:
-        settings = {"mask": mask, "bias": bias, "scale": scale, "softcap": softcap, "implementation": implementation}
+        settings = {
+            "mask": mask,
+            "bias": bias,
+            "scale": scale,
+            "softcap": softcap,
+            "implementation": implementation,
+        }
         given = sorted(name for name, value in settings.items() if value is not None)
         if given:
             raise ValueError(f"attention_fn is given, so {given} must be None (bind them into attention_fn)")

@@ -1,0 +1,138 @@
+"""ListOps as in Long Range Arena (Nangia & Bowman 2018; Tay et al. 2021).
+
+Nested expressions such as ``[MAX 2 9 [MIN 4 7 ] 0 ]`` over the operators MIN, MAX, MED (median)
+and SM (sum modulo 10); the label (10 classes) is the value of the expression. Expressions are
+drawn as in LRA (a leaf with probability 0.75 below the maximum depth, 2 to ``max_args``
+arguments) and kept when their token count lies in ``[min_len, max_len]``.
+
+The tokenizer keeps every bracket: an operator token carries its opening bracket (``[MAX``) and
+``]`` is a token, so the tree is recoverable from the tokens (LRA's released pipeline dropped the
+brackets, which left the task ambiguous).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jattn.data.base import TaskSpec, batch_rng, check_positive
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+PAD = 0
+VOCAB = ("<pad>", *[str(d) for d in range(10)], *OPERATORS, "]")
+TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
+NUM_CLASSES = 10
+_LEAF_PROBABILITY = 0.75
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _draw(rng: np.random.Generator, depth: int, max_depth: int, max_args: int, out: list, limit: int) -> int:
+    """Append one expression's tokens to ``out`` and return its value (raises past ``limit``)."""
+    if len(out) >= limit:
+        raise _TooLong
+    if depth >= max_depth or rng.random() < _LEAF_PROBABILITY:
+        value = int(rng.integers(10))
+        out.append(str(value))
+        return value
+    op = OPERATORS[rng.integers(len(OPERATORS))]
+    out.append(op)
+    args = [
+        _draw(rng, depth + 1, max_depth, max_args, out, limit) for _ in range(rng.integers(2, max_args + 1))
+    ]
+    out.append("]")
+    return evaluate_op(op, args)
+
+
+def evaluate_op(op: str, args: list[int]) -> int:
+    """The value of ``[OP args... ]``."""
+    if op == "[MIN":
+        return min(args)
+    if op == "[MAX":
+        return max(args)
+    if op == "[MED":
+        return int(np.median(args))
+    return sum(args) % 10
+
+
+def evaluate(tokens: list[str]) -> int:
+    """Evaluate a token list (the inverse of the tokenizer's job: proves the brackets suffice)."""
+    stack: list[list] = []
+    for token in tokens:
+        if token in OPERATORS:
+            stack.append([token])
+        elif token == "]":
+            op, *args = stack.pop()
+            value = evaluate_op(op, args)
+            if not stack:
+                return value
+            stack[-1].append(value)
+        elif stack:
+            stack[-1].append(int(token))
+        else:
+            return int(token)
+    raise ValueError(f"unbalanced expression: {' '.join(tokens)}")
+
+
+def tokenize(text: str) -> np.ndarray:
+    """``"[MAX 2 9 ]"`` -> int32 ids (whitespace-separated tokens, brackets kept)."""
+    try:
+        return np.array([TOKEN_IDS[t] for t in text.split()], np.int32)
+    except KeyError as err:
+        raise ValueError(f"unknown ListOps token {err.args[0]!r}; known: {VOCAB[1:]}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOps:
+    """The ListOps task; ``batch`` returns the "classification" format, padded to ``max_len``.
+
+    Attributes:
+      min_len, max_len: token-count range of the expressions (LRA: 500–2000).
+      max_depth: maximum nesting depth (LRA: 10). max_args: most arguments per operator (LRA: 10).
+      seed: the data seed.
+    """
+
+    min_len: int = 500
+    max_len: int = 2000
+    max_depth: int = 10
+    max_args: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        check_positive("min_len", self.min_len)
+        check_positive("max_len", self.max_len)
+        check_positive("max_depth", self.max_depth)
+        check_positive("max_args", self.max_args, minimum=2)
+        if self.min_len > self.max_len:
+            raise ValueError(
+                f"min_len must be <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
+            )
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec("classification", len(VOCAB), self.max_len, NUM_CLASSES)
+
+    def example(self, rng: np.random.Generator) -> tuple[list[str], int]:
+        """One expression with ``min_len <= len(tokens) <= max_len`` and its value."""
+        while True:
+            tokens: list[str] = []
+            try:
+                value = _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
+            except _TooLong:
+                continue
+            if self.min_len <= len(tokens) <= self.max_len:
+                return tokens, value
+
+    def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        rng = batch_rng(self.seed, split, index)
+        inputs = np.full((batch_size, self.max_len), PAD, np.int32)
+        lengths = np.zeros(batch_size, np.int32)
+        labels = np.zeros(batch_size, np.int32)
+        for row in range(batch_size):
+            tokens, labels[row] = self.example(rng)
+            lengths[row] = len(tokens)
+            inputs[row, : len(tokens)] = [TOKEN_IDS[t] for t in tokens]
+        return {"inputs": inputs, "lengths": lengths, "labels": labels}
