@@ -1,0 +1,105 @@
+"""From a validated ``ExperimentConfig`` to a task, a model and an optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jattn import nn
+from jattn.data import TASKS, Task, TaskSpec
+from jattn.train.config import ConfigError, from_dict
+from jattn.train.schema import AttentionConfig, ExperimentConfig, ModelConfig, OptimizerConfig
+from jattn.variants import Variant, get_variant, variant_names
+
+
+def build_task(config: ExperimentConfig) -> Task:
+    """The task named by ``task.name`` with ``task.options`` (checked like the rest of the config)."""
+    return from_dict(TASKS[config.task.name], config.task.options, prefix="task.options")
+
+
+def build_variant(attention: AttentionConfig) -> Variant:
+    """``attention.variant`` from the registry; errors name the key and list what is allowed."""
+    known = variant_names()
+    if attention.variant not in known:
+        raise ConfigError(
+            f"config key 'attention.variant': unknown variant {attention.variant!r}; known: {sorted(known)}"
+        )
+    try:
+        return get_variant(attention.variant, **attention.options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"config key 'attention.options' for variant {attention.variant!r}: {err}"
+        ) from None
+
+
+def model_max_len(model: ModelConfig, spec: TaskSpec) -> int:
+    """The model's maximum length: ``model.max_len``, or what the task needs (+1 for a CLS token)."""
+    needed = max(spec.max_len, spec.max_source_len) + (1 if spec.format == "classification" else 0)
+    if model.max_len is None:
+        return needed
+    if model.max_len < needed:
+        raise ConfigError(
+            f"config key 'model.max_len': the task's sequences need {needed} positions (with the CLS "
+            f"token for classification), got model.max_len={model.max_len}"
+        )
+    return model.max_len
+
+
+def build_model(config: ExperimentConfig, spec: TaskSpec, *, seed: int | None = None) -> nnx.Module:
+    """The model the task's format calls for, with the configured attention variant."""
+    m = config.model
+    common = dict(
+        max_len=model_max_len(m, spec),
+        width=m.width,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        variant=build_variant(config.attention),
+        position=m.position,
+        dropout_rate=m.dropout,
+        num_kv_heads=m.num_kv_heads,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        rngs=nnx.Rngs(config.train.seed if seed is None else seed),
+    )
+    if spec.format == "classification":
+        return nn.EncoderClassifier(spec.vocab_size, spec.num_classes, pooling=m.pooling, **common)
+    if spec.format == "sequence":
+        return nn.DecoderLM(spec.vocab_size, **common)
+    return nn.EncoderDecoder(spec.vocab_size, spec.num_classes, **common)
+
+
+def learning_rate_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then the configured decay."""
+    warmup = opt.warmup_steps
+    peak = opt.learning_rate
+    decay_steps = max(total_steps - warmup, 1)
+    if opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.end_fraction)
+    elif opt.schedule == "linear":
+        decay = optax.linear_schedule(peak, peak * opt.end_fraction, decay_steps)
+    elif opt.schedule == "rsqrt":
+        start = max(warmup, 1)
+        decay = lambda step: peak * jnp.sqrt(start / (step + start))  # noqa: E731
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def build_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with the schedule, after global-norm clipping."""
+    adamw = optax.adamw(
+        learning_rate_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay
+    )
+    if opt.clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
+
+
+def with_attention(config: ExperimentConfig, attention: AttentionConfig) -> ExperimentConfig:
+    """The same experiment with another attention (for comparisons)."""
+    return dataclasses.replace(config, attention=attention, compare=(), name=attention.display_name)

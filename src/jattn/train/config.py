@@ -1,0 +1,197 @@
+"""Typed, frozen config schemas loaded from YAML with ``key.sub=value`` overrides.
+
+Generic: ``load_config(Schema, path, overrides)`` works for any frozen dataclass whose fields are
+annotated with ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
+``tuple[X, ...]``, ``dict``, or another such dataclass. Range limits go in the field metadata:
+``field(default=1, metadata={"min": 1, "max": 8})``. Every error is a ``ConfigError`` that names
+the key (``model.width``), what is allowed, and what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its schema; the message names the key."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked (and converted where lossless) against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key {key!r}: expected null, got {value!r}")
+        return None
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"schema annotation {tp!r} of {key!r} is not supported by load_config")
+
+
+def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = " and ".join(
+            part for part in (low is not None and f">= {low}", high is not None and f"<= {high}") if part
+        )
+        raise ConfigError(f"config key {key!r}: must be {bounds}, got {value!r}")
+
+
+def from_dict(schema: type[T], data: dict, *, prefix: str = "") -> T:
+    """Build ``schema`` from a (YAML) mapping, checking every key, type and range."""
+    if not isinstance(data, dict):
+        where = f"config key {prefix!r}" if prefix else "the config"
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = [f"{prefix}.{k}" if prefix else k for k in unknown]
+        raise ConfigError(f"unknown config key(s) {names}; allowed here: {sorted(fields)}")
+    hints = typing.get_type_hints(schema)
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(hints[name], value, key)
+        _check_range(fields[name], values[name], key)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing config key(s) {[f'{prefix}.{m}' if prefix else m for m in missing]}")
+    try:
+        return schema(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config {prefix or 'root'}: {err}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """A frozen dataclass (tree) as plain YAML-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """``["model.width=128", "attention.options={window: 32}"]`` applied to a nested mapping.
+
+    Values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``, ``{k: v}``).
+    """
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
+    for override in overrides:
+        path, sep, raw = override.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"override {override!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({err})") from None
+        node = data
+        *parents, leaf = path.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])!r} is not a mapping")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | pathlib.Path) -> dict:
+    """A YAML file's top-level mapping, with clear errors for a missing or malformed file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(schema: type[T], path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> T:
+    """Read ``path`` (None: schema defaults), apply ``key.sub=value`` overrides, validate."""
+    data = {} if path is None else read_yaml(path)
+    return from_dict(schema, apply_overrides(data, overrides))
+
+
+def save_config(config: Any, path: str | pathlib.Path) -> None:
+    """Write the fully resolved config as YAML (readable back by ``load_config``)."""
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
