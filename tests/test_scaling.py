@@ -3,6 +3,9 @@
 tiny end-to-end sweep with its report."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -127,7 +130,7 @@ def test_summarize_on_synthetic_rows(tmp_path):
     for n in POWERS:
         for name, time_s, memory in (("full", 1e-8 * n**2, 4.0 * n**2), ("linear", 1e-5 * n, 64e3 * n)):
             base, t, m = row(name, n, time_s, memory)
-            rows.append(base | {"time_s": t, "memory_bytes": m})
+            rows.append(base | {"time_s": t, "cpu_time_s": t, "memory_bytes": m})
     summaries = {s.name: s for s in scaling.summarize(rows, cfg) if s.pass_name == "forward"}
     assert summaries["full"].time_fit.exponent == pytest.approx(2.0)
     assert summaries["linear"].memory_fit.exponent == pytest.approx(1.0)
@@ -158,6 +161,9 @@ class FakeClock:
     def clock(self):
         return self.now
 
+    def time_calls(self, **kwargs):
+        return scaling.time_calls(self.call, clock=self.clock, cpu_clock=self.clock, **kwargs)
+
     def call(self):
         self.now += self.cost
         self.calls += 1
@@ -166,17 +172,17 @@ class FakeClock:
 
 def test_time_calls_stops_after_an_over_budget_call():
     fake = FakeClock(cost=5.0)
-    timing = scaling.time_calls(fake.call, warmup=2, repeats=5, budget_s=1.0, clock=fake.clock)
-    assert timing.over_budget and timing.times == (5.0,) and fake.calls == 1
+    timing = fake.time_calls(warmup=2, repeats=5, budget_s=1.0)
+    assert timing.over_budget and timing.times == timing.cpu_times == (5.0,) and fake.calls == 1
 
 
 def test_time_calls_cuts_repeats_to_the_budget():
     fake = FakeClock(cost=1.0)
-    timing = scaling.time_calls(fake.call, warmup=2, repeats=10, budget_s=6.5, clock=fake.clock)
+    timing = fake.time_calls(warmup=2, repeats=10, budget_s=6.5)
     assert not timing.over_budget
     assert len(timing.times) == 4 and fake.calls == 6  # 2 warm-up + 4 within the budget
     fake = FakeClock(cost=1.0)
-    assert len(scaling.time_calls(fake.call, warmup=1, repeats=3, budget_s=100, clock=fake.clock).times) == 3
+    assert len(fake.time_calls(warmup=1, repeats=3, budget_s=100).times) == 3
 
 
 def test_attended_pairs_match_the_dense_mask():
@@ -229,7 +235,7 @@ def test_time_and_memory_budgets(tmp_path):
     assert rows[("full", "forward", 32)]["detail"] == "skipped: over the time budget at length 16"
 
     cfg = config(tmp_path / "memory", [entry("full", implementation="xla")], memory_budget_gb=40e3 / 2**30)
-    rows = [row for row in scaling.run_sweep(cfg, progress=False)]
+    rows = scaling.run_sweep(cfg, progress=False)
     assert rows[0]["status"] == scaling.OK  # 16 x 16 scores fit in 40 kB, 64 x 64 do not
     assert rows[-1]["status"] == scaling.OVER_MEMORY
     first_over = next(row for row in rows if row["status"] == scaling.OVER_MEMORY)
@@ -328,3 +334,60 @@ def test_tiny_sweep_end_to_end(tmp_path):
     report = (tmp_path / "scaling.md").read_text()
     assert "| op | forward | local_8 |" in report and "python experiments/scaling.py tiny.yaml" in report
     assert math.isfinite(float(report.split("| op | forward | full | ")[1].split(" ")[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML configs and the command line
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+def test_shipped_configs_load(name):
+    cfg = scaling.load_config(REPO / "configs" / "scaling" / name)
+    assert cfg.baseline == "full" and max(cfg.lengths) >= 16384
+    scaling.build_variants(cfg)  # every entry names a registered variant with valid options
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lenghts=[16]"], r"unknown key\(s\) \['lenghts'\] in the top level"),
+        (["causal=1"], "causal must be true or false, got 1"),
+        (["variants.0.opts={}"], r"unknown key\(s\) \['opts'\] in variants\[0\]"),
+        (["lengths=16"], "lengths must be a list"),
+        (["repeats"], "must look like key=value"),
+    ],
+)
+def test_bad_yaml_names_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        scaling.load_config(REPO / "configs" / "scaling" / "cpu.yaml", overrides)
+
+
+def test_overrides_reach_nested_keys():
+    cfg = scaling.load_config(
+        REPO / "configs" / "scaling" / "cpu.yaml",
+        ["lengths=[16, 32]", "variants.1.options.implementation=xla", "time_budget_s=2.5"],
+    )
+    assert cfg.lengths == (16, 32) and cfg.time_budget_s == 2.5
+    assert cfg.variants[1].options == {"implementation": "xla"}
+
+
+def test_command_line_smoke(tmp_path):
+    overrides = [
+        f"out_dir={tmp_path}",
+        "lengths=[16, 32]",
+        "passes=[forward]",
+        "variants=[{name: full, variant: full}, {name: linear, variant: linear}]",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "scaling.py"), "configs/scaling/cpu.yaml", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and len(scaling.read_rows(tmp_path / "scaling.csv")) == 4
+    assert (tmp_path / "time_op.png").exists() and (tmp_path / "scaling.md").exists()

@@ -66,7 +66,7 @@ _COUNT_BLOCK = 512  # tile size at which attended pairs are counted
 SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "causal", "backend")
 _ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
 _RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
-_TIME_FIELDS = ("time_s", "time_min_s", "compile_s", "tokens_per_s")
+_TIME_FIELDS = ("time_s", "time_min_s", "cpu_time_s", "compile_s", "tokens_per_s")
 _COST_FIELDS = ("memory_bytes", "temp_bytes", "device_peak_bytes", "xla_flops", "analytic_flops")
 _MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS  # numeric columns (empty where not measured)
 ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS
@@ -473,16 +473,23 @@ class Timing:
     """Timed calls of one measurement.
 
     Attributes:
-      times: seconds of each timed call (for a timeout: the single over-budget call).
+      times: wall seconds of each timed call (for a timeout: the single over-budget call).
+      cpu_times: CPU seconds this process spent in each of those calls (all threads): unlike wall
+        time, it does not grow when other processes compete for the cores.
       over_budget: a call took longer than the time budget.
     """
 
     times: tuple[float, ...]
+    cpu_times: tuple[float, ...]
     over_budget: bool
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times)
 
 
 def time_calls(
@@ -492,6 +499,7 @@ def time_calls(
     repeats: int,
     budget_s: float,
     clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] = time.process_time,
 ) -> Timing:
     """Time ``call`` (synchronised): ``warmup`` untimed calls, then up to ``repeats`` timed ones.
 
@@ -500,18 +508,18 @@ def time_calls(
     calls is cut so that warm-up and repeats together stay within about ``budget_s`` (at least one).
     """
 
-    def timed() -> float:
-        start = clock()
+    def timed() -> tuple[float, float]:
+        start, cpu_start = clock(), cpu_clock()
         jax.block_until_ready(call())
-        return clock() - start
+        return clock() - start, cpu_clock() - cpu_start
 
-    first = timed()
+    first, first_cpu = timed()
     if first > budget_s:
-        return Timing((first,), over_budget=True)
-    spent = first + sum(timed() for _ in range(warmup - 1))
+        return Timing((first,), (first_cpu,), over_budget=True)
+    spent = first + sum(timed()[0] for _ in range(warmup - 1))
     affordable = int((budget_s - spent) // max(first, 1e-9))
-    times = tuple(timed() for _ in range(max(1, min(repeats, affordable))))
-    return Timing(times, over_budget=False)
+    measured = [timed() for _ in range(max(1, min(repeats, affordable)))]
+    return Timing(tuple(t for t, _ in measured), tuple(c for _, c in measured), over_budget=False)
 
 
 def predict_time(times: Mapping[int, float], length: int) -> float | None:
@@ -590,6 +598,7 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
     row |= {
         "time_s": timing.median,
         "time_min_s": min(timing.times),
+        "cpu_time_s": timing.cpu_median,
         "repeats": len(timing.times),
         "tokens_per_s": step.tokens / timing.median,
         "device_peak_bytes": device_peak_bytes(),
@@ -852,7 +861,9 @@ class Summary:
 
     Attributes:
       level, name, pass_name: the curve.
-      time_fit, memory_fit: log-log fits (None with too few points).
+      time_fit, memory_fit: log-log fits of wall time and memory (None with too few points).
+      cpu_time_fit: the fit of the process's CPU time per call, which other processes competing
+        for the cores do not inflate (a check on a shared machine's wall times).
       faster_from, smaller_from, wins_from: crossover lengths against the baseline in time, in
         memory, and in both (None: never, or this is the baseline).
     """
@@ -862,6 +873,7 @@ class Summary:
     pass_name: str
     time_fit: Fit | None
     memory_fit: Fit | None
+    cpu_time_fit: Fit | None
     faster_from: int | None
     smaller_from: int | None
     wins_from: int | None
@@ -897,6 +909,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: ScalingConfig) -> list[
                         pass_name,
                         fit_exponent(times, config.fit_min_length),
                         fit_exponent(memory, config.fit_min_length),
+                        fit_exponent(_series(track_rows, "cpu_time_s"), config.fit_min_length),
                         faster,
                         smaller,
                         both,
@@ -987,11 +1000,13 @@ def markdown_report(
         f"Exponent p of `y ∝ L^p`, fitted on log-log axes over the lengths ≥ {config.fit_min_length} "
         "(the range in brackets). Crossover: the length from which the variant is faster (smaller, both) "
         f"than `{config.baseline}` at every longer measured length; a length where `{config.baseline}` "
-        "failed counts as a win.",
+        "failed counts as a win. The CPU-time exponent fits the CPU seconds this process spent per call, "
+        "which other processes competing for the cores do not inflate; where it disagrees with the "
+        "wall-time exponent, the machine was contended.",
         "",
-        "| level | pass | variant | time exponent | memory exponent | faster from | smaller from | "
-        "faster and smaller from |",
-        "|---|---|---|---|---|---|---|---|",
+        "| level | pass | variant | time exponent | memory exponent | CPU-time exponent | faster from | "
+        "smaller from | faster and smaller from |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         is_base = s.name == config.baseline
@@ -1002,7 +1017,7 @@ def markdown_report(
         )
         lines.append(
             f"| {s.level} | {_PASS_TITLES[s.pass_name]} | {s.name} | {_fmt_fit(s.time_fit)} | "
-            f"{_fmt_fit(s.memory_fit)} | " + " | ".join(crossings) + " |"
+            f"{_fmt_fit(s.memory_fit)} | {_fmt_fit(s.cpu_time_fit)} | " + " | ".join(crossings) + " |"
         )
     for level in config.levels:
         for pass_name in config.passes:
