@@ -189,38 +189,48 @@ def _merge(out, lse, block_out, block_lse):
     return out, new_lse + jnp.log(total)
 
 
-def _step_call(ring: _Ring, fn, step, device, q, k, v, mask):
-    """Run ``fn`` (the forward or backward per-shard function) for ring step ``step`` on this device,
-    choosing the step's tile schedule by (step, device)."""
+def _step_call(ring: _Ring, fn, nothing, step, device, q, k, v, mask):
+    """``fn(q, k, v, mask, plan=, scale=, softcap=)`` (the per-shard forward or backward) for ring
+    step ``step`` on this device, with the step's tile schedule chosen by (step, device); a schedule
+    with no tile to visit returns ``nothing()`` without tracing ``fn``."""
     source = (device - step) % ring.num_devices
     shifted = _AtPositions(
         mask, ring.positions(device, ring.q_chunk), ring.positions(source, ring.kv_chunk), ring.kv_len
     )
     cfg = {"scale": ring.scale, "softcap": ring.softcap}
-    branches = [functools.partial(fn, plan=plan, **cfg) for plan in ring.plans]
+    branches = [
+        functools.partial(fn, plan=plan, **cfg) if any(plan.kv_ids) else lambda *_: nothing()
+        for plan in ring.plans
+    ]
     if len(branches) == 1:
         return branches[0](q, k, v, shifted)
     index = jnp.asarray(ring.branch, jnp.int32)[step, device]
-    return jax.lax.switch(index, [lambda q, k, v, m, b=b: b(q, k, v, m) for b in branches], q, k, v, shifted)
+    return jax.lax.switch(index, branches, q, k, v, shifted)
 
 
 def _ring_forward(ring: _Ring, q, k, v, mask):
-    """q ``[T_local, H]``, k/v ``[S_local, H|Hv]`` -> (out ``[T_local, Hv]`` f32, lse ``[T_local]`` f32)."""
-    device = jax.lax.axis_index(ring.axis_name)
+    """q ``[T_local, H]``, k/v ``[S_local, H|Hv]`` -> (out ``[T_local, Hv]`` f32, lse ``[T_local]`` f32).
 
-    def attend(step, out, lse, k, v):
-        block_out, block_lse = _step_call(ring, chunked_forward_with_lse, step, device, q, k, v, mask)
-        return _merge(out, lse, block_out, block_lse)
+    Every step sends its key/value block on before using it, so the transfer overlaps the compute;
+    the last step's transfer (the block going home) is spent so that the loop body is traced once.
+    """
+    device = jax.lax.axis_index(ring.axis_name)
 
     def body(step, carry):
         out, lse, k, v = carry
         k_next, v_next = ring.shift(k), ring.shift(v)  # in flight while this block is used
-        return (*attend(step, out, lse, k, v), k_next, v_next)
+        block_out, block_lse = _step_call(
+            ring, chunked_forward_with_lse, nothing, step, device, q, k, v, mask
+        )
+        return (*_merge(out, lse, block_out, block_lse), k_next, v_next)
 
-    out = jnp.zeros((q.shape[0], v.shape[-1]), jnp.float32)
-    lse = jnp.full((q.shape[0],), MASK_VALUE, jnp.float32)
-    out, lse, k, v = jax.lax.fori_loop(0, ring.num_devices - 1, body, (out, lse, k, v))
-    return attend(ring.num_devices - 1, out, lse, k, v)
+    nothing = lambda: (  # noqa: E731  out 0 and lse MASK_VALUE: no weight in the merge
+        jnp.zeros((q.shape[0], v.shape[-1]), jnp.float32),
+        jnp.full((q.shape[0],), MASK_VALUE, jnp.float32),
+    )
+    out, lse = nothing()
+    out, lse, _, _ = jax.lax.fori_loop(0, ring.num_devices, body, (out, lse, k, v))
+    return out, lse
 
 
 def _ring_backward(ring: _Ring, q, k, v, mask, out, lse, d_out):
@@ -228,30 +238,19 @@ def _ring_backward(ring: _Ring, q, k, v, mask, out, lse, d_out):
     after D shifts."""
     device = jax.lax.axis_index(ring.axis_name)
 
-    def grads(step, k, v):
-        def one(q, k, v, m, *, plan, scale, softcap):
-            return chunked_backward_with_lse(
-                q, k, v, m, out, lse, d_out, plan=plan, scale=scale, softcap=softcap
-            )
-
-        return _step_call(ring, one, step, device, q, k, v, mask)
+    def one(q, k, v, m, *, plan, scale, softcap):
+        return chunked_backward_with_lse(q, k, v, m, out, lse, d_out, plan=plan, scale=scale, softcap=softcap)
 
     def body(step, carry):
         dq, k, v, dk, dv = carry
         k_next, v_next = ring.shift(k), ring.shift(v)
-        dq_step, dk_step, dv_step = grads(step, k, v)
+        dq_step, dk_step, dv_step = _step_call(ring, one, nothing, step, device, q, k, v, mask)
         return dq + dq_step, k_next, v_next, ring.shift(dk + dk_step), ring.shift(dv + dv_step)
 
-    init = (
-        jnp.zeros(q.shape, jnp.float32),
-        k,
-        v,
-        jnp.zeros(k.shape, jnp.float32),
-        jnp.zeros(v.shape, jnp.float32),
-    )
-    dq, k, v, dk, dv = jax.lax.fori_loop(0, ring.num_devices - 1, body, init)
-    dq_step, dk_step, dv_step = grads(ring.num_devices - 1, k, v)
-    return dq + dq_step, ring.shift(dk + dk_step), ring.shift(dv + dv_step)
+    nothing = lambda: tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))  # noqa: E731
+    dq, dk, dv = nothing()
+    dq, _, _, dk, dv = jax.lax.fori_loop(0, ring.num_devices, body, (dq, k, v, dk, dv))
+    return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=64)
