@@ -43,7 +43,11 @@ def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
 
 
 def allowed_in_tile(formula, q_start, kv_start, block_q, block_kv, kv_len, q_vectors, kv_vectors, table_tile):
-    """The formula's mask of the tile at (q_start, kv_start), keys past ``kv_len`` excluded: bool [bq, bkv]."""
+    """The formula's mask of the tile at (q_start, kv_start), keys past ``kv_len`` excluded.
+
+    Returns:
+      bool ``[bq, bkv]``.
+    """
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)  # [bq, 1]
     kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bkv]
     allowed = kv_pos < kv_len
@@ -99,7 +103,7 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
       q: ``[bq, H]``; k: ``[bkv, H]``; v: ``[bkv, Hv]``; bias ``[bq, bkv]`` or None;
       allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
     """
-    m, l, acc = stats
+    m, row_sum, acc = stats
     q, k, v, _ = sanitize(allowed, q, k, v)
     s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
@@ -110,15 +114,15 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
     pv = jax.lax.dot_general(
         p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
-    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
+    return m_new, alpha * row_sum + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
 
 
 def finish_statistics(stats):
     """``(out [bq, Hv] float32, lse [bq, 1] float32)``; rows that attended nothing give 0 and 0."""
-    m, l, acc = stats
-    attended = l > 0
-    safe_l = jnp.where(attended, l, 1.0)
-    return acc / safe_l, jnp.where(attended, m + jnp.log(safe_l), 0.0)
+    m, row_sum, acc = stats
+    attended = row_sum > 0
+    safe_sum = jnp.where(attended, row_sum, 1.0)
+    return acc / safe_sum, jnp.where(attended, m + jnp.log(safe_sum), 0.0)
 
 
 def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softcap):

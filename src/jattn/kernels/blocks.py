@@ -22,6 +22,7 @@ from jattn.core.chunked import make_plan
 
 # Position-only masks whose ``_allowed`` uses only comparisons, so Triton and Mosaic lower it.
 IN_KERNEL_POSITION_MASKS = (masks_lib.Full, masks_lib.SlidingWindow, masks_lib.PrefixLM)
+_ELEMENTS_PER_EVAL = 1 << 22  # mask entries evaluated per call when a table is built in NumPy
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -170,11 +171,17 @@ def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int
     if mask.position_only:
         tiles = np.empty((len(partial), bq, bkv), np.int8)
         kv_idx = np.arange(kv_padded)
-        for qi in np.unique(partial[:, 0]):
-            band = np.asarray(mask.tile(np.arange(qi * bq, (qi + 1) * bq), kv_idx))  # [bq, S']
-            band = band.reshape(bq, -1, bkv)  # [bq, nk, bkv]
-            rows = np.flatnonzero(partial[:, 0] == qi)
-            tiles[rows] = np.moveaxis(band[:, partial[rows, 1]], 1, 0)
+        bands = np.unique(partial[:, 0])
+        per_eval = max(1, _ELEMENTS_PER_EVAL // (bq * kv_padded))  # q tiles evaluated per call
+        for start in range(0, len(bands), per_eval):
+            chunk = bands[start : start + per_eval]
+            q_idx = (chunk[:, None] * bq + np.arange(bq)).reshape(-1)
+            allowed = np.asarray(mask.tile(q_idx, kv_idx)).reshape(
+                len(chunk), bq, -1, bkv
+            )  # [c, bq, nk, bkv]
+            rows = np.flatnonzero(np.isin(partial[:, 0], chunk))
+            band_of_row = np.searchsorted(chunk, partial[rows, 0])
+            tiles[rows] = allowed[band_of_row, :, partial[rows, 1]]
         return jnp.asarray(tiles[None, None])
     dense = mask.tile(jnp.arange(q_padded), jnp.arange(kv_padded))  # [B|1, N|1, T', S']
     dense = jnp.broadcast_to(dense, (*dense.shape[:-2], q_padded, kv_padded))

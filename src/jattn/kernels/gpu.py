@@ -150,7 +150,11 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, wi
 
 
 def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
-    """q ``[B, T', N, H]``, k ``[B, S', K, H]``, v ``[B, S', K, Hv]`` (padded) -> (out, lse ``[B, N, T', 1]``)."""
+    """q ``[B, T', N, H]``, k ``[B, S', K, H]``, v ``[B, S', K, Hv]`` (padded).
+
+    Returns:
+      (out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]`` float32).
+    """
     batch, q_padded, num_heads, head_dim = q.shape
     kv_padded, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
     group = num_heads // num_kv_heads
@@ -158,8 +162,8 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     specs = [
         pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
-        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, n // group, 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
+        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
     ]
     operands = [aux.rows, q, k, v]
     extra_specs, extra = _optional_specs(aux, bias, 1, bq, kv_padded, lambda i, b, n: (b, n, i, 0))
@@ -299,8 +303,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     specs = [
         pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
-        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, n // group, 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
+        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
         pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),

@@ -48,7 +48,10 @@ def _heads_first(x):
 
 
 def _optional_specs(aux: KernelAux, bias, block_q: int, block_kv: int, index_of):
-    """BlockSpecs of bias, table and vectors; ``index_of(*grid, sched) -> (b, head, q tile, kv tile, table)``."""
+    """BlockSpecs (and operands) of bias, table and mask vectors.
+
+    ``index_of(*grid ids, sched) -> (b, head, q tile, kv tile, table index)``.
+    """
     specs, operands = [], []
     if bias is not None:  # [B|1, N|1, T', S']
         b_dim, n_dim = bias.shape[:2]
@@ -173,7 +176,7 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
         kv_id, _, table_id = _entry(sched, i, row_size, width, j)
         return b, n, i, kv_id, table_id
 
-    kv_map = lambda b, n, i, j, sched: (b, n // group, index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+    kv_map = lambda b, n, i, j, sched: (b, jax.lax.div(n, group), index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), lambda b, n, i, j, sched: (b, n, i, 0)),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),
@@ -323,7 +326,7 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         return b, n, i, kv_id, table_id
 
     q_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
-    kv_map = lambda b, n, i, j, sched: (b, n // group, index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+    kv_map = lambda b, n, i, j, sched: (b, jax.lax.div(n, group), index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),

@@ -1,0 +1,234 @@
+"""The Pallas flash kernel on CPU: interpret mode against the float64 oracle, lowering for CUDA
+(Triton) and TPU (Mosaic) with ``jax.export``, tile skipping, block sizes and argument errors.
+
+Interpret mode is slow (seconds per call), so the full shared suite runs under ``make test-slow``
+and the default run keeps a few small problems that still cross every code path: several tiles,
+odd lengths, GQA, in-kernel and table masks, NaN padding, bias, softcap, both lowerings.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from attention_suite import AttentionSuite, make_inputs, oracle_mask
+from jattn import masks
+from jattn.attention import make_problem
+from jattn.kernels import blocks, flash
+from jattn.reference import attention_reference, attention_vjp_reference
+
+
+@pytest.mark.slow
+class TestFlashSuite(AttentionSuite):
+    implementation = "flash"
+    max_examples = 4
+
+
+def check(q, k, v, d_out, *, mask=None, bias=None, softcap=None, atol=2e-5, **kernel_kwargs):
+    """Forward and all gradients of the kernel against the float64 oracle."""
+
+    def loss(q, k, v, bias):
+        out = flash.flash_problem(
+            make_problem(q, k, v, mask=mask, bias=bias, softcap=softcap), interpret=True, **kernel_kwargs
+        )
+        return jnp.sum(out * d_out.reshape(out.shape)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, bias)
+    dense = oracle_mask(mask, q.shape[:-3], q.shape[-2], q.shape[-3], k.shape[-3])
+    as64 = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    kwargs = dict(mask=dense, bias=as64(bias), softcap=softcap)
+    np.testing.assert_allclose(
+        out.reshape(d_out.shape), attention_reference(q, k, v, **kwargs), atol=atol, rtol=atol
+    )
+    expected = attention_vjp_reference(q, k, v, d_out, **kwargs)
+    for name, got in zip(("q", "k", "v", "bias"), grads, strict=True):
+        if bias is not None or name != "bias":
+            np.testing.assert_allclose(
+                got, expected[name], atol=atol * 10, rtol=atol * 10, err_msg=f"d{name}"
+            )
+    return out, grads
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_both_lowerings_match_oracle_with_gqa_odd_lengths_and_table_masks(platform):
+    """One problem per lowering design (Triton loop, Mosaic grid) with several tiles per row."""
+    rng = np.random.default_rng(0)
+    block = 16 if platform == "gpu" else 128
+    q_len, kv_len = 3 * block - 5, 2 * block + 7
+    q, k, v, d_out = make_inputs(rng, (2,), q_len, kv_len, 4, 2, 16, 16, jnp.float32)
+    mask = masks.causal() | masks.from_fn(lambda t, s: (t + s) % 7 == 0)  # needs the tile table
+    bias = jnp.asarray(rng.normal(size=(1, 4, q_len, kv_len)), jnp.float32)
+    check(q, k, v, d_out, mask=mask, bias=bias, platform=platform, block_q=block, block_kv=block)
+
+
+def test_in_kernel_masks_segments_padding_and_softcap():
+    rng = np.random.default_rng(1)
+    q, k, v, d_out = make_inputs(rng, (2,), 45, 45, 2, 1, 16, 12, jnp.float32)
+    segment_ids = np.sort(rng.integers(0, 3, (2, 45)), -1)
+    mask = (masks.sliding_window(20) & masks.segments(segment_ids)) | ~masks.padding(np.array([30, 45]))
+    check(q * 3, k, v, d_out, mask=mask, softcap=2.0, platform="gpu", block_q=16, block_kv=16)
+
+
+def test_nan_padding_does_not_leak_and_empty_rows_are_zero():
+    rng = np.random.default_rng(2)
+    q, k, v, d_out = make_inputs(rng, (2,), 40, 40, 2, 2, 16, 16, jnp.float32)
+    lengths = np.array([23, 0])  # the second sequence is entirely padding
+    pad = (np.arange(40)[None, :] >= lengths[:, None])[..., None, None]  # [B, T, 1, 1]
+    q, k, v = (jnp.where(pad, jnp.nan, x) for x in (q, k, v))
+    mask = masks.causal() & masks.padding(lengths)
+    out, grads = check(q, k, v, d_out, mask=mask, platform="gpu", block_q=16, block_kv=16)
+    assert np.isfinite(np.asarray(out)).all() and all(np.isfinite(np.asarray(g)).all() for g in grads[:3])
+    assert np.all(np.asarray(out)[1] == 0) and np.all(np.asarray(grads[0])[1] == 0)
+
+
+def test_public_function_and_registry_agree_in_low_precision():
+    rng = np.random.default_rng(3)
+    q, k, v, _ = make_inputs(rng, (), 33, 33, 2, 1, 16, 16, jnp.bfloat16)
+    got = jattn.flash_attention(q, k, v, mask=masks.causal())
+    assert got.dtype == jnp.bfloat16 and got.shape == (33, 2, 16)
+    via_registry = jattn.attention(q, k, v, mask=masks.causal(), implementation="flash")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(via_registry, np.float32))
+    expected = attention_reference(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=masks.causal().dense(33, 33)
+    )
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for real hardware
+# ---------------------------------------------------------------------------------------------
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+EXPORT_MASKS = {
+    "causal": masks.causal(),
+    "window_and_segments": masks.sliding_window(128) & masks.segments(np.zeros((2, 384), np.int32)),
+    "bigbird_table": masks.bigbird(64, num_random=1),
+}
+
+
+def _exported_text(platform: str, head_dim: int, mask, gradient: bool) -> str:
+    def attend(q, k, v):
+        out = flash.flash_problem(make_problem(q, k, v, mask=mask), platform=platform, interpret=False)
+        return out.astype(jnp.float32).sum() if gradient else out
+
+    fn = jax.grad(attend, argnums=(0, 1, 2)) if gradient else attend
+    q = jax.ShapeDtypeStruct((2, 384, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 384, 2, head_dim), jnp.bfloat16)
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(q, kv, kv)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["forward", "grad"])
+@pytest.mark.parametrize("mask_name", sorted(EXPORT_MASKS))
+@pytest.mark.parametrize("head_dim", [64, 96, 256])
+def test_lowers_for_cuda_through_triton(head_dim, mask_name, gradient):
+    text = _exported_text("cuda", head_dim, EXPORT_MASKS[mask_name], gradient)
+    assert text.count(_TRITON_CALL) == (3 if gradient else 1)  # forward (+ dq and dk/dv kernels)
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["forward", "grad"])
+@pytest.mark.parametrize("mask_name", sorted(EXPORT_MASKS))
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_lowers_for_tpu_through_mosaic(head_dim, mask_name, gradient):
+    text = _exported_text("tpu", head_dim, EXPORT_MASKS[mask_name], gradient)
+    assert text.count("tpu_custom_call") == (3 if gradient else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile skipping
+# ---------------------------------------------------------------------------------------------
+
+
+def _schedule_given_to_kernel(monkeypatch, q_len: int, mask, block: int) -> blocks.Schedule:
+    """Trace a call (no execution) and keep the schedule the kernel operands are built from."""
+    seen = []
+    make = blocks.make_schedule
+    monkeypatch.setattr(blocks, "make_schedule", lambda *a: seen.append(make(*a)) or seen[-1])
+    x = jax.ShapeDtypeStruct((1, q_len, 1, 64), jnp.bfloat16)
+    jax.eval_shape(
+        functools.partial(jattn.flash_attention, mask=mask, block_q=block, block_kv=block), x, x, x
+    )
+    (schedule,) = seen
+    return schedule
+
+
+def test_sliding_window_visits_only_its_band(monkeypatch):
+    q_len, block, window = 4096, 128, 1024
+    causal = _schedule_given_to_kernel(monkeypatch, q_len, masks.causal(), block)
+    local = _schedule_given_to_kernel(monkeypatch, q_len, masks.sliding_window(window), block)
+    num_blocks = q_len // block
+    assert blocks.visited_tiles(causal) == (num_blocks * (num_blocks + 1) // 2,) * 2
+    band = window // block + 1  # kv tiles a q tile of the window reaches
+    expected = band * num_blocks - band * (band - 1) // 2
+    assert blocks.visited_tiles(local) == (expected, expected)
+    layout = masks.sliding_window(window).blocks(q_len, q_len, block, block)
+    assert expected == np.count_nonzero(layout != masks.EMPTY)
+    ratio = expected / blocks.visited_tiles(causal)[0]
+    assert ratio == pytest.approx(2 * window / q_len, rel=0.1)  # ≈ 2w/T of the causal triangle
+    # Only the two edge tiles of each band (the diagonal and the window's left end) are masked.
+    width = local.width
+    assert local.rows[:, 1 + width : 1 + 2 * width].sum() == num_blocks + (num_blocks - band + 1)
+
+
+def test_interpreted_kernel_skips_empty_tiles():
+    """A block-diagonal layout: garbage in the skipped tiles' K/V cannot change the output."""
+    rng = np.random.default_rng(4)
+    q, k, v, _ = make_inputs(rng, (), 64, 64, 1, 1, 16, 16, jnp.float32)
+    mask = masks.from_blocks(np.eye(4, dtype=bool), 16)
+    poisoned = jnp.where((jnp.arange(64) >= 16)[:, None, None], jnp.nan, k)  # K of tiles 1..3
+    out = jattn.flash_attention(q[:16], poisoned, v, mask=mask, block_q=16, block_kv=16)
+    assert np.isfinite(np.asarray(out)).all()
+    assert blocks.visited_tiles(blocks.make_schedule(mask.blocks(64, 64, 16, 16), 64, 64, 16, 16)) == (4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes and argument errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_block_size_table_lookup_and_override():
+    entry = flash.lookup_block_sizes("triton", jnp.bfloat16, 128)
+    assert entry == flash.block_size_table()["triton"]["bfloat16"][128]
+    assert flash.lookup_block_sizes("triton", jnp.bfloat16, 96) == entry  # next tabulated dim up
+    x = jnp.zeros((4096, 2, 128), jnp.bfloat16)
+    problem = make_problem(x, x, x)
+    assert flash.choose_block_sizes("triton", problem) == entry
+    short = make_problem(x[:20], x[:20], x[:20])
+    assert flash.choose_block_sizes("triton", short).block_q == 32  # fitted to the length
+    overridden = flash.choose_block_sizes("triton", problem, block_q=32, block_kv=16)
+    assert (overridden.block_q, overridden.block_kv, overridden.num_warps) == (32, 16, entry.num_warps)
+    assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"block_q": 24}, ValueError, "block_q must be a power of two >= 16, got block_q=24"),
+        ({"block_kv": 8}, ValueError, "block_kv must be a power of two >= 16"),
+        ({"block_q": 32.0}, TypeError, "block_q must be an int"),
+        ({"interpret": False}, ValueError, "interpret=False compiles the kernel for a GPU or TPU"),
+        ({"interpret": "yes"}, TypeError, "interpret must be True, False or None"),
+        ({"scale": -1.0}, ValueError, "scale must be positive"),
+        ({"mask": "causal"}, TypeError, "mask must be a jattn.masks.Mask"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, message):
+    x = jnp.zeros((16, 2, 16), jnp.float32)
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        jattn.flash_attention(x, x, x, **kwargs)
+
+
+def test_unsupported_calls_name_the_reason():
+    wide = jnp.zeros((16, 1, 512), jnp.float32)
+    with pytest.raises(NotImplementedError, match="head dims up to 256, got 512"):
+        jattn.flash_attention(wide, wide, wide)
+    with pytest.raises(NotImplementedError, match="cannot run this call: the flash kernel takes head dims"):
+        jattn.attention(wide, wide, wide, implementation="flash")
+    with pytest.raises(ValueError, match="must be a positive int"):
+        flash.BlockSizes(64, 64, num_warps=0)
