@@ -1,0 +1,125 @@
+"""The attention() call itself: argument checks, the automatic choice, dtypes, memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import masks
+from jattn.attention import make_problem
+from jattn.core.chunked import make_plan
+
+
+def qkv(batch=(2,), q_len=16, kv_len=16, num_heads=4, num_kv_heads=2, head_dim=8, value_dim=8, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(*batch, q_len, num_heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(*batch, kv_len, num_kv_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(*batch, kv_len, num_kv_heads, value_dim)), dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda q, k, v: (q, k[..., :4], v), ValueError, r"q and k must have the same head dim"),
+        (lambda q, k, v: (q[..., :3, :], k, v), ValueError, r"multiple of the number of key/value heads"),
+        (lambda q, k, v: (q, k, v[:, :5]), ValueError, r"k and v must have the same length"),
+        (lambda q, k, v: (q[0, 0], k, v), ValueError, r"q must be \[B..., length, heads, head_dim\]"),
+        (lambda q, k, v: (q, k[None], v[None]), ValueError, r"same batch dims"),
+        (lambda q, k, v: (q.astype(jnp.bfloat16), k, v), TypeError, r"share a dtype"),
+        (lambda q, k, v: (q.astype(jnp.int32), k, v), TypeError, r"q must have a floating dtype"),
+        (lambda q, k, v: ([[1.0]], k, v), TypeError, r"q must be an array"),
+    ],
+)
+def test_bad_shapes_and_dtypes(change, error, message):
+    with pytest.raises(error, match=message):
+        jattn.attention(*change(*qkv()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(scale=0.0), ValueError, "scale must be positive and finite"),
+        (dict(scale=float("nan")), ValueError, "scale must be positive and finite"),
+        (dict(softcap=-1.0), ValueError, "softcap must be positive and finite"),
+        (dict(scale="big"), TypeError, "scale must be a positive number"),
+        (dict(implementation="fast"), ValueError, r"unknown implementation='fast'; valid: \[.*'chunked'.*'xla'"),
+        (dict(mask=np.ones((3, 16, 16), bool)), ValueError, r"mask must broadcast to \[B..., N, T, S\]"),
+        (dict(mask=np.ones((16, 16))), TypeError, "dtype bool"),
+        (dict(mask="causal"), TypeError, "mask must be a jattn.masks.Mask"),
+        (dict(bias=jnp.ones((5, 16))), ValueError, r"bias must broadcast to \[B..., N, T, S\]"),
+        (dict(mask=masks.padding(np.array([1, 2, 3]))), ValueError, "padding q_lengths must broadcast"),
+        (dict(mask=masks.segments(np.zeros((2, 15), int))), ValueError, r"q_segment_ids must have shape \[B..., 16\]"),
+    ],
+)
+def test_bad_options(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        jattn.attention(*qkv(), **kwargs)
+
+
+def test_implementation_that_cannot_run_says_which_can():
+    with pytest.raises(NotImplementedError, match=r"implementation='cudnn' cannot run this call: .*can: \["):
+        jattn.attention(*qkv(), implementation="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_output_dtype_and_shape(dtype):
+    q, k, v = qkv(batch=(2, 3), kv_len=24, value_dim=12, dtype=dtype)
+    for implementation in ("xla", "chunked"):
+        out = jattn.attention(q, k, v, mask=masks.causal(), implementation=implementation)
+        assert out.shape == (2, 3, 16, 4, 12) and out.dtype == dtype
+
+
+def test_explain_names_choice_and_reason():
+    q, k, v = qkv()
+    choice = jattn.explain(q, k, v, mask=masks.causal())
+    assert choice.implementation == "xla" and "MiB" in choice.reason
+    assert str(choice).startswith("xla:")
+    assert jattn.choose(make_problem(q, k, v)).implementation == "xla"
+
+
+def test_auto_choice_prefers_o_n_memory_for_long_sequences():
+    q = jax.ShapeDtypeStruct((1, 32768, 8, 64), jnp.float32)
+    choice = jax.eval_shape(lambda q: jattn.explain(q, q, q).implementation == "chunked", q)
+    assert choice
+
+
+def test_auto_choice_skips_empty_tiles_for_sparse_masks():
+    q = jnp.zeros((1, 4096, 1, 8))
+    choice = jattn.explain(q, q, q, mask=masks.sliding_window(64))
+    assert "tiles non-empty" in choice.reason
+    assert choice.implementation in ("banded", "block_sparse", "chunked")
+
+
+def test_implementations_are_listed_with_summaries():
+    listed = jattn.implementations()
+    assert {"xla", "chunked", "cudnn"} <= set(listed) and all(listed.values())
+
+
+def _temp_bytes(implementation, length):
+    x = jax.ShapeDtypeStruct((1, length, 1, 64), jnp.float32)
+
+    def loss(q, k, v):
+        return jattn.attention(q, k, v, implementation=implementation).sum()
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_memory_is_linear_not_quadratic():
+    """Forward+backward at T = S = 16384 (one head, H = 64, float32): chunked needs at most 1/16 of
+    the temporary memory of dense attention, per XLA's compiled memory analysis."""
+    dense, chunked = _temp_bytes("xla", 16384), _temp_bytes("chunked", 16384)
+    assert dense >= 16384 * 16384 * 4  # at least the [T, S] float32 scores
+    assert chunked * 16 <= dense, (chunked, dense)
+    # Doubling the length roughly doubles chunked's memory (O(T + S)), not quadruples it.
+    assert _temp_bytes("chunked", 32768) < 2.5 * chunked
+
+
+def test_chunked_visits_only_nonempty_tiles():
+    layout = masks.sliding_window(512).blocks(8192, 8192, 512, 512)
+    plan = make_plan(np.array(layout), 8192, 8192, 512, 512)
+    visited = sum(len(row) for row in plan.kv_ids)
+    assert visited == int((layout != masks.EMPTY).sum()) == 16 + 15
+    assert sum(len(col) for col in plan.q_ids) == visited

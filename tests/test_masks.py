@@ -1,0 +1,148 @@
+"""Masks: dense views, block layouts, combinators and argument checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jattn import masks
+from jattn.masks import EMPTY, FULL, PARTIAL, _layout_from_predicate
+
+POSITION_MASKS = {
+    "full": masks.full(),
+    "causal": masks.causal(),
+    "window": masks.sliding_window(5, 3),
+    "window_left": masks.sliding_window(7),
+    "window_zero": masks.sliding_window(0, 0),
+    "prefix_lm": masks.prefix_lm(6),
+    "strided": masks.strided(4),
+    "strided_bidirectional": masks.strided(4, causal=False),
+    "fixed": masks.fixed(8, 2),
+    "fixed_bidirectional": masks.fixed(8, 2, causal=False),
+    "global": masks.global_tokens([0, 9]),
+    "longformer": masks.longformer(3, [0]),
+    "bigbird": masks.bigbird(4, num_random=1),
+    "random_blocks": masks.random_blocks(4, 2, seed=3),
+    "from_fn": masks.from_fn(lambda q, k: (q + k) % 5 == 0),
+    "and": masks.causal() & masks.sliding_window(6, 6),
+    "or": masks.sliding_window(1, 1) | masks.global_tokens([3]),
+    "not": ~masks.causal(),
+}
+
+
+def dense_layout(dense, block_q, block_kv):
+    """Layout straight from a dense [T, S] matrix, the slow and obvious way."""
+    q_len, kv_len = dense.shape
+    rows = []
+    for i in range(0, q_len, block_q):
+        row = []
+        for j in range(0, kv_len, block_kv):
+            tile = dense[i : i + block_q, j : j + block_kv]
+            row.append(FULL if tile.all() else PARTIAL if tile.any() else EMPTY)
+        rows.append(row)
+    return np.array(rows, np.int8)
+
+
+@pytest.mark.parametrize("name", sorted(POSITION_MASKS))
+@settings(max_examples=10, deadline=None)
+@given(
+    q_len=st.integers(1, 70),
+    kv_len=st.integers(1, 70),
+    block_q=st.sampled_from([1, 4, 8, 16]),
+    block_kv=st.sampled_from([1, 4, 8, 16]),
+)
+def test_layout_agrees_with_dense_mask(name, q_len, kv_len, block_q, block_kv):
+    mask = POSITION_MASKS[name]
+    expected = dense_layout(mask.dense(q_len, kv_len), block_q, block_kv)
+    layout = mask.blocks(q_len, kv_len, block_q, block_kv)
+    if isinstance(mask, (masks.And, masks.Or)):
+        # Combinations may say PARTIAL where the exact answer is EMPTY or FULL, never the reverse.
+        assert np.all((layout == expected) | (layout == PARTIAL))
+    else:
+        np.testing.assert_array_equal(layout, expected)
+
+
+def test_dense_patterns_by_hand():
+    np.testing.assert_array_equal(masks.causal().dense(3, 3), np.tril(np.ones((3, 3), bool)))
+    window = masks.sliding_window(1, 0).dense(4, 4).astype(int)
+    np.testing.assert_array_equal(window, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+    prefix = masks.prefix_lm(2).dense(3, 3).astype(int)
+    np.testing.assert_array_equal(prefix, [[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    glob = masks.global_tokens([0]).dense(3, 3).astype(int)
+    np.testing.assert_array_equal(glob, [[1, 1, 1], [1, 0, 0], [1, 0, 0]])
+    fixed = masks.fixed(2, 1).dense(4, 4).astype(int)  # own block + last cell of each block, causal
+    np.testing.assert_array_equal(fixed, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]])
+
+
+def test_sliding_window_layout_is_sparse_at_length():
+    layout = masks.sliding_window(256).blocks(4096, 4096, 128, 128)
+    causal = masks.causal().blocks(4096, 4096, 128, 128)
+    assert (layout != EMPTY).sum() == 32 + 2 * 31  # diagonal, one and two below are partial/full
+    assert (causal != EMPTY).sum() == 32 * 33 // 2
+
+
+def test_data_dependent_masks():
+    pad = masks.padding(np.array([2, 3]), np.array([3, 1]))
+    dense = np.asarray(pad.dense(4, 4))
+    assert dense.shape == (2, 4, 4)
+    assert dense[0, :2, :3].all() and not dense[0, 2:].any() and not dense[0, :, 3:].any()
+    seg = masks.segments(np.array([[0, 0, 1, 1]]))
+    np.testing.assert_array_equal(np.asarray(seg.dense(4, 4))[0], np.kron(np.eye(2), np.ones((2, 2))) > 0)
+    layout = (masks.causal() & pad).blocks(4, 4, 2, 2)
+    np.testing.assert_array_equal(layout, [[PARTIAL, EMPTY], [PARTIAL, PARTIAL]])
+
+
+def test_traced_data_masks_have_all_partial_layouts():
+    def layout_under_jit(lengths):
+        mask = masks.padding(lengths)
+        return jnp.asarray(mask.blocks(8, 8, 4, 4))
+
+    out = jax.jit(layout_under_jit)(jnp.array([3]))
+    np.testing.assert_array_equal(out, np.full((2, 2), PARTIAL))
+
+
+def test_masks_are_pytrees_and_hashable():
+    assert masks.bigbird(8) == masks.bigbird(8) and hash(masks.causal()) == hash(masks.causal())
+    pad = masks.padding(jnp.array([1, 2]))
+    leaves = jax.tree.leaves(pad & masks.causal())
+    assert len(leaves) == 2
+    assert jax.tree.leaves(masks.causal()) == []
+
+
+def test_truth_value_raises():
+    with pytest.raises(TypeError, match="no truth value"):
+        bool(masks.causal())
+    with pytest.raises(TypeError, match="no truth value"):
+        _ = masks.causal() and masks.full()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: masks.sliding_window(-1), "left must be >= 0"),
+        (lambda: masks.sliding_window(2, -3), "right must be >= 0"),
+        (lambda: masks.sliding_window(2.5), "left must be an int"),
+        (lambda: masks.strided(0), "stride must be > 0"),
+        (lambda: masks.fixed(4, 5), "summary must be <= block"),
+        (lambda: masks.padding(np.array([-1])), "q_lengths must be >= 0"),
+        (lambda: masks.padding(np.array([1.5])), "q_lengths must hold integers"),
+        (lambda: masks.segments(np.array(3)), "segment ids must have a sequence axis"),
+        (lambda: masks.global_tokens([-2]), "indices must be >= 0"),
+        (lambda: masks.from_blocks(np.ones(3), 4), "layout must be 2-D"),
+        (lambda: masks.from_array(np.ones((3, 3))), "dtype bool"),
+        (lambda: masks.from_fn(3), "fn must be callable"),
+        (lambda: masks.random_blocks(0, 1), "block must be > 0"),
+        (lambda: masks.causal().blocks(8, 8, 0, 4), "block_q must be > 0"),
+        (lambda: masks.causal() & 3, "other must be a jattn.masks.Mask"),
+    ],
+)
+def test_bad_arguments_name_themselves(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_layout_from_predicate_handles_ragged_edges():
+    layout = _layout_from_predicate(masks.full().tile, 5, 7, 4, 4)
+    np.testing.assert_array_equal(layout, np.full((2, 2), FULL))
