@@ -180,14 +180,24 @@ def _kernel_aux(problem: Problem, schedule: blocks.Schedule, q_padded: int, kv_p
     return formula, aux
 
 
-def flash_problem(problem: Problem, *, platform: str, interpret: bool, block_q=None, block_kv=None):
+def flash_problem(
+    problem: Problem,
+    *,
+    platform: str,
+    interpret: bool,
+    block_q=None,
+    block_kv=None,
+    sizes: BlockSizes | None = None,
+):
     """Run the kernel on a canonical ``Problem`` for ``platform`` -> ``[B, T, N, Hv]``.
 
     ``platform`` picks the lowering ("tpu": Mosaic; "gpu"/"cuda"/"cpu": Triton), so a CPU
-    process can lower for either with ``jax.export``.
+    process can lower for either with ``jax.export``. ``sizes`` (the autotuner's candidates)
+    replaces the table lookup entirely.
     """
     lowering = lowering_for(platform)
-    sizes = choose_block_sizes(lowering, problem, block_q, block_kv)
+    if sizes is None:
+        sizes = choose_block_sizes(lowering, problem, block_q, block_kv)
     bq, bkv = sizes.block_q, sizes.block_kv
     q_len, kv_len = problem.q_len, problem.kv_len
     q_padded, kv_padded = -(-q_len // bq) * bq, -(-kv_len // bkv) * bkv

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The one GPU check of the flash kernel (at most 5 minutes on an H100), from the repo root:
+#     bash benchmarks/gpu_check.sh
+# It checks jattn.flash_attention against the float64 oracle on the GPU (bfloat16 and float32,
+# forward and gradients, causal and BigBird) and prints Markdown tables of TFLOP/s for jattn flash,
+# jax.nn.dot_product_attention (xla, cudnn) and JAX's Pallas mha, the sliding-window speedup and the
+# forward+backward temporary memory. Paste the output into benchmarks/RESULTS.md.
+# CPU smoke test (tiny sizes, interpret mode): JATTN_GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+exec "$PYTHON" benchmarks/gpu_bench.py "$@"
