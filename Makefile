@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(PY) experiments/demo.py
+	$(PY) experiments/compare.py configs/quickstart.yaml
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
