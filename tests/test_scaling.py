@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jattn import masks, scaling
+from jattn.train.schema import ModelConfig
 from jattn.variants import Variant, get_variant, register_variant
 
 TINY = dict(
@@ -353,11 +354,15 @@ def test_shipped_configs_load(name):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["lenghts=[16]"], r"unknown key\(s\) \['lenghts'\] in the top level"),
-        (["causal=1"], "causal must be true or false, got 1"),
-        (["variants.0.opts={}"], r"unknown key\(s\) \['opts'\] in variants\[0\]"),
-        (["lengths=16"], "lengths must be a list"),
-        (["repeats"], "must look like key=value"),
+        (["lenghts=[16]"], r"unknown config key\(s\) \['lenghts'\]"),
+        (["causal=1"], "config key 'causal': expected true or false, got 1"),
+        (
+            ["variants=[{name: a, variant: full, opts: {}}]"],
+            r"unknown config key\(s\) \['variants\[0\].opts'\]",
+        ),
+        (["lengths=16"], "config key 'lengths': expected a list of int, got 16"),
+        (["lengths=[16, -1]"], "lengths must be a non-empty list of positive integers, got \\[-1\\]"),
+        (["repeats"], "must look like key.sub=value"),
     ],
 )
 def test_bad_yaml_names_the_key(overrides, message):
@@ -368,10 +373,28 @@ def test_bad_yaml_names_the_key(overrides, message):
 def test_overrides_reach_nested_keys():
     cfg = scaling.load_config(
         REPO / "configs" / "scaling" / "cpu.yaml",
-        ["lengths=[16, 32]", "variants.1.options.implementation=xla", "time_budget_s=2.5"],
+        ["lengths=[16, 32]", "model.width=32", "time_budget_s=2.5", "variants=[{name: full, variant: full}]"],
     )
-    assert cfg.lengths == (16, 32) and cfg.time_budget_s == 2.5
-    assert cfg.variants[1].options == {"implementation": "xla"}
+    assert cfg.lengths == (16, 32) and cfg.time_budget_s == 2.5 and cfg.model.width == 32
+    assert cfg.variants == (scaling.VariantEntry("full", "full"),)
+
+
+@pytest.mark.slow  # ~30 s: the model's eager initialisation and the AdamW step's compilation
+def test_model_level_times_a_training_step(tmp_path):
+    cfg = config(
+        tmp_path,
+        [entry("full")],
+        levels=("model",),
+        lengths=(16,),
+        passes=scaling.PASSES,
+        model=ModelConfig(width=16, depth=1, num_heads=2, mlp_dim=32),
+        vocab_size=32,
+    )
+    forward, train_step = scaling.run_sweep(cfg, progress=False)
+    assert forward["status"] == train_step["status"] == scaling.OK
+    assert train_step["xla_flops"] > 2 * forward["xla_flops"]  # backward and the AdamW update
+    assert train_step["memory_bytes"] > forward["memory_bytes"]  # optimizer state and gradients
+    assert '"width": 16' in forward["model"]
 
 
 def test_command_line_smoke(tmp_path):

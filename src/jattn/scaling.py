@@ -47,6 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import masks as masks_lib
+from jattn.data import TaskSpec
+from jattn.train import config as config_lib
+from jattn.train.build import build_model, build_optimizer
+from jattn.train.loop import ModelFunctions, init_state, make_eval_step, make_train_step
+from jattn.train.schema import AttentionConfig, ExperimentConfig, ModelConfig, OptimizerConfig, TrainConfig
 from jattn.variants import Variant, get_variant, variant_names
 
 PASSES = ("forward", "forward_backward")
@@ -63,7 +68,7 @@ _BLOCKING = (TIMEOUT, OVER_MEMORY, OOM)  # a longer length of the same curve wou
 _COUNT_BLOCK = 512  # tile size at which attended pairs are counted
 
 # Columns that identify the measured setup: rows of another setup cannot be resumed into one table.
-SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "causal", "backend")
+SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "causal", "model", "backend")
 _ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
 _RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
 _TIME_FIELDS = ("time_s", "time_min_s", "cpu_time_s", "compile_s", "tokens_per_s")
@@ -98,7 +103,7 @@ class VariantEntry:
 
     name: str
     variant: str
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _require(
@@ -138,6 +143,9 @@ class ScalingConfig:
       levels: ``op`` (the attention call) and/or ``model`` (a training step of ``model``).
       baseline: the entry name crossovers are measured against (full attention).
       batch, num_heads, num_kv_heads (default num_heads), head_dim, dtype, causal: the op's inputs.
+      model: the transformer of the ``model`` level (``jattn.train`` schema; its ``max_len`` follows
+        the length): an encoder classifier, or a decoder language model when ``causal``.
+      vocab_size: tokens of the model level's synthetic batches.
       warmup: calls before timing (the first is also the time-budget probe), at least 1.
       repeats: timed calls (fewer when they would not fit the time budget); the median is reported.
       time_budget_s: the longest one call may take; longer (measured or predicted) is a ``timeout``.
@@ -159,6 +167,8 @@ class ScalingConfig:
     head_dim: int = 64
     dtype: str = "float32"
     causal: bool = False
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vocab_size: int = 256
     warmup: int = 1
     repeats: int = 5
     time_budget_s: float = 30.0
@@ -187,7 +197,7 @@ class ScalingConfig:
         _require(
             not bad and len(self.levels) > 0, "levels", f"a non-empty subset of {known_levels}", self.levels
         )
-        for key in ("batch", "num_heads", "head_dim", "warmup", "repeats", "fit_min_length"):
+        for key in ("batch", "num_heads", "head_dim", "vocab_size", "warmup", "repeats", "fit_min_length"):
             _require(_is_positive_int(getattr(self, key)), key, "a positive integer", getattr(self, key))
         kv_heads = self.kv_heads
         _require(
@@ -223,73 +233,17 @@ class ScalingConfig:
             "head_dim": str(self.head_dim),
             "dtype": self.dtype,
             "causal": str(self.causal),
+            "model": json.dumps(config_lib.to_dict(self.model), sort_keys=True)
+            if "model" in self.levels
+            else "",
             "backend": jax.default_backend(),
         }
 
 
-_ENTRY_KEYS = tuple(field.name for field in dataclasses.fields(VariantEntry))
-_BOOL_KEYS = ("causal", "resume")
-_LIST_KEYS = ("variants", "lengths", "passes", "levels")
-
-
-def _check_keys(data: Any, known: Sequence[str], where: str) -> None:
-    _require(isinstance(data, Mapping), where, "a mapping", data)
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"scaling config: unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-
-
-def config_from_dict(data: Mapping[str, Any]) -> ScalingConfig:
-    """A ``ScalingConfig`` from parsed YAML; unknown keys and wrong types are errors naming the key."""
-    _check_keys(data, [field.name for field in dataclasses.fields(ScalingConfig)], "the top level")
-    for key in _LIST_KEYS:
-        if key in data:
-            _require(isinstance(data[key], (list, tuple)), key, "a list", data[key])
-    for key in _BOOL_KEYS:
-        if key in data:
-            _require(isinstance(data[key], bool), key, "true or false", data[key])
-    for key in ("out_dir", "baseline", "dtype"):
-        if key in data:
-            _require(isinstance(data[key], str), key, "a string", data[key])
-    entries = []
-    for i, item in enumerate(data.get("variants", ())):
-        _check_keys(item, _ENTRY_KEYS, f"variants[{i}]")
-        entries.append(VariantEntry(**item))
-    return ScalingConfig(**{**data, "variants": tuple(entries)})
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` / ``key.sub=value`` / ``variants.0.options.window=64`` on parsed YAML.
-
-    Values are parsed as YAML (``lengths=[256,512]``, ``causal=true``). Returns a new mapping.
-    """
-    import copy
-
-    import yaml
-
-    data = copy.deepcopy(dict(data))
-    for override in overrides:
-        path, sep, text = override.partition("=")
-        if not sep or not path:
-            raise ValueError(f"override {override!r} must look like key=value or key.sub=value")
-        *parents, last = path.split(".")
-        node: Any = data
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(text)
-        else:
-            node[last] = yaml.safe_load(text)
-    return data
-
-
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ScalingConfig:
-    """Read a YAML config, apply ``key=value`` overrides and validate it."""
-    import yaml
-
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return config_from_dict(apply_overrides(data, overrides))
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate it (``jattn.train.config``:
+    unknown keys, wrong types and bad values are ``ConfigError``s naming the key)."""
+    return config_lib.load_config(ScalingConfig, path, overrides)
 
 
 def build_variants(config: ScalingConfig) -> dict[str, Variant]:
@@ -424,7 +378,49 @@ def _op_step(variant: Variant, config: ScalingConfig, length: int, pass_name: st
     return Step(fn, args, config.batch * length, analytic_flops(variant, config, length, pass_name))
 
 
-_LEVEL_BUILDERS: dict[str, Callable[[Variant, ScalingConfig, int, str], Step]] = {"op": _op_step}
+def _model_batch(config: ScalingConfig, spec: TaskSpec, length: int) -> dict[str, jax.Array]:
+    """A synthetic batch of ``config.batch`` sequences of ``length`` tokens in the task format."""
+    keys = jax.random.split(jax.random.key(config.seed + 1), 2)
+    tokens = jax.random.randint(keys[0], (config.batch, length), 0, spec.vocab_size)  # [B, T]
+    if spec.format == "sequence":
+        targets = jax.random.randint(keys[1], (config.batch, length), 0, spec.vocab_size)  # [B, T]
+        return {
+            "inputs": tokens,
+            "targets": targets,
+            "weights": jnp.ones((config.batch, length), jnp.float32),
+        }
+    labels = jax.random.randint(keys[1], (config.batch,), 0, spec.num_classes)  # [B]
+    return {"inputs": tokens, "lengths": jnp.full((config.batch,), length, jnp.int32), "labels": labels}
+
+
+def _model_step(variant: Variant, config: ScalingConfig, length: int, pass_name: str) -> Step:
+    """One step of the small transformer of ``jattn.train`` with this variant as its attention:
+    the loss (``forward``) or a training step, AdamW update included (``forward_backward``)."""
+    spec = TaskSpec(
+        format="sequence" if config.causal else "classification",
+        vocab_size=config.vocab_size,
+        max_len=length,
+        num_classes=config.vocab_size if config.causal else 2,
+    )
+    experiment = ExperimentConfig(
+        model=dataclasses.replace(config.model, max_len=None),
+        attention=AttentionConfig(variant=variant.name, options=dict(variant.options)),
+        train=TrainConfig(seed=config.seed),
+    )
+    functions = ModelFunctions.from_model(build_model(experiment, spec), spec)
+    batch = _model_batch(config, spec, length)
+    tokens = config.batch * length
+    if pass_name == "forward":
+        return Step(make_eval_step(functions), (functions.initial_params(), batch), tokens, None)
+    optimizer = build_optimizer(OptimizerConfig(), total_steps=1)
+    train_step = make_train_step(functions, optimizer, config.seed)
+    return Step(train_step, (init_state(functions, optimizer), batch), tokens, None)
+
+
+_LEVEL_BUILDERS: dict[str, Callable[[Variant, ScalingConfig, int, str], Step]] = {
+    "op": _op_step,
+    "model": _model_step,
+}
 
 
 # ---------------------------------------------------------------------------------------------
