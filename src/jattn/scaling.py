@@ -636,13 +636,15 @@ def _row_key(row: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def plan(config: ScalingConfig) -> list[Point]:
-    """Every point of the sweep: per level and variant, each pass over increasing lengths."""
+    """Every point of the sweep, length by length (each variant and pass at one length, then the
+    next): drifts in a shared machine's load then hit all variants of a length alike, and an
+    interrupted sweep holds every variant up to some length."""
     return [
         Point(level, entry, pass_name, length)
         for level in config.levels
+        for length in sorted(config.lengths)
         for entry in config.variants
         for pass_name in config.passes
-        for length in sorted(config.lengths)
     ]
 
 
