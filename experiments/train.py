@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a YAML experiment file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
     parser.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(ExperimentConfig, args.config, args.overrides)
         run_dir = pathlib.Path(args.run_dir or pathlib.Path(config.output_dir) / config.name)

@@ -1,0 +1,41 @@
+"""Comparison plots of finished runs (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_learning_curves(curves: dict[str, list[dict]], metric: str, path: pathlib.Path) -> None:
+    """One line per run: ``metric`` of the validation records against the step."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, records in curves.items():
+        points = [(r["step"], r[metric]) for r in records if r["split"] == "val"]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(values: dict[str, float], ylabel: str, path: pathlib.Path) -> None:
+    """One bar per run (final metric, time per step, ...)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    labels = list(values)
+    bars = ax.bar(labels, [values[k] for k in labels], color="tab:blue")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
