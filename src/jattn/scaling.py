@@ -240,7 +240,7 @@ class ScalingConfig:
         }
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ScalingConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ScalingConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate it (``jattn.train.config``:
     unknown keys, wrong types and bad values are ``ConfigError``s naming the key)."""
     return config_lib.load_config(ScalingConfig, path, overrides)
@@ -365,17 +365,15 @@ def _op_step(variant: Variant, config: ScalingConfig, length: int, pass_name: st
     def forward(q, k, v, params, key):
         return variant(q, k, v, causal=causal, params=params, key=key)  # [B, T, N, H]
 
+    def forward_backward(q, k, v, params, key, dout):
+        _, pullback = jax.vjp(lambda *qkvp: forward(*qkvp, key), q, k, v, params)
+        return pullback(dout)  # (dq, dk, dv, dparams)
+
+    flops = analytic_flops(variant, config, length, pass_name)
     if pass_name == "forward":
-        fn, args = forward, (q, k, v, params, keys[4])
-    else:
-        dout = jax.random.normal(keys[5], q.shape, dtype)  # [B, T, N, H]
-
-        def fn(q, k, v, params, key, dout):
-            _, pullback = jax.vjp(lambda *qkvp: forward(*qkvp, key), q, k, v, params)
-            return pullback(dout)  # (dq, dk, dv, dparams)
-
-        args = (q, k, v, params, keys[4], dout)
-    return Step(fn, args, config.batch * length, analytic_flops(variant, config, length, pass_name))
+        return Step(forward, (q, k, v, params, keys[4]), config.batch * length, flops)
+    dout = jax.random.normal(keys[5], q.shape, dtype)  # [B, T, N, H]
+    return Step(forward_backward, (q, k, v, params, keys[4], dout), config.batch * length, flops)
 
 
 def _model_batch(config: ScalingConfig, spec: TaskSpec, length: int) -> dict[str, jax.Array]:
@@ -428,22 +426,19 @@ _LEVEL_BUILDERS: dict[str, Callable[[Variant, ScalingConfig, int, str], Step]] =
 # ---------------------------------------------------------------------------------------------
 
 
-def compiled_memory_bytes(compiled) -> tuple[int, int]:
+def compiled_memory_bytes(compiled) -> tuple[int | None, int | None]:
     """(bytes a call allocates, of which XLA temporaries) from the compiled memory analysis.
 
     Arguments + outputs + temporaries − aliased: the temporaries are one arena allocated per call,
     so this is what a call holds at its peak on every backend (XLA's own ``peak_memory_in_bytes``
-    leaves the temporaries out on CPU).
+    leaves the temporaries out on CPU). (None, None) where the backend has no memory analysis.
     """
     stats = compiled.memory_analysis()
+    if stats is None:
+        return None, None
     temp = int(stats.temp_size_in_bytes)
-    total = (
-        int(stats.argument_size_in_bytes)
-        + int(stats.output_size_in_bytes)
-        + temp
-        - int(stats.alias_size_in_bytes)
-    )
-    return total, temp
+    total = int(stats.argument_size_in_bytes) + int(stats.output_size_in_bytes) + temp
+    return total - int(stats.alias_size_in_bytes), temp
 
 
 def compiled_flops(compiled) -> float | None:
@@ -577,7 +572,7 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
         row["compile_s"] = time.perf_counter() - start
         row["memory_bytes"], row["temp_bytes"] = compiled_memory_bytes(compiled)
         row["xla_flops"] = compiled_flops(compiled)
-        if row["memory_bytes"] > config.memory_budget_bytes:
+        if row["memory_bytes"] is not None and row["memory_bytes"] > config.memory_budget_bytes:
             return row | {
                 "status": OVER_MEMORY,
                 "detail": f"compiled step needs {row['memory_bytes'] / 2**30:.2f} GiB, over the "
@@ -589,7 +584,7 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
             repeats=config.repeats,
             budget_s=config.time_budget_s,
         )
-    except Exception as err:  # noqa: BLE001 - a failing point is a row, the sweep goes on
+    except Exception as err:  # a failing point is a row, the sweep goes on
         return row | {"status": _failure_status(err), "detail": _short(err)}
     row |= {
         "time_s": timing.median,
@@ -777,7 +772,7 @@ def _measure_point(point: Point, variant: Variant, config: ScalingConfig, track:
         }
     try:
         step = _LEVEL_BUILDERS[point.level](variant, config, point.length, point.pass_name)
-    except Exception as err:  # noqa: BLE001 - a failing point is a row, the sweep goes on
+    except Exception as err:  # a failing point is a row, the sweep goes on
         return {"status": _failure_status(err), "detail": _short(err)}
     return measure(step, config, predict_time(track.times, point.length))
 
@@ -807,7 +802,7 @@ class Fit:
         return math.exp(self.log_scale) * length**self.exponent
 
 
-def fit_exponent(points: Mapping[int, float], min_length: int) -> Fit | None:
+def fit_exponent(points: Mapping[int, float | None], min_length: int) -> Fit | None:
     """Fit the log-log slope over the points with ``length >= min_length``.
 
     If fewer than two such points exist (the long lengths failed), the two longest points are used;
