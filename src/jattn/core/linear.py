@@ -90,6 +90,7 @@ def normalized_kernel_attention(phi_q, phi_k, v, *, causal: bool, chunk: int = D
     return out.reshape(padded, value_dim)[:length]
 
 
+@functools.partial(jax.jit, static_argnames=("feature_map", "causal"))
 def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False):
     """Linear attention (Katharopoulos et al. 2020): ``φ(q)·φ(k)`` in place of ``exp(q·k)``.
 
@@ -164,6 +165,7 @@ def positive_random_features(x, features, *, scale: float, stabilizer: str):
     return jnp.exp(exponent - jax.lax.stop_gradient(shift)) / features.shape[0] ** 0.5
 
 
+@functools.partial(jax.jit, static_argnames=("num_features", "causal", "orthogonal", "scale"))
 def performer_attention(
     q, k, v, *, key, num_features: int = 256, causal: bool = False, orthogonal: bool = True, scale=None
 ):
@@ -211,6 +213,7 @@ def _check_projection(name: str, proj, kv_len: int):
         )
 
 
+@functools.partial(jax.jit, static_argnames=("scale",))
 def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None):
     """Linformer (Wang et al. 2020): softmax attention over keys and values projected along the
     sequence axis to ``projected_len`` positions; O(T·projected_len).

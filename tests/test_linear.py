@@ -1,0 +1,170 @@
+"""Linear-cost approximations (linear, Performer, Linformer) against their float64 oracles, forward and
+gradients; the Performer's convergence to softmax attention; O(T) memory of the causal scan; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jattn
+from jattn import reference
+from jattn.core.linear import performer_features
+from jattn.variants import get_variant
+
+FWD_TOL, GRAD_TOL = 2e-5, 2e-4  # float32 outputs and gradients of order one
+
+
+def draw(rng, *shape, scale=1.0):
+    return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+
+def inputs(seed, batch=(2,), q_len=13, kv_len=13, num_heads=4, num_kv_heads=2, head_dim=8, value_dim=6):
+    rng = np.random.default_rng(seed)
+    q = draw(rng, *batch, q_len, num_heads, head_dim, scale=0.5)
+    k = draw(rng, *batch, kv_len, num_kv_heads, head_dim, scale=0.5)
+    v = draw(rng, *batch, kv_len, num_kv_heads, value_dim)
+    d_out = draw(rng, *batch, q_len, num_heads, value_dim)
+    return rng, q, k, v, d_out
+
+
+def check(fn, args, d_out, expected, expected_grads, names):
+    out, pullback = jax.vjp(fn, *args)
+    assert out.shape == expected.shape and out.dtype == args[0].dtype
+    np.testing.assert_allclose(np.asarray(out), expected, atol=FWD_TOL, rtol=FWD_TOL)
+    for name, got in zip(names, pullback(d_out), strict=True):
+        expected_grad = expected_grads[name]
+        np.testing.assert_allclose(np.asarray(got), expected_grad, atol=GRAD_TOL, rtol=GRAD_TOL, err_msg=name)
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    causal=st.booleans(),
+    feature_map=st.sampled_from(["elu+1", "relu"]),
+    length=st.sampled_from([1, 37, 64, 150]),  # within, at and across the scan's chunk of 64
+)
+def test_linear_attention_matches_oracle(seed, causal, feature_map, length):
+    _, q, k, v, d_out = inputs(seed, q_len=length, kv_len=length)
+    kwargs = {"feature_map": feature_map, "causal": causal}
+    check(
+        lambda q, k, v: jattn.linear_attention(q, k, v, **kwargs),
+        (q, k, v),
+        d_out,
+        reference.linear_attention_reference(q, k, v, **kwargs),
+        reference.linear_attention_vjp_reference(q, k, v, d_out, **kwargs),
+        "qkv",
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_performer_matches_oracle_with_the_same_features(causal, orthogonal):
+    _, q, k, v, d_out = inputs(1, q_len=70, kv_len=70)
+    key = jax.random.key(7)
+    features = np.asarray(performer_features(key, 24, 8, orthogonal=orthogonal))
+    kwargs = {"causal": causal}
+    options = {"key": key, "num_features": 24, "orthogonal": orthogonal, **kwargs}
+    check(
+        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
+        (q, k, v),
+        d_out,
+        reference.performer_attention_reference(q, k, v, features, **kwargs),
+        reference.performer_attention_vjp_reference(q, k, v, d_out, features, **kwargs),
+        "qkv",
+    )
+
+
+def test_performer_error_shrinks_with_more_features():
+    shapes = {"batch": (), "q_len": 64, "kv_len": 64, "num_heads": 2, "num_kv_heads": 2, "head_dim": 16}
+    _, q, k, v, _ = inputs(2, **shapes, value_dim=16)
+    exact = reference.attention_reference(q, k, v)
+
+    def mean_error(num_features):
+        keys = [jax.random.key(seed) for seed in range(4)]
+        draws = [jattn.performer_attention(q, k, v, key=key, num_features=num_features) for key in keys]
+        return np.mean([np.abs(np.asarray(out) - exact).mean() for out in draws])
+
+    errors = [mean_error(num_features) for num_features in (8, 64, 512)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < errors[0] / 3  # error ~ 1/sqrt(M): 64x the features, about 8x smaller
+
+
+def test_performer_fixed_draw_without_key():
+    _, q, k, v, _ = inputs(3)
+    first = jattn.performer_attention(q, k, v, key=None, num_features=16)
+    np.testing.assert_array_equal(first, jattn.performer_attention(q, k, v, key=None, num_features=16))
+    assert not np.allclose(first, jattn.performer_attention(q, k, v, key=jax.random.key(5), num_features=16))
+
+
+@pytest.mark.parametrize("kv_len", [9, 20])  # shorter than the projections, and exactly their length
+def test_linformer_matches_oracle(kv_len):
+    rng, q, k, v, d_out = inputs(4, q_len=11, kv_len=kv_len)
+    proj_k, proj_v = draw(rng, 20, 5, scale=0.4), draw(rng, 20, 5, scale=0.4)
+    check(
+        jattn.linformer_attention,
+        (q, k, v, proj_k, proj_v),
+        d_out,
+        reference.linformer_attention_reference(q, k, v, proj_k, proj_v),
+        reference.linformer_attention_vjp_reference(q, k, v, d_out, proj_k, proj_v),
+        ("q", "k", "v", "proj_k", "proj_v"),
+    )
+
+
+def test_causal_scan_keeps_memory_linear():
+    def temp_bytes(length):
+        shape = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)  # [B, T, N, H]
+        loss = lambda q, k, v: jattn.linear_attention(q, k, v, causal=True).sum()  # noqa: E731
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+        assert f"{length},{length}" not in compiled.as_text()  # no [T, T] array
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(8192) / temp_bytes(4096) < 2.3
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("linear", {}), ("performer", {"num_features": 16}), ("linformer", {"projected_len": 8})],
+)
+def test_variants(name, options):
+    _, q, k, v, _ = inputs(5, q_len=40, kv_len=40, num_heads=2, num_kv_heads=2)
+    variant = get_variant(name, **options)
+    assert not variant.exact
+    params = None
+    if variant.init_params is not None:
+        params = variant.init_params(jax.random.key(0), num_heads=2, num_kv_heads=2, head_dim=8, max_len=64)
+    out = variant(q, k, v, causal=False, params=params, key=jax.random.key(1))
+    assert out.shape == (2, 40, 2, 6) and np.isfinite(np.asarray(out)).all()
+    if name == "linformer":
+        with pytest.raises(NotImplementedError, match="cannot be causal"):
+            variant(q, k, v, causal=True, params=params)
+    else:
+        key = jax.random.key(1)
+        causal_out = variant(q, k, v, causal=True, params=params, key=key)
+        changed_future = variant(q, k, v.at[:, 20:].set(0.0), causal=True, params=params, key=key)
+        np.testing.assert_allclose(causal_out[:, :20], changed_future[:, :20], atol=1e-6)
+
+
+def test_bad_input_names_the_argument():
+    _, q, k, v, _ = inputs(6)
+    with pytest.raises(ValueError, match="num_features must be > 0"):
+        jattn.performer_attention(q, k, v, key=None, num_features=0)
+    with pytest.raises(TypeError, match="num_features must be an int"):
+        jattn.performer_attention(q, k, v, key=None, num_features=2.5)
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        jattn.linear_attention(q, k, v, feature_map="softmax")
+    with pytest.raises(ValueError, match="causal=True.*q length 13 and k length 9"):
+        jattn.linear_attention(q, k[:, :9], v[:, :9], causal=True)
+    with pytest.raises(ValueError, match="S=13 exceeds proj_k's max_len=10"):
+        jattn.linformer_attention(q, k, v, jnp.zeros((10, 4)), jnp.zeros((10, 4)))
+    with pytest.raises(ValueError, match="same length"):
+        jattn.linformer_attention(q, k, v, jnp.zeros((20, 4)), jnp.zeros((20, 5)))
+    with pytest.raises(ValueError, match="projected_len must be > 0"):
+        get_variant("linformer", projected_len=0)
+    with pytest.raises(ValueError, match="projected_len=64 exceeds max_len=32"):
+        get_variant("linformer", projected_len=64).init_params(
+            jax.random.key(0), num_heads=1, num_kv_heads=1, head_dim=8, max_len=32
+        )
+    with pytest.raises(ValueError, match="q and k must have the same head dim"):
+        jattn.linear_attention(q, k[..., :4], v)
