@@ -326,7 +326,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     for row in rows:
         assert row["time_s"] > 0 and row["memory_bytes"] > 0 and row["xla_flops"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["length"] / row["time_s"])
-        assert row["analytic_flops"] > 0 and row["backend"] == jax.default_backend()
+        assert row["analytic_flops"] > 0 and row["backend"] == jax.default_backend() and row["load_avg"] >= 0
     full_fwd = by_point(rows)[("full", "forward", 64)]
     assert full_fwd["analytic_flops"] == 2 * 2 * 64 * 64 * (8 + 8)
     written = scaling.write_report(cfg, command="python experiments/scaling.py tiny.yaml")

@@ -73,7 +73,8 @@ _ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
 _RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
 _TIME_FIELDS = ("time_s", "time_min_s", "cpu_time_s", "compile_s", "tokens_per_s")
 _COST_FIELDS = ("memory_bytes", "temp_bytes", "device_peak_bytes", "xla_flops", "analytic_flops")
-_MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS  # numeric columns (empty where not measured)
+_LOAD_FIELDS = ("load_avg",)  # the machine's 1-minute load average when the row was measured
+_MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS + _LOAD_FIELDS  # numeric columns (empty where not measured)
 ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS
 
 
@@ -751,6 +752,7 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
             "length": point.length,
             **fixed_columns,
             **result,
+            "load_avg": os.getloadavg()[0],
         }
         append_row(csv_path, row)
         track.record(point.length, row["status"], row.get("time_s"))
@@ -984,6 +986,13 @@ def markdown_report(
         f"{config.time_budget_s:g} s per call. Memory: what the compiled step allocates per call "
         f"(arguments + outputs + XLA temporaries), budget {config.memory_budget_gb:g} GiB.",
     ]
+    loads = [row["load_avg"] for row in rows if row.get("load_avg") is not None]
+    if loads:
+        lines.append(
+            f"Load average (1 min) during the sweep: {min(loads):.1f} to {max(loads):.1f} on "
+            f"{os.cpu_count()} cores. Above the core count, other processes competed for the cores: wall "
+            "times are inflated and noisy, and the CPU-time exponents below are the steadier figure."
+        )
     if command:
         lines.append(f"Command: `{command}`")
     lines += [
