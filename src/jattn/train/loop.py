@@ -107,7 +107,7 @@ def make_train_step(fns: ModelFunctions, tx: optax.GradientTransformation, seed:
         grads, sums = jax.grad(loss_fn, has_aux=True)(state["params"], batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        sums["grad_norm"] = optax.global_norm(grads)
+        sums["grad_norm"] = optax.tree.norm(grads)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, sums
 
     return train_step

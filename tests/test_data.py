@@ -1,0 +1,89 @@
+"""Task generators: deterministic from the seed, and each task's answer is right."""
+
+import numpy as np
+import pytest
+
+from jattn.data import AssociativeRecall, CharLM, Copying, ListOps
+from jattn.data import listops as lo
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        ListOps(min_len=20, max_len=60),
+        AssociativeRecall(vocab_size=20, seq_len=24, num_pairs=4),
+        Copying(),
+        CharLM(seq_len=32),
+    ],
+)
+def test_batches_are_pure_functions_of_seed_split_index(task):
+    a, b = task.batch("train", 3, 4), task.batch("train", 3, 4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    other = task.batch("train", 4, 4)
+    assert not np.array_equal(a["inputs"], other["inputs"])
+    assert not np.array_equal(a["inputs"], task.batch("val", 3, 4)["inputs"])
+
+
+def test_listops_labels_lengths_and_brackets():
+    task = ListOps(min_len=30, max_len=80)
+    batch = task.batch("train", 0, 16)
+    assert ((batch["lengths"] >= 30) & (batch["lengths"] <= 80)).all()
+    for row, length, label in zip(batch["inputs"], batch["lengths"], batch["labels"], strict=True):
+        tokens = [lo.VOCAB[i] for i in row[:length]]
+        assert (row[length:] == lo.PAD).all()
+        assert sum(t in lo.OPERATORS for t in tokens) == tokens.count("]")  # every bracket is kept
+        assert lo.evaluate(tokens) == label
+    expression = ["[SM", "4", "[MAX", "2", "9", "]", "[MED", "1", "5", "3", "]", "]"]
+    assert lo.evaluate(expression) == (4 + 9 + 3) % 10
+    np.testing.assert_array_equal(lo.tokenize("[MIN 1 ]"), [lo.TOKEN_IDS["[MIN"], 2, lo.TOKEN_IDS["]"]])
+    with pytest.raises(ValueError, match="unknown ListOps token"):
+        lo.tokenize("( 1 )")
+    with pytest.raises(ValueError, match="min_len must be <= max_len"):
+        ListOps(min_len=10, max_len=5)
+
+
+def test_recall_targets_are_the_values_that_followed_the_keys():
+    task = AssociativeRecall(vocab_size=32, seq_len=40, num_pairs=6)
+    batch = task.batch("train", 0, 8)
+    for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
+        lookup = dict(zip(inputs[0:12:2], inputs[1:12:2], strict=True))
+        queries = np.flatnonzero(weights)
+        assert len(queries) == 6 and (queries >= 12).all()
+        assert all(targets[q] == lookup[inputs[q]] for q in queries)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 18"):
+        AssociativeRecall(num_pairs=6, seq_len=10)
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_copying_targets_are_the_tokens_in_order(selective):
+    task = Copying(vocab_size=10, num_tokens=5, seq_len=12, selective=selective)
+    batch = task.batch("train", 0, 4)
+    source_len = 12 if selective else 5
+    for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
+        source = inputs[:source_len]
+        answer = targets[weights > 0]
+        np.testing.assert_array_equal(answer, source[source > 0])
+        assert inputs[source_len] == 1  # separator
+    seq2seq = Copying(vocab_size=10, num_tokens=5, format="seq2seq").batch("train", 0, 2)
+    np.testing.assert_array_equal(seq2seq["targets"], seq2seq["sources"])
+    assert (seq2seq["inputs"][:, 0] == 1).all()
+
+
+def test_char_lm_on_pydoc_topics_and_on_a_file(tmp_path):
+    task = CharLM(seq_len=64)
+    train, val = task._splits()
+    assert 400_000 < len(train) + len(val) < 600_000 and len(val) == pytest.approx(
+        0.1 * (len(train) + len(val)), rel=0.01
+    )
+    batch = task.batch("train", 0, 2)
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])  # next-character targets
+    assert task.spec.vocab_size == len(task.vocabulary)
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 20)
+    small = CharLM(text=str(path), seq_len=8)
+    assert small.decode(small.encode("cab")) == "cab" and small.spec.vocab_size == 10
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CharLM(text=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        CharLM(text=str(path), seq_len=100)

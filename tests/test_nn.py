@@ -1,0 +1,124 @@
+"""jattn.nn models: shapes, causality, padding, positions, dropout, parameter counts, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jattn import nn
+from jattn.variants import get_variant
+
+SMALL = dict(
+    width=16, depth=1, num_heads=2, mlp_dim=32, dropout_rate=0.0, num_kv_heads=None, dtype=jnp.float32
+)
+
+
+def _lm(variant, position="learned", **kw):
+    return nn.DecoderLM(
+        11, max_len=24, variant=variant, position=position, rngs=nnx.Rngs(0), **{**SMALL, **kw}
+    )
+
+
+@pytest.mark.parametrize(
+    "name, options", [("full", {}), ("local", {"window": 3}), ("bigbird", {"block": 16}), ("linear", {})]
+)
+def test_decoder_is_causal(name, options):
+    model = _lm(get_variant(name, **options), position="rotary")
+    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, 11)
+    changed = tokens.at[:, 12:].set((tokens[:, 12:] + 1) % 11)
+    np.testing.assert_allclose(model(tokens)[:, :12], model(changed)[:, :12], atol=1e-5)
+    assert not np.allclose(model(tokens)[:, 12:], model(changed)[:, 12:])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_ignores_padding_contents(pooling):
+    model = nn.EncoderClassifier(
+        11,
+        5,
+        max_len=17,
+        pooling=pooling,
+        variant=get_variant("full"),
+        position="sinusoidal",
+        rngs=nnx.Rngs(0),
+        **SMALL,
+    )
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 1, 11)
+    lengths = jnp.array([9, 16])
+    junk = tokens.at[0, 9:].set(3)
+    logits = model(tokens, lengths=lengths)
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(model(junk, lengths=lengths), logits, atol=1e-5)
+    assert model.masks_padding
+
+
+def test_encoder_decoder_shapes_and_source_padding():
+    model = nn.EncoderDecoder(
+        9, 7, max_len=12, variant=get_variant("full"), position="learned", rngs=nnx.Rngs(0), **SMALL
+    )
+    source = jax.random.randint(jax.random.key(0), (2, 10), 0, 9)
+    target_in = jax.random.randint(jax.random.key(1), (2, 6), 0, 7)
+    lengths = jnp.array([4, 10])
+    out = model(source, target_in, source_lengths=lengths)
+    assert out.shape == (2, 6, 7)
+    np.testing.assert_allclose(
+        model(source.at[0, 4:].set(0), target_in, source_lengths=lengths), out, atol=1e-5
+    )
+
+
+def test_linformer_parameters_are_created_by_the_module():
+    plain = nn.param_count(_lm(get_variant("full")))
+    with_proj = nn.param_count(_lm(get_variant("linformer", projected_len=8)))
+    assert with_proj - plain == 2 * 24 * 8  # proj_k and proj_v, [max_len, projected_len], one layer
+
+
+def test_param_count_of_attention_layer():
+    layer = nn.MultiHeadAttention(16, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+    # query 16*4*4 + 4*4, key and value 16*2*4 + 2*4 each, out 4*4*16 + 16
+    assert nn.param_count(layer) == (256 + 16) + 2 * (128 + 8) + (256 + 16)
+
+
+def test_dropout_only_with_a_key():
+    model = _lm(get_variant("full"), dropout_rate=0.5)
+    tokens = jnp.arange(12)[None] % 11
+    np.testing.assert_array_equal(model(tokens), model(tokens))
+    assert not np.allclose(model(tokens, key=jax.random.key(0)), model(tokens, key=jax.random.key(1)))
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 8))
+    seq = lambda x: jnp.broadcast_to(x, (16, 1, 8))  # noqa: E731  same vector at every position
+    rq, rk = nn.apply_rotary(seq(q)), nn.apply_rotary(seq(k))
+    score = lambda i, j: float(jnp.dot(rq[i, 0], rk[j, 0]))  # noqa: E731
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-4)
+    np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(seq(q), axis=-1), rtol=1e-5)
+    with pytest.raises(ValueError, match="even head dim"):
+        nn.apply_rotary(jnp.ones((4, 1, 3)))
+
+
+def test_sinusoidal_table():
+    table = nn.sinusoidal_table(10, 6)
+    assert table.shape == (10, 6)
+    np.testing.assert_allclose(table[3, 0], np.sin(3.0))
+    np.testing.assert_allclose(table[3, 1], np.cos(3.0))
+
+
+def test_errors_name_the_problem():
+    model = _lm(get_variant("full"))
+    with pytest.raises(ValueError, match="sequence length 30 of tokens exceeds the model's max_len=24"):
+        model(jnp.zeros((1, 30), jnp.int32))
+    with pytest.raises(ValueError, match="position must be one of"):
+        _lm(get_variant("full"), position="alibi")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        nn.EncoderClassifier(
+            5, 2, max_len=8, pooling="max", variant=None, position="none", rngs=nnx.Rngs(0), **SMALL
+        )
+    with pytest.raises(ValueError, match="implementation must be None when a variant is given"):
+        nn.MultiHeadAttention(16, 2, variant="full", implementation="xla", rngs=nnx.Rngs(0))
+
+
+def test_bfloat16_compute_gives_float32_logits():
+    model = _lm(get_variant("full"), dtype=jnp.bfloat16)
+    logits = model(jnp.zeros((1, 8), jnp.int32))
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

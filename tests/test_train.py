@@ -1,0 +1,141 @@
+"""Config schema and loader, optimizer schedule, training loop, exact resume after SIGKILL."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jattn.train import (
+    ConfigError,
+    ExperimentConfig,
+    build_task,
+    build_variant,
+    from_dict,
+    load_config,
+    train,
+)
+from jattn.train.build import build_model, learning_rate_schedule
+from jattn.train.config import apply_overrides, save_config
+from jattn.train.loop import load_run
+from jattn.train.schema import OptimizerConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"modle": {}}, r"unknown config key\(s\) \['modle'\]; allowed here: \['attention', 'compare'"),
+        ({"model": {"widht": 8}}, r"unknown config key\(s\) \['model.widht'\]"),
+        ({"model": {"width": "wide"}}, "config key 'model.width': expected an int, got 'wide'"),
+        ({"model": {"width": 0}}, "config key 'model.width': must be >= 1, got 0"),
+        ({"model": {"dropout": 1.5}}, r"config key 'model.dropout': must be >= 0.0 and <= 0.9"),
+        ({"model": {"position": "alibi"}}, "config key 'model.position': expected one of 'learned'"),
+        ({"train": {"progress": "yes"}}, "config key 'train.progress': expected true or false"),
+        ({"compare": [{"variant": "full", "opts": {}}]}, r"unknown config key\(s\) \['compare\[0\].opts'\]"),
+        ({"model": {"width": 10, "num_heads": 4}}, "model.width must be a multiple of model.num_heads"),
+    ],
+)
+def test_schema_errors_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(ExperimentConfig, data)
+
+
+def test_overrides_files_and_round_trip(tmp_path):
+    config = load_config(
+        ExperimentConfig, TINY, ["model.width=32", "attention.options={window: 4}", "attention.variant=local"]
+    )
+    assert config.model.width == 32 and config.attention.options == {"window": 4}
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(ExperimentConfig, tmp_path / "c.yaml") == config
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        apply_overrides({}, ["model.width"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ExperimentConfig, tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: {width: [1, \n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(ExperimentConfig, tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(ExperimentConfig, tmp_path / "list.yaml")
+
+
+def test_variant_and_task_errors_list_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"unknown variant 'flash_sparse'; known: \[.*'bigbird'.*'full'"):
+        build_variant(from_dict(ExperimentConfig, {"attention": {"variant": "flash_sparse"}}).attention)
+    with pytest.raises(ConfigError, match="attention.options.*takes no option"):
+        build_variant(
+            from_dict(ExperimentConfig, {"attention": {"variant": "local", "options": {"blok": 3}}}).attention
+        )
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['task.options.pairs'\]"):
+        build_task(from_dict(ExperimentConfig, {"task": {"name": "recall", "options": {"pairs": 3}}}))
+    config = from_dict(
+        ExperimentConfig, {"task": {"name": "recall", "options": {"seq_len": 64}}, "model": {"max_len": 32}}
+    )
+    with pytest.raises(ConfigError, match="model.max_len': the task's sequences need 64 positions"):
+        build_model(config, build_task(config).spec)
+
+
+def test_learning_rate_schedules():
+    warm = OptimizerConfig(learning_rate=1.0, warmup_steps=10, schedule="rsqrt")
+    lr = learning_rate_schedule(warm, 100)
+    assert float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(40)) == pytest.approx((10 / 40) ** 0.5)
+    cosine = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=0, end_fraction=0.1), 100)
+    assert float(cosine(0)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.1)
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from jattn.train import ExperimentConfig, load_config, train
+config = load_config(ExperimentConfig, sys.argv[1], sys.argv[3:])
+def die(step, state, sums):
+    if step == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(config, sys.argv[2], on_step=[die])
+"""
+
+
+def _val_lines(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["loss"], x["accuracy"]) for x in lines if x["split"] == "val"]
+
+
+def test_sigkilled_run_resumes_exactly(tmp_path):
+    overrides = [
+        "train.steps=10",
+        "train.checkpoint_every=3",
+        "train.eval_every=2",
+        "train.log_every=1",
+        "model.dropout=0.1",
+    ]
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(_KILLED_RUN))
+    killed = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(TINY), str(killed), *overrides], capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Only the steps since the last checkpoint (6) are lost.
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 6
+
+    config = load_config(ExperimentConfig, TINY, overrides)
+    resumed = train(config, killed)
+    uninterrupted = train(config, tmp_path / "straight")
+    assert _val_lines(killed) == _val_lines(tmp_path / "straight")
+    assert [s for s, *_ in _val_lines(killed)] == [2, 4, 6, 8, 10]
+    assert resumed.final_eval == uninterrupted.final_eval
+    assert (killed / "summary.md").read_text().startswith("# tiny")
+
+    changed = load_config(ExperimentConfig, TINY, [*overrides, "model.width=32"])
+    with pytest.raises(ConfigError, match=r"cannot resume.*model.width: 16 -> 32"):
+        train(changed, killed)
+    config_back, model, step = load_run(killed)
+    assert config_back == config and step == 10
+    assert model(__import__("numpy").zeros((1, 24), "int32")).shape == (1, 24, 16)
