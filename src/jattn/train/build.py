@@ -51,13 +51,20 @@ def model_max_len(model: ModelConfig, spec: TaskSpec) -> int:
 def build_model(config: ExperimentConfig, spec: TaskSpec, *, seed: int | None = None) -> nnx.Module:
     """The model the task's format calls for, with the configured attention variant."""
     m = config.model
+    max_len = model_max_len(m, spec)
+    variant = build_variant(config.attention)
+    if variant.max_len is not None and variant.max_len < max_len:
+        raise ConfigError(
+            f"config key 'attention.options': variant {variant.name!r} takes sequences up to "
+            f"{variant.max_len}, the model needs {max_len}"
+        )
     common = dict(
-        max_len=model_max_len(m, spec),
+        max_len=max_len,
         width=m.width,
         depth=m.depth,
         num_heads=m.num_heads,
         mlp_dim=m.mlp_dim,
-        variant=build_variant(config.attention),
+        variant=variant,
         position=m.position,
         dropout_rate=m.dropout,
         num_kv_heads=m.num_kv_heads,
