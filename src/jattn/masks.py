@@ -163,6 +163,17 @@ def _layout_from_predicate(tile_fn, q_len, kv_len, block_q, block_kv) -> np.ndar
     return layout
 
 
+def _tile_bounds(q_len, kv_len, block_q, block_kv):
+    """First and last position of every query tile ``[nq, 1]`` and key tile ``[1, nk]``."""
+    q0 = np.arange(0, q_len, block_q)[:, None]
+    k0 = np.arange(0, kv_len, block_kv)[None, :]
+    return q0, np.minimum(q0 + block_q, q_len) - 1, k0, np.minimum(k0 + block_kv, kv_len) - 1
+
+
+def _classify(any_true, all_true) -> np.ndarray:
+    return np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY)).astype(np.int8)
+
+
 def _as_mask(value: Any, name: str) -> Mask:
     if isinstance(value, Mask):
         return value
@@ -236,16 +247,11 @@ class SlidingWindow(_PositionMask):
         # Analytic. Row t allows keys [lo(t), hi(t)], both increasing in t, so a tile with rows
         # [q0, q1] and keys [k0, k1] meets the band iff k1 >= lo(q0) and k0 <= hi(q1), and lies
         # inside it iff k0 >= lo(q1) and k1 <= hi(q0).
-        q0 = np.arange(0, q_len, block_q)[:, None]
-        q1 = np.minimum(q0 + block_q, q_len) - 1
-        k0 = np.arange(0, kv_len, block_kv)[None, :]
-        k1 = np.minimum(k0 + block_kv, kv_len) - 1
+        q0, q1, k0, k1 = _tile_bounds(q_len, kv_len, block_q, block_kv)
         unbounded = q_len + kv_len  # further than any position
         left = unbounded if self.left is None else self.left
         right = unbounded if self.right is None else self.right
-        any_true = (k1 >= q0 - left) & (k0 <= q1 + right)
-        all_true = (k0 >= q1 - left) & (k1 <= q0 + right)
-        return np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY)).astype(np.int8)
+        return _classify((k1 >= q0 - left) & (k0 <= q1 + right), (k0 >= q1 - left) & (k1 <= q0 + right))
 
 
 @_register
@@ -257,6 +263,11 @@ class BlockWindow(_PositionMask):
 
     def _allowed(self, q, kv):
         return abs(q // self.block - kv // self.block) <= self.half_blocks
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        q0, q1, k0, k1 = (x // self.block for x in _tile_bounds(q_len, kv_len, block_q, block_kv))
+        h = self.half_blocks
+        return _classify((k1 >= q0 - h) & (k0 <= q1 + h), np.maximum(q1 - k0, k1 - q0) <= h)
 
 
 @_register
@@ -313,6 +324,21 @@ class GlobalTokens(_PositionMask):
         is_global_kv = (kv[..., None] == idx).any(-1)
         return is_global_q | is_global_kv
 
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        # A tile is touched iff it holds a global query or key; it is full iff all its queries or
+        # all its keys are global (otherwise one non-global pair is masked).
+        def per_tile(length, block):
+            is_global = np.zeros(-(-length // block) * block, bool)
+            is_global[[i for i in self.indices if i < length]] = True
+            is_global[length:] = True  # positions past the end do not count against "all"
+            tiles = is_global.reshape(-1, block)
+            real = (np.arange(tiles.size) < length).reshape(-1, block)
+            return (tiles & real).any(1), tiles.all(1)
+
+        q_any, q_all = per_tile(q_len, block_q)
+        kv_any, kv_all = per_tile(kv_len, block_kv)
+        return _classify(q_any[:, None] | kv_any[None, :], q_all[:, None] | kv_all[None, :])
+
 
 @_register
 class BlockLayout(_PositionMask):
@@ -331,6 +357,43 @@ class BlockLayout(_PositionMask):
         rows = xp.minimum(qb, table.shape[0] - 1)
         cols = xp.minimum(kb, table.shape[1] - 1)
         return in_range & table[rows, cols]
+
+
+@_register
+class RandomBlocks(_PositionMask):
+    """Query block ``i`` (of ``block`` positions) attends the key blocks ``picks[i]``."""
+
+    block: int = 1
+    picks: tuple[tuple[int, ...], ...] = ()
+
+    def _allowed(self, q, kv):
+        xp = np if isinstance(q, np.ndarray) else jnp
+        table = xp.asarray(self.picks, dtype=q.dtype).reshape(len(self.picks), -1)  # [rows, num_random]
+        q_block = q // self.block
+        rows = table[xp.minimum(q_block, len(self.picks) - 1)]  # [bq, 1, num_random]
+        hit = ((kv // self.block)[..., None] == rows).any(-1)
+        return hit & (q_block < len(self.picks)) & (kv >= 0)
+
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        # Only tiles that meet a picked key block can be non-empty; classify just those exactly.
+        layout = np.zeros((-(-q_len // block_q), -(-kv_len // block_kv)), np.int8)
+        for i in range(layout.shape[0]):
+            q_idx = np.arange(i * block_q, min((i + 1) * block_q, q_len))
+            first, last = q_idx[0] // self.block, min(q_idx[-1] // self.block, len(self.picks) - 1)
+            key_blocks = {kb for qb in range(first, last + 1) for kb in self.picks[qb]}
+            tiles = {
+                j
+                for kb in key_blocks
+                if kb * self.block < kv_len
+                for j in range(
+                    kb * self.block // block_kv, (min((kb + 1) * self.block, kv_len) - 1) // block_kv + 1
+                )
+            }
+            for j in tiles:
+                kv_idx = np.arange(j * block_kv, min((j + 1) * block_kv, kv_len))
+                allowed = self.tile(q_idx, kv_idx)
+                layout[i, j] = FULL if allowed.all() else PARTIAL if allowed.any() else EMPTY
+        return layout
 
 
 @_register
@@ -390,7 +453,6 @@ class And(_Binary):
         return self.a.tile(q_idx, kv_idx) & self.b.tile(q_idx, kv_idx)
 
 
-
 @_register(data_fields=("a", "b"), eq=True)
 class Or(_Binary):
     a: Mask
@@ -399,7 +461,6 @@ class Or(_Binary):
 
     def tile(self, q_idx, kv_idx):
         return self.a.tile(q_idx, kv_idx) | self.b.tile(q_idx, kv_idx)
-
 
 
 @_register(data_fields=("a",), eq=True)
@@ -419,7 +480,6 @@ class Not(Mask):
 
     def _canonical(self, batch_shape, num_heads):
         return Not(self.a._canonical(batch_shape, num_heads))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,20 +642,20 @@ def global_tokens(indices: Sequence[int]) -> Mask:
     return GlobalTokens(indices)
 
 
-def random_blocks(block: int, num_random: int, seed: int = 0, *, max_len: int = 65536) -> Mask:
-    """BigBird's random part: each query block attends ``num_random`` random key blocks.
+def random_blocks(block: int, num_random: int, seed: int = 0, *, max_len: int = 4096) -> Mask:
+    """BigBird's random part: each query block attends ``num_random`` key blocks drawn at random.
 
-    The pattern is drawn once from ``seed`` for sequences up to ``max_len`` positions.
+    The draw is made once from ``seed`` among the ``ceil(max_len / block)`` blocks of a ``max_len``
+    sequence, so pass the length you train at: a shorter sequence keeps only the picks that fall
+    inside it, and queries past ``max_len`` get no random blocks. Stored compactly (the picks, not a
+    block matrix), so any ``max_len`` is cheap.
     """
     block = _check_positive_int("block", block)
     num_random = _check_positive_int("num_random", num_random, allow_zero=True)
     num_blocks = -(-_check_positive_int("max_len", max_len) // block)
     rng = np.random.default_rng(seed)
-    layout = np.zeros((num_blocks, num_blocks), bool)
-    for i in range(num_blocks):
-        picks = rng.permutation(num_blocks)[: min(num_random, num_blocks)]
-        layout[i, picks] = True
-    return BlockLayout(tuple(map(tuple, layout.tolist())), block, block)
+    picks = [rng.permutation(num_blocks)[: min(num_random, num_blocks)] for _ in range(num_blocks)]
+    return RandomBlocks(block, tuple(tuple(int(j) for j in row) for row in picks))
 
 
 def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
@@ -636,16 +696,21 @@ def longformer(window: int, global_indices: Sequence[int] = (0,), *, causal: boo
 
 
 def bigbird(
-    block: int, num_window_blocks: int = 3, num_global_blocks: int = 1, num_random: int = 2,
+    block: int,
+    num_window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random: int = 2,
     seed: int = 0,
+    *,
+    max_len: int = 4096,
 ) -> Mask:
     """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks,
-    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
+    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block
+    (drawn among the blocks of a ``max_len`` sequence, see ``random_blocks``)."""
     block = _check_positive_int("block", block)
     w = _check_positive_int("num_window_blocks", num_window_blocks)
     g = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
-    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
+    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed, max_len=max_len)
     if g:
         pattern = pattern | global_tokens(range(g * block))
     return pattern
-
