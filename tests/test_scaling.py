@@ -208,9 +208,13 @@ def test_guards_record_failures_and_skip_longer_lengths(tmp_path):
         entry("oom", "_test_oom"),
         entry("unsupported", "_test_unsupported"),
         entry("max_len", "_test_max_len"),
+        scaling.VariantEntry("capped", "full", {"implementation": "xla"}, max_length=16),
     ]
     rows = by_point(scaling.run_sweep(config(tmp_path, variants), progress=False))
-    assert len(rows) == 12
+    assert len(rows) == 15
+    assert [rows[("capped", "forward", n)]["status"] for n in (16, 32, 64)] == [scaling.OK] + [
+        scaling.SKIPPED
+    ] * 2
     assert rows[("full", "forward", 64)]["status"] == scaling.OK
     assert rows[("oom", "forward", 16)]["status"] == scaling.OK
     assert rows[("oom", "forward", 32)]["status"] == scaling.OOM

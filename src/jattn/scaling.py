@@ -64,6 +64,7 @@ OVER_MEMORY = "over_memory"  # the compiled step needs more than the memory budg
 OOM = "oom"  # the device ran out of memory at run time
 UNSUPPORTED = "unsupported"  # the variant cannot take this length or input
 ERROR = "error"  # anything else, with the message in ``detail``
+SKIPPED = "skipped"  # above the entry's ``max_length``: not measured by choice
 _BLOCKING = (TIMEOUT, OVER_MEMORY, OOM)  # a longer length of the same curve would fail the same way
 _COUNT_BLOCK = 512  # tile size at which attended pairs are counted
 
@@ -100,11 +101,14 @@ class VariantEntry:
       name: the label in tables and plots, unique within a config (e.g. ``local_256``).
       variant: a name from ``jattn.variants.variant_names()`` (e.g. ``local``).
       options: keyword options of ``get_variant`` (e.g. ``{window: 256, implementation: banded}``).
+      max_length: the longest length to measure this entry at (None: all); longer lengths are
+        recorded as ``skipped`` (e.g. an entry whose mask takes minutes to lay out at long lengths).
     """
 
     name: str
     variant: str
     options: dict = dataclasses.field(default_factory=dict)
+    max_length: int | None = None
 
     def __post_init__(self):
         _require(
@@ -119,6 +123,12 @@ class VariantEntry:
         )
         _require(
             isinstance(self.options, Mapping), f"variants[{self.name}].options", "a mapping", self.options
+        )
+        _require(
+            self.max_length is None or _is_positive_int(self.max_length),
+            f"variants[{self.name}].max_length",
+            "a positive integer or null",
+            self.max_length,
         )
 
     def build(self) -> Variant:
@@ -756,7 +766,7 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
         }
         append_row(csv_path, row)
         track.record(point.length, row["status"], row.get("time_s"))
-        if row["status"] not in (OK, UNSUPPORTED) and not row["detail"].startswith("skipped"):
+        if row["status"] not in (OK, UNSUPPORTED, SKIPPED) and not row["detail"].startswith("skipped"):
             bar.write(
                 f"{point.entry.name} {point.pass_name} L={point.length}: {row['status']} ({row['detail']})"
             )
@@ -767,6 +777,8 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
 def _measure_point(point: Point, variant: Variant, config: ScalingConfig, track: _Track) -> dict[str, Any]:
     if track.blocked_by is not None and track.blocked_by[1] < point.length:
         return _skipped(track.blocked_by)
+    if point.entry.max_length is not None and point.length > point.entry.max_length:
+        return {"status": SKIPPED, "detail": f"above the entry's max_length={point.entry.max_length}"}
     if variant.max_len is not None and point.length > variant.max_len:
         return {
             "status": UNSUPPORTED,
@@ -922,6 +934,7 @@ _CELL_FOR_STATUS = {
     OVER_MEMORY: "> budget",
     OOM: "OOM",
     UNSUPPORTED: "n/a",
+    SKIPPED: "skipped",
     ERROR: "error",
 }
 _PASS_TITLES = {"forward": "forward", "forward_backward": "forward + backward"}
@@ -1029,7 +1042,11 @@ def markdown_report(
             lines += _length_table(track_rows, config, "time_s", 1e-3)
             lines += ["", f"## {title}: memory (MiB)", ""]
             lines += _length_table(track_rows, config, "memory_bytes", 2**20)
-    failures = [row for row in rows if row["status"] != OK and not str(row["detail"]).startswith("skipped")]
+    failures = [
+        row
+        for row in rows
+        if row["status"] not in (OK, SKIPPED) and not str(row["detail"]).startswith("skipped")
+    ]
     if failures:
         lines += ["", "## Measurements that did not run to the end", ""]
         lines += [
@@ -1040,7 +1057,8 @@ def markdown_report(
     lines += [
         "",
         "Cells: `timeout` over the time budget (measured or predicted), `> budget` over the memory "
-        "budget (not run), `OOM` out of memory at run time, `n/a` unsupported length, `error` see above. "
+        "budget (not run), `OOM` out of memory at run time, `n/a` unsupported length, `skipped` above the "
+        "entry's `max_length`, `error` see above. "
         "All columns (FLOPs from XLA and analytic, tokens/s, compile time) are in `scaling.csv`.",
     ]
     return "\n".join(lines) + "\n"
