@@ -99,6 +99,16 @@ def attention_reference(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
     return np.moveaxis(out, -3, -2)
 
 
+def attention_weights_reference(q, k, *, mask=None, bias=None, scale=None, softcap=None) -> np.ndarray:
+    """The softmax weights ``p`` of ``attention_reference`` in float64: ``[B..., N, T, S]``.
+
+    Zero where the mask disallows and on rows that allow nothing; arguments as ``attention_reference``.
+    """
+    qh, kh, vh, allowed, bias64, scale, _ = _prepare(q, k, k, mask, bias, scale)
+    _, p, _ = _forward(qh, kh, vh, allowed, bias64, scale, softcap)
+    return p
+
+
 def attention_vjp_reference(
     q, k, v, d_out, *, mask=None, bias=None, scale=None, softcap=None
 ) -> dict[str, Any]:

@@ -71,3 +71,95 @@ def plot_mask(
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention maps (jattn.maps)
+# ---------------------------------------------------------------------------------------------
+
+_STATISTICS = (  # (key of jattn.maps.summarize_heads, axis label)
+    ("entropy", "entropy (nats)"),
+    ("distance", "mean distance |t - s|"),
+    ("first_token", "mass on the first token"),
+)
+
+
+def plot_attention_heads(
+    weights, q_labels, kv_labels, *, title: str = "", max_columns: int = 2, path=None
+) -> Figure:
+    """A grid of heatmaps, one per head, of attention weights with token labels on both axes.
+
+    Args:
+      weights: ``[N, T, S]`` (e.g. one layer of ``jattn.maps.attention_weights`` for one example).
+      q_labels: T labels of the query rows. kv_labels: S labels of the key columns.
+      title: figure title. max_columns: heads per row of the grid.
+      path: if given, the figure is also written there as a PNG.
+    Returns:
+      The matplotlib ``Figure``.
+    """
+    weights = np.asarray(weights, np.float32)
+    if weights.ndim != 3:
+        raise ValueError(f"weights must be [N, T, S], got shape {weights.shape}")
+    num_heads, q_len, kv_len = weights.shape
+    if len(q_labels) != q_len or len(kv_labels) != kv_len:
+        raise ValueError(
+            f"need {q_len} query labels and {kv_len} key labels for weights of shape {weights.shape}, got "
+            f"{len(q_labels)} and {len(kv_labels)}"
+        )
+    max_columns = masks_lib._check_positive_int("max_columns", max_columns)
+    columns = min(num_heads, max_columns)
+    rows = -(-num_heads // columns)
+    cell = max(3.0, 0.15 * max(q_len, kv_len))  # inches per head, so every label stays legible
+    fig = Figure(figsize=(cell * columns + 1.0, cell * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    font = 8 if max(q_len, kv_len) <= 40 else 6
+    image = None
+    for head, ax in enumerate(axes):
+        if head >= num_heads:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(weights[head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xticks(np.arange(kv_len), labels=list(kv_labels), fontsize=font, rotation=90)
+        ax.set_yticks(np.arange(q_len), labels=list(q_labels), fontsize=font)
+        ax.tick_params(length=0)
+        ax.set_title(f"head {head}", fontsize=9)
+        ax.set_xlabel("key (attended)", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight")
+    fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_head_statistics(
+    summaries: dict[str, dict[str, np.ndarray]], *, title: str = "", path=None
+) -> Figure:
+    """Per-head entropy, mean attended distance and first-token mass, one bar group per layer.
+
+    Args:
+      summaries: ``{layer name: jattn.maps.summarize_heads(...)}`` for one example, each value ``[N]``.
+      title: figure title. path: if given, the figure is also written there as a PNG.
+    Returns:
+      The matplotlib ``Figure``.
+    """
+    if not summaries:
+        raise ValueError("summaries must hold at least one layer")
+    layers = list(summaries)
+    num_heads = len(np.atleast_1d(summaries[layers[0]]["entropy"]))
+    fig = Figure(figsize=(11, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(_STATISTICS))
+    width = 0.8 / num_heads
+    positions = np.arange(len(layers))
+    for ax, (key, label) in zip(axes, _STATISTICS, strict=True):
+        for head in range(num_heads):
+            values = [float(np.atleast_1d(summaries[layer][key])[head]) for layer in layers]
+            ax.bar(positions + (head - (num_heads - 1) / 2) * width, values, width, label=f"head {head}")
+        ax.set_xticks(positions, labels=layers, fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -253,20 +253,25 @@ def _accumulate_bias(dbias, ds, qi, kj, plan: _Plan):
     return jax.lax.dynamic_update_slice(dbias, current + tile, start)
 
 
+def pad_to_plan(q, k, v, bias, *, plan: _Plan):
+    """Pad one head's q ``[T, H]``, k/v ``[S, H]`` and bias ``[T|1, S|1]`` (or None) with zeros to
+    whole blocks of ``plan``; the padded keys are masked by the plan's last column."""
+    padded_q = plan.num_q_blocks * plan.block_q
+    padded_kv = plan.num_kv_blocks * plan.block_kv
+    q, k, v = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
+    if bias is not None:
+        rows = padded_q if bias.shape[0] > 1 else 1
+        cols = padded_kv if bias.shape[1] > 1 else 1
+        bias = jnp.pad(bias, [(0, rows - bias.shape[0]), (0, cols - bias.shape[1])])
+    return q, k, v, bias
+
+
 @functools.lru_cache(maxsize=64)
 def _chunked_one_head_fn(plan: _Plan, scale: float, softcap: float | None):
     """A custom_vjp per-head function for one static plan."""
     cfg = {"scale": scale, "softcap": softcap}
     padded_q = plan.num_q_blocks * plan.block_q
-    padded_kv = plan.num_kv_blocks * plan.block_kv
-
-    def pad_inputs(q, k, v, bias):
-        q, k, v = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
-        if bias is not None:
-            rows = padded_q if bias.shape[0] > 1 else 1
-            cols = padded_kv if bias.shape[1] > 1 else 1
-            bias = jnp.pad(bias, [(0, rows - bias.shape[0]), (0, cols - bias.shape[1])])
-        return q, k, v, bias
+    pad_inputs = functools.partial(pad_to_plan, plan=plan)
 
     @jax.custom_vjp
     def attend(q, k, v, mask, bias):

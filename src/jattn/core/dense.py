@@ -13,6 +13,27 @@ from jattn.core._batching import vmap_over_heads
 from jattn.core._common import MASK_VALUE, logits, zero_unattended
 
 
+def softmax_weights_one_head(q, k, allowed=None, bias=None, *, scale: float, softcap=None):
+    """The attention weights softmax(q kᵀ · scale + bias) of one head, over the allowed keys.
+
+    Args:
+      q: ``[T, H]``. k: ``[S, H]``, both with the rows ``allowed`` leaves unattended already
+        zeroed (``zero_unattended``), so NaN padding cannot leak.
+      allowed: bool ``[T, S]`` or None. bias: ``[T|1, S|1]`` or None.
+    Returns:
+      float32 ``[T, S]``; zero where not allowed and on rows with nothing allowed.
+    """
+    s, _ = logits(q, k, bias, scale=scale, softcap=softcap)  # [T, S] float32
+    if allowed is not None:
+        s = jnp.where(allowed, s, MASK_VALUE)
+    row_max = jax.lax.stop_gradient(s.max(-1, keepdims=True))  # [T, 1]
+    p = jnp.exp(s - row_max)
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    denom = p.sum(-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
 def dense_attention_one_head(q, k, v, allowed=None, bias=None, *, scale: float, softcap=None):
     """softmax(q kᵀ · scale + bias) v for one head.
 
@@ -24,15 +45,7 @@ def dense_attention_one_head(q, k, v, allowed=None, bias=None, *, scale: float, 
     """
     if allowed is not None:
         q, k, v = zero_unattended(allowed, q, k, v)
-    s, _ = logits(q, k, bias, scale=scale, softcap=softcap)  # [T, S] float32
-    if allowed is not None:
-        s = jnp.where(allowed, s, MASK_VALUE)
-    row_max = jax.lax.stop_gradient(s.max(-1, keepdims=True))  # [T, 1]
-    p = jnp.exp(s - row_max)
-    if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
-    denom = p.sum(-1, keepdims=True)
-    probs = p / jnp.where(denom > 0, denom, 1.0)
+    probs = softmax_weights_one_head(q, k, allowed, bias, scale=scale, softcap=softcap)  # [T, S]
     out = jnp.einsum("ts,sh->th", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 

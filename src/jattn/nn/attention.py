@@ -7,12 +7,13 @@ The attention inside is either ``jattn.attention`` (a mask and an implementation
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
+from jattn import maps
 from jattn import masks as masks_lib
 from jattn.attention import attention
 from jattn.core.multihead import init_multi_head_attention, multi_head_attention
@@ -54,6 +55,11 @@ class MultiHeadAttention(nnx.Module):
       rngs: parameter initialisation.
       hook: optional ``hook(q=, k=, v=, out=)`` called with the per-head tensors (e.g. to capture
         attention maps); settable later as ``module.hook``.
+      capture: names from ``jattn.maps.CAPTURE_KINDS`` to sow as ``nnx.Intermediate`` on every
+        call: ``"weights"`` (``attention_weights [B..., N, T, S]``, short inputs) and
+        ``"statistics"`` (``attention_statistics``, any length); settable later as
+        ``module.capture`` or model-wide with ``jattn.maps.set_capture``; collected by
+        ``jattn.maps.run_captured``. The output is unchanged.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = True,
         rngs: nnx.Rngs,
         hook: Callable[..., None] | None = None,
+        capture: Sequence[str] = (),
     ):
         self.variant = get_variant(variant) if isinstance(variant, str) else variant
         if self.variant is not None and implementation is not None:
@@ -85,6 +92,7 @@ class MultiHeadAttention(nnx.Module):
         self.causal = causal
         self.rotary = rotary
         self.hook = hook
+        self.capture = maps.check_capture(capture)
         params = init_multi_head_attention(
             rngs.params(),
             in_features,
@@ -158,5 +166,29 @@ class MultiHeadAttention(nnx.Module):
             mask=mask if direct else None,
             implementation=self.implementation if direct else None,
             attention_fn=attention_fn,
-            hook=self.hook,
+            hook=self._capturing_hook(mask, key),
         )
+
+    def _capturing_hook(self, mask, key) -> Callable[..., None] | None:
+        """``self.hook``, after sowing what ``self.capture`` names from the heads the attention sees."""
+        if not self.capture:
+            return self.hook
+
+        def hook(*, q, k, v, out):
+            q_seen, k_seen = (apply_rotary(q), apply_rotary(k)) if self.rotary else (q, k)
+            settings = {
+                "causal": self.causal,
+                "mask": mask,
+                "params": _values(self.variant_params),
+                "key": key,
+            }
+            if "weights" in self.capture:
+                weights = maps.variant_weights(self.variant, q_seen, k_seen, v, **settings)
+                self.sow(nnx.Intermediate, "attention_weights", weights)
+            if "statistics" in self.capture:
+                stats = maps.variant_statistics(self.variant, q_seen, k_seen, v, **settings)
+                self.sow(nnx.Intermediate, "attention_statistics", stats)
+            if self.hook is not None:
+                self.hook(q=q, k=k, v=v, out=out)
+
+        return hook
