@@ -16,6 +16,7 @@ BANDED_MASKS = ("sliding_window", "causal_window", "global_tokens", "longformer"
 # 8192 x 8192 tuple (over 1 GB, seconds per evaluation), too heavy for this shared machine. BigBird
 # is tested below with the same parts drawn for short sequences.
 HEAVY_MASKS = ("bigbird", "random_blocks")
+UNSTRUCTURED_MASKS = ("none", "causal", "padding", "causal_padding", "segments", "prefix_lm", "array")
 
 
 def small_bigbird(block: int, num_random: int, seed: int, max_len: int = 512):
@@ -31,7 +32,8 @@ def small_bigbird(block: int, num_random: int, seed: int, max_len: int = 512):
 class TestBanded(AttentionSuite):
     implementation = "banded"
     supported_masks = BANDED_MASKS
-    max_examples = 4
+    max_examples = 3
+    dtypes = ("float32", "bfloat16")
 
     @pytest.mark.parametrize(
         "mask",
@@ -78,9 +80,18 @@ class TestBanded(AttentionSuite):
 class TestBlockSparse(AttentionSuite):
     implementation = "block_sparse"
     supported_masks = tuple(name for name in MASK_CASES if name not in HEAVY_MASKS)
-    max_examples = 4
+    max_examples = 3
+    dtypes = ("float32", "bfloat16")
 
-    @pytest.mark.parametrize("length", [63, 64, 200])
+    @pytest.mark.parametrize(
+        "mask_name",
+        [pytest.param(name, marks=[pytest.mark.slow] * (name in UNSTRUCTURED_MASKS)) for name in MASK_CASES],
+    )
+    def test_each_mask_with_gqa_and_odd_lengths(self, mask_name):
+        """Masks with no block structure to skip run in the slow suite (the random test still draws them)."""
+        super().test_each_mask_with_gqa_and_odd_lengths(mask_name)
+
+    @pytest.mark.parametrize("length", [63, 200])
     def test_bigbird_lengths_off_the_block(self, length):
         rng = np.random.default_rng(length)
         q, k, v, d_out = make_inputs(rng, (1,), length, length, 2, 2, 8, 8, jnp.float32)
