@@ -17,6 +17,7 @@ entry ``{variant: bigbird, options: {block: 64}}`` picks one, and new variants p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from jattn import masks as masks_lib
 from jattn.attention import attention
 from jattn.core import linear as linear_lib
+from jattn.parallel import ring as ring_lib
 
 AttentionFn = Callable[..., Any]
 
@@ -100,12 +102,16 @@ def get_variant(name: str, **options) -> Variant:
 
 
 def softmax_variant(
-    pattern: Callable[[bool], masks_lib.Mask | None], implementation: str | None = None
+    pattern: Callable[[bool], masks_lib.Mask | None],
+    implementation: str | None = None,
+    *,
+    attend: AttentionFn = attention,
 ) -> Variant:
     """An exact variant from ``pattern(causal) -> mask`` (None: no mask).
 
     Its ``fn`` also takes ``mask=``, a caller's mask (e.g. ``masks.padding``) combined with the
-    pattern; approximate variants without that argument cannot mask padding.
+    pattern; approximate variants without that argument cannot mask padding. ``attend(q, k, v, *,
+    mask, implementation)`` computes it (default ``jattn.attention``).
     """
 
     def pattern_mask(causal: bool) -> masks_lib.Mask | None:
@@ -119,7 +125,7 @@ def softmax_variant(
         combined = pattern_mask(causal)
         if mask is not None:  # the caller's own mask (padding), on top of the pattern
             combined = mask if combined is None else combined & mask
-        return attention(q, k, v, mask=combined, implementation=implementation)
+        return attend(q, k, v, mask=combined, implementation=implementation)
 
     return Variant("softmax", fn, exact=True, mask=pattern_mask)
 
@@ -146,9 +152,7 @@ def _strided(stride: int = 64, implementation: str | None = None) -> Variant:
 def _fixed(block: int = 64, summary: int = 8, implementation: str | None = None) -> Variant:
     """Sparse Transformer fixed pattern (Child et al. 2019)."""
     masks_lib.fixed(block, summary)
-    return softmax_variant(
-        lambda causal: masks_lib.fixed(block, summary, causal=causal), implementation
-    )
+    return softmax_variant(lambda causal: masks_lib.fixed(block, summary, causal=causal), implementation)
 
 
 def _longformer(
@@ -250,3 +254,26 @@ def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
 register_variant("linear", _linear)
 register_variant("performer", _performer)
 register_variant("linformer", _linformer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism: ring attention over a mesh axis (jattn.parallel.ring)
+# ---------------------------------------------------------------------------------------------
+
+
+def _ring(
+    axis_name: str = ring_lib.SEQUENCE_AXIS,
+    batch_axis: str | None = ring_lib.BATCH_AXIS,
+    implementation: str = "chunked",
+) -> Variant:
+    """Ring attention (Liu et al. 2023): exact full attention with the sequence split over mesh axis
+    ``axis_name`` of the mesh set by ``jax.set_mesh``; one-device attention when none is set."""
+    if implementation not in ring_lib.IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {sorted(ring_lib.IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    attend = functools.partial(ring_lib.ring_attention_in_context, axis_name=axis_name, batch_axis=batch_axis)
+    return softmax_variant(lambda causal: None, implementation, attend=attend)
+
+
+register_variant("ring", _ring)

@@ -1,6 +1,6 @@
-"""Mesh helpers: build a ``jax.sharding.Mesh`` from named axis sizes, check axis names, and a
-``shard_map`` that works on every supported jax (``jax.shard_map`` where it exists, else
-``jax.experimental.shard_map``)."""
+"""Mesh helpers: build a ``jax.sharding.Mesh`` from named axis sizes, check axis names, read the
+mesh set by ``jax.set_mesh``, and a ``shard_map`` that works on every supported jax
+(``jax.shard_map`` where it exists, else ``jax.experimental.shard_map``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
@@ -54,14 +54,27 @@ def make_mesh(axes: Mapping[str, int] | None = None, *, devices: Sequence[Any] |
 
 
 def check_axis(mesh: Any, axis_name: Any, argument: str = "axis_name") -> int:
-    """The size of ``mesh``'s axis ``axis_name``; a clear error naming ``argument`` if it is absent."""
-    if not isinstance(mesh, Mesh):
+    """The size of ``mesh``'s axis ``axis_name``; a clear error naming ``argument`` if it is absent.
+
+    ``mesh`` is a ``Mesh`` or, inside ``jax.jit`` under ``jax.set_mesh``, its ``AbstractMesh``.
+    """
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis_name not in mesh.axis_names:
         raise ValueError(
             f"{argument}={axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names}"
         )
     return int(mesh.shape[axis_name])
+
+
+def context_mesh() -> AbstractMesh | None:
+    """The mesh set by ``with jax.set_mesh(mesh):``, or None when none is set.
+
+    It is the abstract mesh (axis names and sizes), the only form readable inside ``jax.jit``;
+    ``shard_map`` and ``ring_attention`` take it there, and jit caches per context mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def sharding(mesh: Mesh, *spec: Any) -> NamedSharding:

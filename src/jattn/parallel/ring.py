@@ -32,10 +32,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jattn import masks as masks_lib
-from jattn.attention import _check_positive_float, _check_shapes, make_problem
+from jattn.attention import (
+    Problem,
+    _check_positive_float,
+    _check_shapes,
+    attention,
+    make_problem,
+    register_implementation,
+)
 from jattn.core._batching import vmap_over_heads
 from jattn.core._common import MASK_VALUE
 from jattn.core.chunked import (
@@ -45,7 +52,7 @@ from jattn.core.chunked import (
     chunked_forward_with_lse,
     make_plan,
 )
-from jattn.parallel.mesh import check_axis, shard_map
+from jattn.parallel.mesh import check_axis, context_mesh, shard_map
 
 IMPLEMENTATIONS = {
     "chunked": "blockwise online softmax per ring step (tiles of at most 512 positions)",
@@ -343,10 +350,10 @@ def _check_shardings(q, k, v, mesh, axis_name) -> None:
     """q, k and v committed to named shardings must share the mesh and the sequence sharding."""
     specs = {name: _sequence_spec(x) for name, x in (("q", q), ("k", k), ("v", v))}
     for name, found in specs.items():
-        if found is not None and found[0] != mesh:
+        if found is not None and (found[0] if isinstance(mesh, Mesh) else found[0].abstract_mesh) != mesh:
             raise ValueError(
-                f"{name} is sharded over a different mesh ({found[0].axis_names}, {found[0].devices.shape}) "
-                f"than mesh ({mesh.axis_names}, {mesh.devices.shape})"
+                f"{name} is sharded over a different mesh ({dict(found[0].shape)}) than "
+                f"mesh ({dict(mesh.shape)})"
             )
     seq = {name: found[1] for name, found in specs.items() if found is not None}
     if len(set(seq.values())) > 1:
@@ -378,6 +385,22 @@ def _check_lengths(q_len, kv_len, num_devices, zigzag, axis_name, pad) -> None:
 )
 def _ring_jit(q, k, v, mask, *, mesh, axis_name, batch_axis, scale, softcap, implementation, zigzag):
     problem = make_problem(q, k, v, mask=mask, scale=scale, softcap=softcap)
+    out = _ring_problem(
+        problem,
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        implementation=implementation,
+        zigzag=zigzag,
+    )
+    return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(q.dtype)
+
+
+def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementation, zigzag):
+    """Ring attention of a canonical problem (batch dims flattened to B): ``[B, T, N, Hv]``.
+
+    T and S are padded to the chunk size here; the caller restores batch dims and dtype.
+    """
     num_devices = mesh.shape[axis_name]
     chunks = _chunk_count(num_devices, zigzag)
     q_chunk, kv_chunk = -(-problem.q_len // chunks), -(-problem.kv_len // chunks)
@@ -418,8 +441,7 @@ def _ring_jit(q, k, v, mask, *, mesh, axis_name, batch_axis, scale, softcap, imp
     out = shard_map(local, mesh=mesh, in_specs=(seq_spec, seq_spec, seq_spec, mask_spec), out_specs=seq_spec)(
         pad_to(problem.q, padded_q), pad_to(problem.k, padded_kv), pad_to(problem.v, padded_kv), problem.mask
     )
-    out = out[:, : problem.q_len]  # [B, T, N, Hv]
-    return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(q.dtype)
+    return out[:, : problem.q_len]  # [B, T, N, Hv]
 
 
 def ring_attention(
@@ -504,3 +526,96 @@ def ring_attention(
         implementation=implementation,
         zigzag=zigzag,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# jattn.attention(..., implementation="ring"): the mesh set by jax.set_mesh
+# ---------------------------------------------------------------------------------------------
+
+SEQUENCE_AXIS = "seq"
+"""The mesh axis ``jattn.attention(..., implementation="ring")`` splits the sequence over."""
+BATCH_AXIS = "data"
+"""The mesh axis it splits the batch over, where the mesh has one."""
+
+
+def batch_axis_for(mesh, batch: int, batch_axis: str | None = BATCH_AXIS) -> str | None:
+    """``batch_axis`` if ``mesh`` has it and its size divides ``batch``, else None (batch not split)."""
+    if batch_axis is None or batch_axis not in mesh.axis_names or batch % mesh.shape[batch_axis]:
+        return None
+    return batch_axis
+
+
+def ring_attention_in_context(
+    q,
+    k,
+    v,
+    *,
+    mask: masks_lib.Mask | None = None,
+    implementation: str = "chunked",
+    axis_name: str = SEQUENCE_AXIS,
+    batch_axis: str | None = BATCH_AXIS,
+):
+    """``ring_attention`` over the mesh set by ``jax.set_mesh``; one-device attention without one.
+
+    What the ``ring`` attention variant calls: a model runs unchanged on one device and, inside
+    ``with jax.set_mesh(mesh):`` (the training loop with ``parallel.mesh``), with its sequence split
+    over ``axis_name`` and its batch over ``batch_axis`` (when the mesh has that axis and its size
+    divides the batch). Lengths are padded to the chunks as needed.
+
+    Args:
+      q, k, v, mask: as in ``ring_attention``. implementation: the per-shard computation (one of
+        ``IMPLEMENTATIONS``), also the one-device implementation.
+    Returns:
+      ``[B..., T, N, Hv]`` in q's dtype.
+    Raises:
+      ValueError: a mesh is set but has no axis ``axis_name``.
+    """
+    mesh = context_mesh()
+    if mesh is None:
+        return attention(q, k, v, mask=mask, implementation=implementation)
+    batch_axis = batch_axis_for(mesh, math.prod(q.shape[:-3]), batch_axis)
+    return ring_attention(
+        q,
+        k,
+        v,
+        mesh=mesh,
+        axis_name=axis_name,
+        mask=mask,
+        implementation=implementation,
+        pad=True,
+        batch_axis=batch_axis,
+    )
+
+
+def _supports_ring(problem: Problem) -> str | None:
+    mesh = context_mesh()
+    if mesh is None:
+        return f"no mesh is set: call it inside `with jax.set_mesh(mesh):` with a {SEQUENCE_AXIS!r} axis"
+    if SEQUENCE_AXIS not in mesh.axis_names:
+        return f"the mesh set by jax.set_mesh has axes {mesh.axis_names}, none named {SEQUENCE_AXIS!r}"
+    if problem.bias is not None:
+        return "ring attention takes no bias"
+    if problem.mask is not None and _contains_array_mask(problem.mask):
+        return "ring attention takes position masks, padding and segments, not a dense array mask"
+    return None
+
+
+def _run_ring(problem: Problem):
+    mesh = context_mesh()
+    return _ring_problem(
+        problem,
+        mesh=mesh,
+        axis_name=SEQUENCE_AXIS,
+        batch_axis=batch_axis_for(mesh, problem.q.shape[0]),
+        implementation="chunked",
+        zigzag=problem.mask is not None,
+    )
+
+
+register_implementation(
+    "ring",
+    _run_ring,
+    _supports_ring,
+    summary="ring attention over the 'seq' axis of the mesh set by jax.set_mesh; padded as needed; "
+    "only when asked for",
+)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from jattn.data import TaskSpec
 from jattn.nn import param_count
+from jattn.parallel import training as parallel
 from jattn.train.build import build_model, build_optimizer, build_task, learning_rate_schedule
 from jattn.train.config import ConfigError, load_config, save_config, to_dict
 from jattn.train.schema import RESUMABLE_CHANGES, ExperimentConfig
@@ -271,24 +272,46 @@ def train(
 ) -> RunResult:
     """Train (or resume) ``config`` in ``run_dir``; see the module docstring for what it writes.
 
+    With ``parallel.mesh``, the state and batches live on that mesh (``jattn.parallel.training``)
+    and the run executes under ``jax.set_mesh``; metrics and checkpoints are those of one device.
+
     Args:
       on_step: callbacks ``fn(step, state, sums)`` after each step (``step`` counts finished steps).
     """
-    run_dir = pathlib.Path(run_dir)
+    try:
+        placement = parallel.setup(
+            config.parallel,
+            batch_size=config.train.batch_size,
+            variant=config.attention.variant,
+            options=config.attention.options,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    with placement.activate():
+        return _train(config, pathlib.Path(run_dir), placement, on_step)
+
+
+def _train(
+    config: ExperimentConfig,
+    run_dir: pathlib.Path,
+    placement: parallel.Placement,
+    on_step: Sequence[Callable[[int, State, dict], None]],
+) -> RunResult:
     task = build_task(config)
     model = build_model(config, task.spec)
     _prepare_run_dir(config, run_dir)
     tc = config.train
     fns = ModelFunctions.from_model(model, task.spec)
     tx = build_optimizer(config.optimizer, tc.steps)
-    state = init_state(fns, tx)
+    state = placement.place_state(init_state(fns, tx))
     manager = _checkpoint_manager(run_dir)
     if manager.latest_step() is not None:
         state = _restore(manager, state, manager.latest_step())
     start = int(state["step"])
     log = MetricsLog(run_dir / "metrics.jsonl", start)
-    eval_step = make_eval_step(fns)
-    first_batch = task.batch("train", start, tc.batch_size)
+    eval_on_mesh = make_eval_step(fns)
+    eval_step = lambda params, batch: eval_on_mesh(params, placement.shard(batch))  # noqa: E731
+    first_batch = placement.shard(task.batch("train", start, tc.batch_size))
     compiled = make_train_step(fns, tx, tc.seed).lower(state, first_batch).compile()
     memory = _memory_bytes(compiled)
 
@@ -303,7 +326,7 @@ def train(
     bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, desc=config.name, dynamic_ncols=True)
     window_start = time.perf_counter()
     for step in range(start, tc.steps):
-        batch = first_batch if step == start else task.batch("train", step, tc.batch_size)
+        batch = first_batch if step == start else placement.shard(task.batch("train", step, tc.batch_size))
         state, sums = compiled(state, batch)
         window.append(sums)
         done = step + 1

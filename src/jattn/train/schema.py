@@ -19,6 +19,7 @@ import dataclasses
 from typing import Literal
 
 from jattn.data import TASKS
+from jattn.parallel.training import ParallelConfig
 
 
 def _field(default, **limits):
@@ -142,6 +143,8 @@ class ExperimentConfig:
     Attributes:
       name: the run folder's name under ``output_dir``.
       output_dir: where run folders go.
+      parallel: devices: the mesh, state placement, multi-process start-up
+        (``jattn.parallel.training.ParallelConfig``; ``{}`` mesh: one device).
       compare: attention entries ``experiments/compare.py`` trains one model for each.
     """
 
@@ -152,6 +155,7 @@ class ExperimentConfig:
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     compare: tuple[AttentionConfig, ...] = ()
 
 
