@@ -35,10 +35,8 @@ QUADRATIC = {"full (xla)", "chunked"}
 
 
 def bigbird(length: int) -> masks.Mask:
-    """BigBird with blocks of 64: 3 window blocks, 1 global block, 2 random blocks drawn for this length."""
-    window = masks.BlockWindow(BIGBIRD_BLOCK, 1)
-    random = masks.random_blocks(BIGBIRD_BLOCK, 2, seed=0, max_len=length)
-    return window | random | masks.global_tokens(range(BIGBIRD_BLOCK))
+    """BigBird with blocks of 64 (3 window blocks, 1 global block), 2 random blocks drawn for this length."""
+    return masks.bigbird(BIGBIRD_BLOCK, 3, 1, 2, max_len=length)
 
 
 def exact(implementation: str, make_mask: Callable[[int], masks.Mask | None]):
