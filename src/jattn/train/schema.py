@@ -19,7 +19,7 @@ import dataclasses
 from typing import Literal
 
 from jattn.data import TASKS
-from jattn.parallel.training import ParallelConfig
+from jattn.parallel.training import DistributedConfig, ParallelConfig
 
 
 def _field(default, **limits):
@@ -160,4 +160,12 @@ class ExperimentConfig:
 
 
 # Keys a resumed run may change: they do not affect the state or the batches of earlier steps.
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.eval_every", "train.log_every", "output_dir")
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.progress",
+    "train.eval_every",
+    "train.log_every",
+    "output_dir",
+    # where the processes meet, not what they compute (parallel.mesh and parallel.state may not change)
+    *(f"parallel.distributed.{field.name}" for field in dataclasses.fields(DistributedConfig)),
+)
