@@ -55,13 +55,15 @@ def main() -> None:
 
     peer = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
     ours = lambda q, k, v: jattn.attention(q, k, v, implementation="xla")  # noqa: E731
-    rows = ["| comparison | T = S | pass | ours (ms) | peer (ms) | ours / peer | temp memory ours / peer (MiB) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| comparison | T = S | pass | ours (ms) | peer (ms) | ours / peer | temp memory ours / peer (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def compare(label, ours_fn, peer_fn, length):
         x = inputs(length)
         for pass_name, ours_pass, peer_pass in zip(
-            ("fwd", "fwd+bwd"), forward_and_backward(ours_fn), forward_and_backward(peer_fn)
+            ("fwd", "fwd+bwd"), forward_and_backward(ours_fn), forward_and_backward(peer_fn), strict=True
         ):
             t_ours = median_seconds(ours_pass, *x, repeats=args.repeats)
             t_peer = median_seconds(peer_pass, *x, repeats=args.repeats)

@@ -25,7 +25,10 @@ from jattn.train.plots import plot_bars, plot_learning_curves
 
 def results_table(results: list[RunResult], *, padded: bool) -> str:
     """Markdown table; ``padded`` adds whether each variant masks padding (padded batches only)."""
-    header = "| variant | eval accuracy | eval loss | train loss | steps/s | ms/step | peak memory (MiB) | params |"
+    header = (
+        "| variant | eval accuracy | eval loss | train loss | steps/s | ms/step | peak memory (MiB) "
+        "| params |"
+    )
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
     lines = [header + (" padding masked |" if padded else ""), rule + (":---:|" if padded else "")]
     for r in results:

@@ -26,10 +26,14 @@ from jattn.reference import attention_reference, attention_vjp_reference
 MASK_CASES = {
     "none": lambda rng, b, t, s: None,
     "causal": lambda rng, b, t, s: masks.causal(),
-    "sliding_window": lambda rng, b, t, s: masks.sliding_window(int(rng.integers(0, 9)), int(rng.integers(0, 9))),
+    "sliding_window": lambda rng, b, t, s: masks.sliding_window(
+        int(rng.integers(0, 9)), int(rng.integers(0, 9))
+    ),
     "causal_window": lambda rng, b, t, s: masks.sliding_window(int(rng.integers(1, 12))),
     "padding": lambda rng, b, t, s: masks.padding(rng.integers(0, t + 1, b), rng.integers(1, s + 1, b)),
-    "causal_padding": lambda rng, b, t, s: masks.causal() & masks.padding(rng.integers(0, t + 1, b), rng.integers(1, s + 1, b)),
+    "causal_padding": lambda rng, b, t, s: (
+        masks.causal() & masks.padding(rng.integers(0, t + 1, b), rng.integers(1, s + 1, b))
+    ),
     "segments": lambda rng, b, t, s: masks.segments(
         np.sort(rng.integers(0, 3, (*b, t)), -1), np.sort(rng.integers(0, 3, (*b, s)), -1)
     ),
@@ -114,7 +118,7 @@ class AttentionSuite:
         expected_grads = attention_vjp_reference(as64(q), as64(k), as64(v), as64(d_out), **kwargs)
         assert out.dtype == q.dtype and out.shape == expected.shape
         np.testing.assert_allclose(as64(out), expected, atol=fwd_tol, rtol=fwd_tol, err_msg="forward")
-        for name, got in zip(("q", "k", "v", "bias"), grads):
+        for name, got in zip(("q", "k", "v", "bias"), grads, strict=True):
             if name == "bias" and bias is None:
                 continue
             np.testing.assert_allclose(
@@ -134,7 +138,15 @@ class AttentionSuite:
         mask_name = data.draw(st.sampled_from(self.supported_masks), label="mask")
         mask = MASK_CASES[mask_name](rng, batch_shape, q_len, kv_len)
         inputs = make_inputs(
-            rng, batch_shape, q_len, kv_len, num_kv_heads * group, num_kv_heads, head_dim, value_dim, jnp.float32
+            rng,
+            batch_shape,
+            q_len,
+            kv_len,
+            num_kv_heads * group,
+            num_kv_heads,
+            head_dim,
+            value_dim,
+            jnp.float32,
         )
         return rng, inputs, mask
 
@@ -154,7 +166,9 @@ class AttentionSuite:
             pytest.skip(f"{self.implementation} does not claim {mask_name}")
         rng = np.random.default_rng(abs(hash(mask_name)) % 2**32)
         group = 2 if self.supports_gqa else 1
-        q, k, v, d_out = make_inputs(rng, (2,), 37, 45, 2 * group, 2, self.head_dims[-1], self.head_dims[-1], jnp.float32)
+        q, k, v, d_out = make_inputs(
+            rng, (2,), 37, 45, 2 * group, 2, self.head_dims[-1], self.head_dims[-1], jnp.float32
+        )
         self.check_against_oracle(q, k, v, d_out, mask=MASK_CASES[mask_name](rng, (2,), 37, 45))
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -11,7 +11,9 @@ from jattn.attention import make_problem
 from jattn.core.chunked import make_plan
 
 
-def qkv(batch=(2,), q_len=16, kv_len=16, num_heads=4, num_kv_heads=2, head_dim=8, value_dim=8, dtype=jnp.float32):
+def qkv(
+    batch=(2,), q_len=16, kv_len=16, num_heads=4, num_kv_heads=2, head_dim=8, value_dim=8, dtype=jnp.float32
+):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(*batch, q_len, num_heads, head_dim)), dtype)
     k = jnp.asarray(rng.normal(size=(*batch, kv_len, num_kv_heads, head_dim)), dtype)
@@ -44,13 +46,21 @@ def test_bad_shapes_and_dtypes(change, error, message):
         (dict(scale=float("nan")), ValueError, "scale must be positive and finite"),
         (dict(softcap=-1.0), ValueError, "softcap must be positive and finite"),
         (dict(scale="big"), TypeError, "scale must be a positive number"),
-        (dict(implementation="fast"), ValueError, r"unknown implementation='fast'; valid: \[.*'chunked'.*'xla'"),
+        (
+            dict(implementation="fast"),
+            ValueError,
+            r"unknown implementation='fast'; valid: \[.*'chunked'.*'xla'",
+        ),
         (dict(mask=np.ones((3, 16, 16), bool)), ValueError, r"mask must broadcast to \[B..., N, T, S\]"),
         (dict(mask=np.ones((16, 16))), TypeError, "dtype bool"),
         (dict(mask="causal"), TypeError, "mask must be a jattn.masks.Mask"),
         (dict(bias=jnp.ones((5, 16))), ValueError, r"bias must broadcast to \[B..., N, T, S\]"),
         (dict(mask=masks.padding(np.array([1, 2, 3]))), ValueError, "padding q_lengths must broadcast"),
-        (dict(mask=masks.segments(np.zeros((2, 15), int))), ValueError, r"q_segment_ids must have shape \[B..., 16\]"),
+        (
+            dict(mask=masks.segments(np.zeros((2, 15), int))),
+            ValueError,
+            r"q_segment_ids must have shape \[B..., 16\]",
+        ),
     ],
 )
 def test_bad_options(kwargs, error, message):

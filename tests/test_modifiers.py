@@ -12,7 +12,7 @@ def test_slopes_follow_the_paper():
     np.testing.assert_allclose(jattn.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)], rtol=1e-6)
     six = np.asarray(jattn.alibi_slopes(6))  # 4 from the power of two, 2 interleaved from 8
     np.testing.assert_allclose(six[:4], [2.0 ** (-2 * (i + 1)) for i in range(4)], rtol=1e-6)
-    np.testing.assert_allclose(six[4:], [2.0 ** -1, 2.0 ** -3], rtol=1e-6)
+    np.testing.assert_allclose(six[4:], [2.0**-1, 2.0**-3], rtol=1e-6)
 
 
 def test_bias_is_negative_distance_and_works_as_attention_bias():

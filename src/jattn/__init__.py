@@ -21,13 +21,16 @@ from jattn.attention import (
     implementations,
     register_implementation,
 )
-from jattn.kernels import flash_attention
 from jattn.core import sparse  # registers the "banded" and "block_sparse" implementations
 from jattn.core.linear import linear_attention, linformer_attention, performer_attention
 from jattn.core.multihead import init_multi_head_attention, multi_head_attention
+from jattn.kernels import flash_attention
+from jattn.modifiers import alibi_bias, alibi_slopes
 
 __all__ = [
     "Choice",
+    "alibi_bias",
+    "alibi_slopes",
     "Problem",
     "attention",
     "choose",

@@ -85,7 +85,9 @@ class Problem:
 
     def layout(self, block_q: int = _LAYOUT_BLOCK, block_kv: int = _LAYOUT_BLOCK) -> np.ndarray:
         """The mask's block layout (all FULL without a mask)."""
-        return (masks_lib.full() if self.mask is None else self.mask).blocks(self.q_len, self.kv_len, block_q, block_kv)
+        return (masks_lib.full() if self.mask is None else self.mask).blocks(
+            self.q_len, self.kv_len, block_q, block_kv
+        )
 
     def density(self) -> float:
         """Fraction of non-empty tiles in the layout at the default tile size."""
@@ -191,7 +193,7 @@ def _check_shapes(q, k, v) -> None:
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
-    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
 
 
 def _canonical_bias(bias, batch_shape, num_heads, q_len, kv_len):
@@ -344,7 +346,9 @@ def _resolve(problem: Problem, implementation: str | None) -> Implementation:
     impl = _REGISTRY[implementation]
     why_not = impl.supports(problem)
     if why_not is not None:
-        able = [n for n, other in _REGISTRY.items() if n != implementation and other.supports(problem) is None]
+        able = [
+            n for n, other in _REGISTRY.items() if n != implementation and other.supports(problem) is None
+        ]
         raise NotImplementedError(
             f"implementation={implementation!r} cannot run this call: {why_not}. Implementations that "
             f"can: {able}"
@@ -396,9 +400,7 @@ def attention(
         mask = masks_lib._as_mask(mask, "mask")
     scale = _check_positive_float("scale", scale)
     softcap = _check_positive_float("softcap", softcap)
-    return _attention_jit(
-        q, k, v, mask, bias, scale=scale, softcap=softcap, implementation=implementation
-    )
+    return _attention_jit(q, k, v, mask, bias, scale=scale, softcap=softcap, implementation=implementation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -377,7 +377,7 @@ def variant_mask(variant: Variant | None, *, causal: bool, mask=None) -> masks_l
     elif not variant.exact:
         raise ValueError(f"variant {variant.name!r} is approximate: it has implicit weights, not a mask")
     else:
-        pattern = variant.mask(causal)
+        pattern = None if variant.mask is None else variant.mask(causal)
     if mask is None:
         return pattern
     return mask if pattern is None else pattern & mask

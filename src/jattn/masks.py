@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -182,6 +183,7 @@ def _as_mask(value: Any, name: str) -> Mask:
     raise TypeError(f"{name} must be a jattn.masks.Mask or a boolean array, got {type(value).__name__}")
 
 
+@typing.dataclass_transform(frozen_default=True)
 def _register(cls=None, *, data_fields: Sequence[str] = (), eq: bool | None = None):
     """Frozen dataclass registered as a pytree; ``data_fields`` are leaves, the rest static.
 

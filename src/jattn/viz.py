@@ -125,7 +125,7 @@ def plot_attention_heads(
         ax.set_title(f"head {head}", fontsize=9)
         ax.set_xlabel("key (attended)", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
-    fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight")
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight")  # type: ignore[arg-type]
     fig.suptitle(title)
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -20,7 +20,7 @@ import jax
 def _split(tree: Any, size: int, name: str):
     """Leaves [size|1, ...] -> (leaves with that dim removed where 1, in_axes pytree)."""
     leaves, treedef = jax.tree.flatten(tree)
-    axes = []
+    axes: list[int | None] = []
     out = []
     for leaf in leaves:
         if leaf.shape[0] == size and size != 1:

@@ -121,12 +121,16 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
     """q [T', H], k/v [S', H] padded to block multiples -> (out [T', Hv] f32, lse [T'] f32).
 
     Rows with nothing to attend get ``out`` 0 and ``lse = empty_lse``."""
-    q_blocks, k_blocks, v_blocks = _blocks(q, plan.block_q), _blocks(k, plan.block_kv), _blocks(v, plan.block_kv)
+    q_blocks, k_blocks, v_blocks = (
+        _blocks(q, plan.block_q),
+        _blocks(k, plan.block_kv),
+        _blocks(v, plan.block_kv),
+    )
     kv_ids, counts = _ragged_table(plan.kv_ids)
 
     def tile_update(apply_mask):
         def update(qi, kj, carry):
-            m, l, acc = carry
+            m, row_sum, acc = carry
             s, _, allowed, _, _, v_blk = _tile(
                 q_blocks[qi], k_blocks[kj], v_blocks[kj], bias, mask, qi, kj, plan, cfg, apply_mask
             )
@@ -136,7 +140,7 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
                 p = jnp.where(allowed, p, 0.0)
             alpha = jnp.exp(m - m_new)
             pv = jnp.einsum("ts,sh->th", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
-            return m_new, alpha * l + p.sum(-1), alpha[:, None] * acc + pv
+            return m_new, alpha * row_sum + p.sum(-1), alpha[:, None] * acc + pv
 
         return update
 
@@ -148,9 +152,11 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
             jnp.zeros((plan.block_q,), jnp.float32),
             jnp.zeros((plan.block_q, v.shape[-1]), jnp.float32),
         )
-        m, l, acc = jax.lax.fori_loop(0, counts[qi], lambda j, c: visit(qi, kv_ids[qi, j], c), init)
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), empty_lse)
+        m, row_sum, acc = jax.lax.fori_loop(0, counts[qi], lambda j, c: visit(qi, kv_ids[qi, j], c), init)
+        attends = row_sum > 0
+        safe_sum = jnp.where(attends, row_sum, 1.0)
+        out = acc / safe_sum[:, None]
+        lse = jnp.where(attends, m + jnp.log(safe_sum), empty_lse)
         return out, lse
 
     out, lse = jax.lax.map(one_q_block, jnp.arange(plan.num_q_blocks))
@@ -194,7 +200,9 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
         def update(qi, kj, carry):
             dq, dbias = carry
             _, ds, _, k_blk, _ = tile_grads(qi, kj, apply_mask)
-            dq = dq + scale * jnp.einsum("ts,sh->th", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32)
+            dq = dq + scale * jnp.einsum(
+                "ts,sh->th", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32
+            )
             return dq, _accumulate_bias(dbias, ds, qi, kj, plan)
 
         return update
@@ -218,8 +226,12 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
         def update(qi, kj, carry):
             dk, dv = carry
             p, ds, q_blk, _, do_blk = tile_grads(qi, kj, apply_mask)
-            dv = dv + jnp.einsum("ts,th->sh", p.astype(do_blk.dtype), do_blk, preferred_element_type=jnp.float32)
-            dk = dk + scale * jnp.einsum("ts,th->sh", ds.astype(q_blk.dtype), q_blk, preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum(
+                "ts,th->sh", p.astype(do_blk.dtype), do_blk, preferred_element_type=jnp.float32
+            )
+            dk = dk + scale * jnp.einsum(
+                "ts,th->sh", ds.astype(q_blk.dtype), q_blk, preferred_element_type=jnp.float32
+            )
             return dk, dv
 
         return update
@@ -343,9 +355,7 @@ def default_block(length: int) -> int:
     return min(DEFAULT_BLOCK, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
 
-def chunked_attention(
-    q, k, v, mask, bias, *, scale: float, softcap=None, block_q=None, block_kv=None
-):
+def chunked_attention(q, k, v, mask, bias, *, scale: float, softcap=None, block_q=None, block_kv=None):
     """Canonical-layout entry: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` -> ``[B, T, N, Hv]``.
 
     ``mask``: canonical ``jattn.masks.Mask`` or None; ``bias``: ``[B|1, N|1, T|1, S|1]`` or None.

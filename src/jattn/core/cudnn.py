@@ -39,7 +39,10 @@ def supports_cudnn(p) -> str | None:
     if p.dtype not in (jnp.float16, jnp.bfloat16):
         return f"cuDNN attention takes float16 or bfloat16, got {p.dtype}"
     if p.head_dim != p.value_head_dim or p.head_dim % 8 or p.head_dim > 128:
-        return f"cuDNN needs equal key and value head dims, a multiple of 8 and <= 128, got {p.head_dim}, {p.value_head_dim}"
+        return (
+            "cuDNN needs equal key and value head dims, a multiple of 8 and <= 128, got "
+            f"{p.head_dim} and {p.value_head_dim}"
+        )
     if p.softcap is not None:
         return "cuDNN has no softcap"
     if _mask_arguments(p.mask) is None:

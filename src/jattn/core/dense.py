@@ -24,14 +24,11 @@ def softmax_weights_one_head(q, k, allowed=None, bias=None, *, scale: float, sof
       float32 ``[T, S]``; zero where not allowed and on rows with nothing allowed.
     """
     s, _ = logits(q, k, bias, scale=scale, softcap=softcap)  # [T, S] float32
-    if allowed is not None:
-        s = jnp.where(allowed, s, MASK_VALUE)
-    row_max = jax.lax.stop_gradient(s.max(-1, keepdims=True))  # [T, 1]
-    p = jnp.exp(s - row_max)
-    if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
-    denom = p.sum(-1, keepdims=True)
-    return p / jnp.where(denom > 0, denom, 1.0)
+    if allowed is None:
+        return jax.nn.softmax(s, axis=-1)
+    # A row with nothing allowed is all MASK_VALUE, so its softmax is finite; the where zeroes it.
+    probs = jax.nn.softmax(jnp.where(allowed, s, MASK_VALUE), axis=-1)
+    return jnp.where(allowed, probs, 0.0)
 
 
 def dense_attention_one_head(q, k, v, allowed=None, bias=None, *, scale: float, softcap=None):
@@ -63,8 +60,6 @@ def dense_attention(q, k, v, mask, bias, *, scale: float, softcap=None):
         allowed = None
         if mask_h is not None:
             allowed = mask_h.tile(jnp.arange(q_len), jnp.arange(kv_len))  # [T, S]
-        return dense_attention_one_head(
-            q_h, k_h, v_h, allowed, bias_h, scale=scale, softcap=softcap
-        )
+        return dense_attention_one_head(q_h, k_h, v_h, allowed, bias_h, scale=scale, softcap=softcap)
 
     return vmap_over_heads(per_head, q, k, v, (mask, bias))

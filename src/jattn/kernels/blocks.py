@@ -186,5 +186,5 @@ def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int
     dense = mask.tile(jnp.arange(q_padded), jnp.arange(kv_padded))  # [B|1, N|1, T', S']
     dense = jnp.broadcast_to(dense, (*dense.shape[:-2], q_padded, kv_padded))
     dense = dense.reshape(*dense.shape[:-2], q_padded // bq, bq, kv_padded // bkv, bkv)
-    tiles = dense[..., partial[:, 0], :, partial[:, 1], :]  # [P, B|1, N|1, bq, bkv]
-    return jnp.moveaxis(tiles, 0, -3).astype(jnp.int8)
+    picked = dense[..., partial[:, 0], :, partial[:, 1], :]  # [P, B|1, N|1, bq, bkv]
+    return jnp.moveaxis(picked, 0, -3).astype(jnp.int8)

@@ -168,7 +168,7 @@ def _pad_axis(x, axis: int, size: int):
 def _kernel_aux(problem: Problem, schedule: blocks.Schedule, q_padded: int, kv_padded: int):
     formula, q_vectors, kv_vectors = blocks.mask_formula(problem.mask, problem.q_len, problem.kv_len)
     table = None
-    if formula == ("table",):
+    if formula == ("table",) and problem.mask is not None:
         table = blocks.tile_table(problem.mask, schedule, problem.q_len, problem.kv_len)
     aux = KernelAux(
         rows=jnp.asarray(schedule.rows),

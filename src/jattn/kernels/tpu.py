@@ -121,7 +121,7 @@ def _on_tile(masked, run, allowed_fn):
 
 def _params(num_parallel: int, num_arbitrary: int):
     return pltpu.CompilerParams(
-        dimension_semantics=("parallel",) * num_parallel + ("arbitrary",) * num_arbitrary
+        dimension_semantics=("parallel",) * num_parallel + ("arbitrary",) * num_arbitrary,  # type: ignore[arg-type]
     )
 
 
@@ -372,15 +372,19 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         q_id, _, table_id = _entry(sched, kj, row_size, width, jq)
         return b, h * group + g, q_id, kj, table_id
 
-    q_map = lambda *ids: (*index_t(*ids)[:3], 0)  # noqa: E731
-    kv_map = lambda b, h, kj, g, jq, sched: (b, h, kj, 0)  # noqa: E731
+    def q_map_t(*ids):
+        return (*index_t(*ids)[:3], 0)
+
+    def kv_map_t(b, h, kj, g, jq, sched):
+        return b, h, kj, 0
+
     specs = [
-        pl.BlockSpec((None, None, bq, head_dim), q_map),
-        pl.BlockSpec((None, None, bkv, head_dim), kv_map),
-        pl.BlockSpec((None, None, bkv, value_dim), kv_map),
-        pl.BlockSpec((None, None, bq, value_dim), q_map),
-        pl.BlockSpec((None, None, bq, 1), q_map),
-        pl.BlockSpec((None, None, bq, 1), q_map),
+        pl.BlockSpec((None, None, bq, head_dim), q_map_t),
+        pl.BlockSpec((None, None, bkv, head_dim), kv_map_t),
+        pl.BlockSpec((None, None, bkv, value_dim), kv_map_t),
+        pl.BlockSpec((None, None, bq, value_dim), q_map_t),
+        pl.BlockSpec((None, None, bq, 1), q_map_t),
+        pl.BlockSpec((None, None, bq, 1), q_map_t),
     ]
     extra_specs, extra = _optional_specs(aux, bias, bq, bkv, index_t)
     dk, dv = pl.pallas_call(
@@ -390,8 +394,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
             grid=(batch, num_kv_heads, kv_padded // bkv, group, width),
             in_specs=specs + extra_specs,
             out_specs=[
-                pl.BlockSpec((None, None, bkv, head_dim), kv_map),
-                pl.BlockSpec((None, None, bkv, value_dim), kv_map),
+                pl.BlockSpec((None, None, bkv, head_dim), kv_map_t),
+                pl.BlockSpec((None, None, bkv, value_dim), kv_map_t),
             ],
             scratch_shapes=[
                 pltpu.VMEM((bkv, head_dim), jnp.float32),

@@ -146,7 +146,7 @@ class Placement:
         if self.mesh is None:
             return state
         axis = BATCH_AXIS if self.state_mode == "sharded" else self.mesh.axis_names[0]  # replicated: unused
-        return place_state(state, self.mesh, axis, mode=self.state_mode)
+        return place_state(state, self.mesh, axis, mode=self.state_mode)  # type: ignore[arg-type]
 
     def shard(self, batch: dict) -> dict:
         """A global batch (numpy ``[B, ...]``, the same on every process) put on the mesh.

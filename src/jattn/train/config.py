@@ -62,7 +62,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
-        return from_dict(tp, value, prefix=key)
+        return from_dict(typing.cast(type, tp), value, prefix=key)
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"config key {key!r}: expected null, got {value!r}")
@@ -106,7 +106,7 @@ def from_dict(schema: type[T], data: dict, *, prefix: str = "") -> T:
     if not isinstance(data, dict):
         where = f"config key {prefix!r}" if prefix else "the config"
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, schema)) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = [f"{prefix}.{k}" if prefix else k for k in unknown]

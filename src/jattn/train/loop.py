@@ -57,7 +57,7 @@ class ModelFunctions:
 
     @classmethod
     def from_model(cls, model: nnx.Module, spec: TaskSpec) -> ModelFunctions:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         return cls(graphdef, params, rest, spec.format)
 
     def initial_params(self) -> dict:
@@ -312,7 +312,7 @@ def _train(
     eval_on_mesh = make_eval_step(fns)
     eval_step = lambda params, batch: eval_on_mesh(params, placement.shard(batch))  # noqa: E731
     first_batch = placement.shard(task.batch("train", start, tc.batch_size))
-    compiled = make_train_step(fns, tx, tc.seed).lower(state, first_batch).compile()
+    compiled = make_train_step(fns, tx, tc.seed).lower(state, first_batch).compile()  # type: ignore[attr-defined]
     memory = _memory_bytes(compiled)
 
     schedule = learning_rate_schedule(config.optimizer, tc.steps)
