@@ -36,7 +36,7 @@ QUADRATIC = {"full (xla)", "chunked"}
 
 def bigbird(length: int) -> masks.Mask:
     """BigBird with blocks of 64 (3 window blocks, 1 global block), 2 random blocks drawn for this length."""
-    return masks.bigbird(BIGBIRD_BLOCK, 3, 1, 2, max_len=length)
+    return masks.bigbird(BIGBIRD_BLOCK, 3, 1, 2)
 
 
 def exact(implementation: str, make_mask: Callable[[int], masks.Mask | None]):

@@ -80,7 +80,7 @@ class TestBlockSparse(AttentionSuite):
     def test_bigbird_lengths_off_the_block(self, length):
         rng = np.random.default_rng(length)
         q, k, v, d_out = make_inputs(rng, (1,), length, length, 2, 2, 8, 8, jnp.float32)
-        self.check_against_oracle(q, k, v, d_out, mask=masks.bigbird(16, num_random=2, seed=3, max_len=256))
+        self.check_against_oracle(q, k, v, d_out, mask=masks.bigbird(16, num_random=2, seed=3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _flops(compiled) -> float:
     "implementation, make_mask",
     [
         ("banded", lambda length: masks.longformer(32, [0])),
-        ("block_sparse", lambda length: masks.bigbird(32, num_random=1, max_len=length)),
+        ("block_sparse", lambda length: masks.bigbird(32, num_random=1)),
     ],
     ids=["banded", "block_sparse"],
 )

@@ -252,7 +252,7 @@ def make_problem(q, k, v, *, mask=None, bias=None, scale=None, softcap=None) -> 
     if mask is not None:
         mask = masks_lib._as_mask(mask, "mask")
         _check_mask_shapes(mask, batch_shape, num_heads, q_len, kv_len)
-        mask = mask._canonical(batch_shape, num_heads)
+        mask = mask.for_lengths(q_len, kv_len)._canonical(batch_shape, num_heads)
     bias = _canonical_bias(bias, batch_shape, num_heads, q_len, kv_len)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.astype(q.dtype)

@@ -79,7 +79,7 @@ class Mask:
         q_len = _check_positive_int("q_len", q_len)
         kv_len = _check_positive_int("kv_len", kv_len)
         xp = np if self.position_only else jnp
-        return self.tile(xp.arange(q_len), xp.arange(kv_len))
+        return self.for_lengths(q_len, kv_len).tile(xp.arange(q_len), xp.arange(kv_len))
 
     def blocks(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
         """Block layout ``int8 [ceil(T/block_q), ceil(S/block_kv)]`` of EMPTY/PARTIAL/FULL.
@@ -93,9 +93,20 @@ class Mask:
             _check_positive_int("block_q", block_q),
             _check_positive_int("block_kv", block_kv),
         )
-        if self.position_only:
-            return _cached_layout(self, *args)
-        return self._layout(*args)
+        resolved = self.for_lengths(*args[:2])
+        if resolved.position_only:
+            return _cached_layout(resolved, *args)
+        return resolved._layout(*args)
+
+    def for_lengths(self, q_len: int, kv_len: int) -> Mask:
+        """This mask with its length-dependent parts fixed for a ``T × S`` problem.
+
+        Only ``random_blocks`` has such parts (its picks are drawn among the key blocks of the actual
+        sequence); every other mask returns itself. ``dense``, ``blocks`` and ``jattn.attention`` call
+        it; call it yourself before ``tile`` on a mask that holds random blocks.
+        """
+        del q_len, kv_len
+        return self
 
     def _layout(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
         """Exact layout from the predicate, evaluated a band of query blocks at a time."""
@@ -363,12 +374,24 @@ class BlockLayout(_PositionMask):
 
 @_register
 class RandomBlocks(_PositionMask):
-    """Query block ``i`` (of ``block`` positions) attends the key blocks ``picks[i]``."""
+    """Query block ``i`` (of ``block`` positions) attends ``num_random`` key blocks drawn at random
+    from ``seed`` among the key blocks of the sequence; ``picks[i]`` once the lengths are known."""
 
     block: int = 1
-    picks: tuple[tuple[int, ...], ...] = ()
+    num_random: int = 0
+    seed: int = 0
+    picks: tuple[tuple[int, ...], ...] | None = None
+
+    def for_lengths(self, q_len, kv_len):
+        picks = _draw_random_blocks(self.block, self.num_random, self.seed, q_len, kv_len)
+        return self if picks == self.picks else dataclasses.replace(self, picks=picks)
 
     def _allowed(self, q, kv):
+        if self.picks is None:
+            raise ValueError(
+                "random_blocks are drawn for given lengths: call mask.for_lengths(T, S) before tile(), "
+                "or use mask.dense(T, S), mask.blocks(...) or jattn.attention"
+            )
         xp = np if isinstance(q, np.ndarray) else jnp
         table = xp.asarray(self.picks, dtype=q.dtype).reshape(len(self.picks), -1)  # [rows, num_random]
         q_block = q // self.block
@@ -381,8 +404,8 @@ class RandomBlocks(_PositionMask):
         layout = np.zeros((-(-q_len // block_q), -(-kv_len // block_kv)), np.int8)
         for i in range(layout.shape[0]):
             q_idx = np.arange(i * block_q, min((i + 1) * block_q, q_len))
-            first, last = q_idx[0] // self.block, min(q_idx[-1] // self.block, len(self.picks) - 1)
-            key_blocks = {kb for qb in range(first, last + 1) for kb in self.picks[qb]}
+            first, last = q_idx[0] // self.block, min(q_idx[-1] // self.block, len(self.picks or ()) - 1)
+            key_blocks = {kb for qb in range(first, last + 1) for kb in (self.picks or ())[qb]}
             tiles = {
                 j
                 for kb in key_blocks
@@ -444,6 +467,9 @@ class _Binary(Mask):
             self.a._canonical(batch_shape, num_heads), self.b._canonical(batch_shape, num_heads)
         )
 
+    def for_lengths(self, q_len, kv_len):
+        return type(self)(self.a.for_lengths(q_len, kv_len), self.b.for_lengths(q_len, kv_len))
+
 
 @_register(data_fields=("a", "b"), eq=True)
 class And(_Binary):
@@ -482,6 +508,9 @@ class Not(Mask):
 
     def _canonical(self, batch_shape, num_heads):
         return Not(self.a._canonical(batch_shape, num_heads))
+
+    def for_lengths(self, q_len, kv_len):
+        return Not(self.a.for_lengths(q_len, kv_len))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,20 +673,31 @@ def global_tokens(indices: Sequence[int]) -> Mask:
     return GlobalTokens(indices)
 
 
-def random_blocks(block: int, num_random: int, seed: int = 0, *, max_len: int = 4096) -> Mask:
+def random_blocks(block: int, num_random: int, seed: int = 0) -> Mask:
     """BigBird's random part: each query block attends ``num_random`` key blocks drawn at random.
 
-    The draw is made once from ``seed`` among the ``ceil(max_len / block)`` blocks of a ``max_len``
-    sequence, so pass the length you train at: a shorter sequence keeps only the picks that fall
-    inside it, and queries past ``max_len`` get no random blocks. Stored compactly (the picks, not a
-    block matrix), so any ``max_len`` is cheap.
+    The draw depends on ``seed``, the query block and the number of key blocks of the sequence it is
+    used with (fixed by ``for_lengths``), so every row has ``num_random`` random blocks at any length.
     """
-    block = _check_positive_int("block", block)
-    num_random = _check_positive_int("num_random", num_random, allow_zero=True)
-    num_blocks = -(-_check_positive_int("max_len", max_len) // block)
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(num_blocks)[: min(num_random, num_blocks)] for _ in range(num_blocks)]
-    return RandomBlocks(block, tuple(tuple(int(j) for j in row) for row in picks))
+    return RandomBlocks(
+        _check_positive_int("block", block),
+        _check_positive_int("num_random", num_random, allow_zero=True),
+        int(seed),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _draw_random_blocks(block, num_random, seed, q_len, kv_len) -> tuple[tuple[int, ...], ...]:
+    num_q_blocks, num_kv_blocks = -(-q_len // block), -(-kv_len // block)
+    take = min(num_random, num_kv_blocks)
+    return tuple(
+        tuple(
+            sorted(
+                int(j) for j in np.random.default_rng([seed, i]).choice(num_kv_blocks, take, replace=False)
+            )
+        )
+        for i in range(num_q_blocks)
+    )
 
 
 def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
@@ -703,16 +743,13 @@ def bigbird(
     num_global_blocks: int = 1,
     num_random: int = 2,
     seed: int = 0,
-    *,
-    max_len: int = 4096,
 ) -> Mask:
     """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks,
-    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block
-    (drawn among the blocks of a ``max_len`` sequence, see ``random_blocks``)."""
+    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
     block = _check_positive_int("block", block)
     w = _check_positive_int("num_window_blocks", num_window_blocks)
     g = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
-    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed, max_len=max_len)
+    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
     if g:
         pattern = pattern | global_tokens(range(g * block))
     return pattern

@@ -277,6 +277,7 @@ def attended_pairs(mask: masks_lib.Mask | None, q_len: int, kv_len: int) -> int 
         return q_len * kv_len
     if not mask.position_only:
         return None
+    mask = mask.for_lengths(q_len, kv_len)
     layout = mask.blocks(q_len, kv_len, _COUNT_BLOCK, _COUNT_BLOCK)  # [nq, nk]
     total = 0
     for qi, kj in zip(*np.nonzero(layout != masks_lib.EMPTY), strict=True):

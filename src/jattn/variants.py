@@ -171,12 +171,10 @@ def _bigbird(
     num_global_blocks: int = 1,
     num_random: int = 2,
     seed: int = 0,
-    max_len: int = 4096,
     implementation: str | None = None,
 ) -> Variant:
-    """BigBird: window, global and random blocks (Zaheer et al. 2020); the random blocks are drawn
-    among the blocks of a ``max_len`` sequence (set it to the task's length)."""
-    mask = masks_lib.bigbird(block, num_window_blocks, num_global_blocks, num_random, seed, max_len=max_len)
+    """BigBird: window, global and random blocks (Zaheer et al. 2020)."""
+    mask = masks_lib.bigbird(block, num_window_blocks, num_global_blocks, num_random, seed)
     return softmax_variant(lambda causal: mask, implementation)
 
 
