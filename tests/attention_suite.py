@@ -62,7 +62,8 @@ def oracle_mask(mask, batch_shape, num_heads, q_len, kv_len):
     """The mask as a NumPy bool array broadcastable to [B..., N, T, S] (None stays None)."""
     if mask is None:
         return None
-    dense = np.asarray(mask.for_lengths(q_len, kv_len)._canonical(batch_shape, num_heads).tile(jnp.arange(q_len), jnp.arange(kv_len)))
+    canonical = mask.for_lengths(q_len, kv_len)._canonical(batch_shape, num_heads)
+    dense = np.asarray(canonical.tile(jnp.arange(q_len), jnp.arange(kv_len)))
     if dense.ndim == 2:
         return dense
     lead = batch_shape if dense.shape[0] > 1 else (1,) * len(batch_shape)
