@@ -11,12 +11,15 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def logits(q, k, bias, *, scale: float, softcap: float | None):
     """Scaled scores of one tile in float32, then bias, then tanh capping.
 
+    The scale multiplies q ([T, H]) rather than the scores ([T, S]): one pass over T·H values instead
+    of T·S, and one [T, S] buffer fewer in XLA's dense forward.
+
     Args:
       q: ``[T, H]``. k: ``[S, H]``. bias: ``[T|1, S|1]`` or None.
     Returns:
       ``(s [T, S] float32, tanh [T, S] | None)``; the tanh is kept for the softcap gradient.
     """
-    s = jnp.einsum("th,sh->ts", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("th,sh->ts", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     if softcap is None:
