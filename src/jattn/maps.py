@@ -32,10 +32,10 @@ from jattn.core._common import MASK_VALUE, zero_unattended
 from jattn.core.chunked import _blocks, _ragged_table, _tile, _visitor, default_block, make_plan, pad_to_plan
 from jattn.core.dense import softmax_weights_one_head
 from jattn.core.linear import (
-    FEATURE_MAPS,
     _check_causal_lengths,
     performer_features,
     positive_random_features,
+    resolve_feature_map,
 )
 from jattn.variants import Variant
 
@@ -296,14 +296,7 @@ def linear_attention_weights(q, k, v, *, feature_map: str | Callable = "elu+1", 
     Returns:
       float32 ``[B..., N, T, S]``; rows sum to one (zero rows where the normalizer is zero).
     """
-    if isinstance(feature_map, str):
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(
-                f"feature_map must be one of {sorted(FEATURE_MAPS)} or a function, got {feature_map!r}"
-            )
-        feature_map = FEATURE_MAPS[feature_map]
-    elif not callable(feature_map):
-        raise TypeError(f"feature_map must be a name or a function, got {type(feature_map).__name__}")
+    feature_map = resolve_feature_map(feature_map)
     problem = make_problem(q, k, v)
     _check_causal_lengths(problem, causal, "linear_attention_weights")
     phi = lambda x: feature_map(x.astype(jnp.float32))  # noqa: E731

@@ -90,6 +90,19 @@ def normalized_kernel_attention(phi_q, phi_k, v, *, causal: bool, chunk: int = D
     return out.reshape(padded, value_dim)[:length]
 
 
+def resolve_feature_map(feature_map: str | Callable) -> Callable:
+    """A feature map given by name (``FEATURE_MAPS``) or as a function -> the function."""
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map must be one of {sorted(FEATURE_MAPS)} or a function, got {feature_map!r}"
+            )
+        feature_map = FEATURE_MAPS[feature_map]
+    elif not callable(feature_map):
+        raise TypeError(f"feature_map must be a name or a function, got {type(feature_map).__name__}")
+    return feature_map
+
+
 @functools.partial(jax.jit, static_argnames=("feature_map", "causal"))
 def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False):
     """Linear attention (Katharopoulos et al. 2020): ``φ(q)·φ(k)`` in place of ``exp(q·k)``.
@@ -101,14 +114,7 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype (features and sums in float32).
     """
-    if isinstance(feature_map, str):
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(
-                f"feature_map must be one of {sorted(FEATURE_MAPS)} or a function, got {feature_map!r}"
-            )
-        feature_map = FEATURE_MAPS[feature_map]
-    elif not callable(feature_map):
-        raise TypeError(f"feature_map must be a name or a function, got {type(feature_map).__name__}")
+    feature_map = resolve_feature_map(feature_map)
     problem = make_problem(q, k, v)
     _check_causal_lengths(problem, causal, "linear_attention")
 
