@@ -9,6 +9,7 @@ table; `--out FILE` also writes it.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -82,7 +83,7 @@ def main() -> None:
     compare('causal "chunked" vs causal "xla"', chunked_causal, xla_causal, 8192)
 
     header = (
-        f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} CPU device(s), "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {jax.device_count()} JAX device(s), "
         f"jax {jax.__version__}; B=1, N=8, H=64, float32; median of {args.repeats} after 2 warm-ups."
     )
     table = "\n".join([header, "", *rows])
