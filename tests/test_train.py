@@ -132,6 +132,9 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     assert [s for s, *_ in _val_lines(killed)] == [2, 4, 6, 8, 10]
     assert resumed.final_eval == uninterrupted.final_eval
     assert (killed / "summary.md").read_text().startswith("# tiny")
+    # Running a finished run again trains nothing and reports the same result (compare.py re-runs).
+    again = train(config, tmp_path / "straight")
+    assert again == uninterrupted and _val_lines(tmp_path / "straight") == _val_lines(killed)
 
     changed = load_config(ExperimentConfig, TINY, [*overrides, "model.width=32"])
     with pytest.raises(ConfigError, match=r"cannot resume.*model.width: 16 -> 32"):

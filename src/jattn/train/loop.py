@@ -308,6 +308,10 @@ def _train(
     if manager.latest_step() is not None:
         state = _restore(manager, state, manager.latest_step())
     start = int(state["step"])
+    finished = run_dir / "result.json"
+    if start >= tc.steps and finished.exists():  # nothing left to train: report the finished run
+        manager.close()
+        return RunResult(**json.loads(finished.read_text()))
     log = MetricsLog(run_dir / "metrics.jsonl", start)
     eval_on_mesh = make_eval_step(fns)
     eval_step = lambda params, batch: eval_on_mesh(params, placement.shard(batch))  # noqa: E731
