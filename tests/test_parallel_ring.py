@@ -82,6 +82,13 @@ def test_ring_matches_oracle_forward_and_gradients(mesh, make_mask, options):
     _check_against_oracle(mesh, q, k, v, d_out, make_mask(2, 64), **options)
 
 
+def test_flash_per_shard_compute_matches_oracle(mesh):
+    """The Pallas flash kernel (interpreted on CPU) as the per-shard compute: causal, zig-zag, GQA;
+    chunks of 8 positions are rounded up to the kernel's 16-position tiles (padding never attended)."""
+    q, k, v, d_out = _inputs(6, batch=1, q_len=64, kv_len=64, num_heads=2, num_kv_heads=1)
+    _check_against_oracle(mesh, q, k, v, d_out, masks.causal(), implementation="flash")
+
+
 @pytest.mark.parametrize("q_len", [61, pytest.param(70, marks=_slow)])
 def test_lengths_that_do_not_divide_are_padded(mesh, q_len):
     q, k, v, d_out = _inputs(1, batch=1, q_len=q_len, kv_len=q_len, num_heads=2, num_kv_heads=1)

@@ -18,6 +18,7 @@ class KernelConfig:
       block_q, block_kv: tile sizes. num_warps, num_stages: Triton launch settings.
       formula: the in-kernel mask formula (``blocks.mask_formula``) or None.
       interpret: run the kernel in Pallas interpret mode.
+      empty_lse: the lse of a row that attends nothing (ring attention merges by it).
     """
 
     scale: float
@@ -30,6 +31,7 @@ class KernelConfig:
     num_stages: int
     formula: Any
     interpret: bool
+    empty_lse: float = 0.0
 
 
 @jax.tree_util.register_dataclass

@@ -117,12 +117,13 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
     return m_new, alpha * row_sum + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
 
 
-def finish_statistics(stats):
-    """``(out [bq, Hv] float32, lse [bq, 1] float32)``; rows that attended nothing give 0 and 0."""
+def finish_statistics(stats, empty_lse: float = 0.0):
+    """``(out [bq, Hv] float32, lse [bq, 1] float32)``; rows that attended nothing give out 0 and
+    lse ``empty_lse`` (``MASK_VALUE`` when partial softmaxes are merged, so they weigh nothing)."""
     m, row_sum, acc = stats
     attended = row_sum > 0
     safe_sum = jnp.where(attended, row_sum, 1.0)
-    return acc / safe_sum, jnp.where(attended, m + jnp.log(safe_sum), 0.0)
+    return acc / safe_sum, jnp.where(attended, m + jnp.log(safe_sum), empty_lse)
 
 
 def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softcap):

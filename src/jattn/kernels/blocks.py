@@ -96,6 +96,15 @@ def make_schedule(layout: np.ndarray, q_len: int, kv_len: int, block_q: int, blo
     )
 
 
+def schedule_for_plan(plan) -> Schedule:
+    """The kernel schedule of a ``jattn.core.chunked`` plan (its visited and masked tiles, as given)."""
+    layout = np.full((plan.num_q_blocks, plan.num_kv_blocks), masks_lib.EMPTY, np.int8)
+    for qi, kv_ids in enumerate(plan.kv_ids):
+        for kj in kv_ids:
+            layout[qi, kj] = masks_lib.PARTIAL if plan.masked[qi][kj] else masks_lib.FULL
+    return make_schedule(layout, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv)
+
+
 def visited_tiles(schedule: Schedule) -> tuple[int, int]:
     """(tiles the forward/dq loops visit, tiles the dk/dv loops visit), read from the counts."""
     return int(schedule.rows[:, 0].sum()), int(schedule.cols[:, 0].sum())

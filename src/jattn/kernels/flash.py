@@ -26,6 +26,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
+from jattn.core._common import MASK_VALUE
 from jattn.kernels import blocks, gpu, tpu
 from jattn.kernels._config import KernelAux, KernelConfig
 
@@ -227,6 +228,101 @@ def flash_problem(
     )
     out = _flash(lowering, cfg, q, k, v, bias, aux)  # [B, T', N, Hv']
     return out[:, :q_len, :, : problem.value_head_dim]
+
+
+# ---------------------------------------------------------------------------------------------
+# One head with its log-sum-exp, for callers that merge partial softmaxes (ring attention)
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_head_call(q, k, v, mask, plan, scale, softcap, interpret):
+    """A chunked ``plan`` and a per-tile ``mask`` -> (lowering, cfg, aux, padded ``[1, L', 1, H']``
+    q, k, v). The mask goes to the kernel as the compact table of the plan's masked tiles."""
+    platform = jax.default_backend()
+    lowering = lowering_for(platform)
+    schedule = blocks.schedule_for_plan(plan)
+    bq, bkv = plan.block_q, plan.block_kv
+    table, formula = None, None
+    if mask is not None and len(schedule.partial_tiles):
+        tiles = schedule.partial_tiles  # [P, 2]
+        q_idx = jnp.asarray(tiles[:, :1] * bq + np.arange(bq))  # [P, bq]
+        kv_idx = jnp.asarray(tiles[:, 1:] * bkv + np.arange(bkv))  # [P, bkv]
+        table = jax.vmap(mask.tile)(q_idx, kv_idx).astype(jnp.int8)[None, None]  # [1, 1, P, bq, bkv]
+        formula = ("table",)
+    aux = KernelAux(
+        rows=jnp.asarray(schedule.rows),
+        cols=jnp.asarray(schedule.cols),
+        table=table,
+        q_vectors=(),
+        kv_vectors=(),
+    )
+    pad_dim = LOWERINGS[lowering].padded_head_dim
+    head_dim, value_dim = pad_dim(q.shape[-1]), pad_dim(v.shape[-1])
+    sizes = lookup_block_sizes(lowering, q.dtype, max(head_dim, value_dim))
+    cfg = KernelConfig(
+        scale=float(scale),
+        softcap=None if softcap is None else float(softcap),
+        q_len=plan.q_len,
+        kv_len=plan.kv_len,
+        block_q=bq,
+        block_kv=bkv,
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
+        formula=formula,
+        interpret=_resolve_interpret(interpret),
+        empty_lse=MASK_VALUE,
+    )
+    q_padded, kv_padded = plan.num_q_blocks * bq, plan.num_kv_blocks * bkv
+    as_kernel = lambda x, length, dim: _pad_axis(_pad_axis(x, 1, dim), 0, length)[None, :, None]  # noqa: E731
+    operands = (
+        as_kernel(q, q_padded, head_dim),
+        as_kernel(k, kv_padded, head_dim),
+        as_kernel(v, kv_padded, value_dim),
+    )
+    return lowering, cfg, aux, operands
+
+
+def flash_forward_with_lse(q, k, v, mask, *, plan, scale: float, softcap=None, interpret=None):
+    """One head's forward with its log-sum-exp by the flash kernel; ``chunked_forward_with_lse``'s contract.
+
+    Args:
+      q: ``[T, H]``; k: ``[S, H]``; v: ``[S, Hv]`` with T, S = ``plan.q_len``, ``plan.kv_len``.
+      mask: anything with ``tile(q_idx, kv_idx) -> bool [bq, bkv]`` over local indices, or None; it
+        is evaluated on the plan's masked tiles only and handed to the kernel as its tile table.
+      plan: a ``jattn.core.chunked`` plan whose blocks are powers of two the lowering takes.
+      interpret: None runs interpreted on CPU and compiled on GPU/TPU.
+    Returns:
+      ``(out [T, Hv] float32, lse [T] float32)``; a row with nothing to attend has out 0 and lse
+      ``MASK_VALUE``. ``out`` is rounded to q's dtype by the kernel.
+    """
+    lowering, cfg, aux, (qp, kp, vp) = _one_head_call(q, k, v, mask, plan, scale, softcap, interpret)
+    out, lse = LOWERINGS[lowering].forward(cfg, qp, kp, vp, None, aux)  # [1, T', 1, Hv'], [1, 1, T', 1]
+    return out[0, : plan.q_len, 0, : v.shape[-1]].astype(jnp.float32), lse[0, 0, : plan.q_len, 0]
+
+
+def flash_backward_with_lse(
+    q, k, v, mask, out, lse, d_out, *, plan, scale: float, softcap=None, interpret=None
+):
+    """One head's (dq, dk, dv), all float32, given the final ``out [T, Hv]`` and ``lse [T]``.
+
+    As ``chunked_backward_with_lse``: ``out`` and ``lse`` may belong to a larger softmax of which
+    these keys are one block, and the result is then this block's share of the gradients.
+    """
+    lowering, cfg, aux, (qp, kp, vp) = _one_head_call(q, k, v, mask, plan, scale, softcap, interpret)
+    q_padded = qp.shape[1]
+    value_dim = vp.shape[-1]
+    delta = jnp.einsum("th,th->t", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [T]
+    column = lambda x: _pad_axis(x.astype(jnp.float32), 0, q_padded)[None, None, :, None]  # noqa: E731
+    d_out_p = _pad_axis(_pad_axis(d_out.astype(q.dtype), 1, value_dim), 0, q_padded)[None, :, None]
+    dq, dk, dv, _ = LOWERINGS[lowering].backward(
+        cfg, qp, kp, vp, None, aux, column(lse), column(delta), d_out_p
+    )
+    f32 = lambda x, length, dim: x[0, :length, 0, :dim].astype(jnp.float32)  # noqa: E731
+    return (
+        f32(dq, plan.q_len, q.shape[-1]),
+        f32(dk, plan.kv_len, k.shape[-1]),
+        f32(dv, plan.kv_len, v.shape[-1]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

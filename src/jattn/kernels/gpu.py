@@ -144,7 +144,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, wi
         return jax.lax.cond(masked != 0, masked_tile, lambda stats: step(stats, q, k, v, bias, None), stats)
 
     stats = jax.lax.fori_loop(0, sched_ref[0], visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
-    out, lse = _tile.finish_statistics(stats)
+    out, lse = _tile.finish_statistics(stats, cfg.empty_lse)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
 

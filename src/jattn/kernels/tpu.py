@@ -158,7 +158,7 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
 
     @pl.when(j == width - 1)
     def _():
-        out, lse = _tile.finish_statistics((m_ref[...], l_ref[...], acc_ref[...]))
+        out, lse = _tile.finish_statistics((m_ref[...], l_ref[...], acc_ref[...]), cfg.empty_lse)
         out_ref[...] = out.astype(out_ref.dtype)
         lse_ref[...] = lse
 

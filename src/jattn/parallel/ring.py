@@ -18,8 +18,10 @@ on the way out.
 Masks are position predicates, so a shard's mask is the global mask read at the shard's global
 positions; the global block layout says which (query block, key block) tiles are empty, and every
 ring step visits only the non-empty tiles of its shard pair. Per-shard compute is the blockwise
-online softmax of ``jattn.core.chunked`` (``"chunked"``: tiles of at most 512 positions) or dense
-scores per chunk pair (``"xla"``: one tile per chunk pair).
+online softmax of ``jattn.core.chunked`` (``"chunked"``: tiles of at most 512 positions), dense
+scores per chunk pair (``"xla"``: one tile per chunk pair) or the Pallas flash kernel (``"flash"``:
+interpreted on CPU, compiled on GPU/TPU), whose per-step mask is the global mask read on the step's
+masked tiles and handed to the kernel as its compact tile table.
 """
 
 from __future__ import annotations
@@ -52,11 +54,13 @@ from jattn.core.chunked import (
     chunked_forward_with_lse,
     make_plan,
 )
+from jattn.kernels import flash
 from jattn.parallel.mesh import check_axis, context_mesh, shard_map
 
 IMPLEMENTATIONS = {
     "chunked": "blockwise online softmax per ring step (tiles of at most 512 positions)",
     "xla": "dense scores per ring step (one tile per chunk pair)",
+    "flash": "the Pallas flash kernel per ring step (interpreted on CPU), masks as its tile table",
 }
 """Per-shard computations ``ring_attention(implementation=...)`` takes."""
 
@@ -77,6 +81,7 @@ class _Ring:
       kv_len: the true key length; positions at or past it are padding and never attended.
       plans: the distinct per-step tile schedules; branch[step][device] indexes them.
       scale, softcap: as in ``jattn.attention``.
+      implementation: the per-shard computation, a key of ``IMPLEMENTATIONS``.
     """
 
     axis_name: str
@@ -89,6 +94,7 @@ class _Ring:
     branch: tuple[tuple[int, ...], ...]
     scale: float
     softcap: float | None
+    implementation: str = "chunked"
 
     @property
     def chunks_per_device(self) -> int:
@@ -110,6 +116,32 @@ class _Ring:
         """Send ``x`` one device along the ring (device d receives from d - 1)."""
         size = self.num_devices
         return jax.lax.ppermute(x, self.axis_name, [(d, (d + 1) % size) for d in range(size)])
+
+
+def _per_shard(ring: _Ring):
+    """(forward_with_lse, backward_with_lse) of the ring's per-shard computation."""
+    if ring.implementation == "flash":
+        return flash.flash_forward_with_lse, flash.flash_backward_with_lse
+    return chunked_forward_with_lse, chunked_backward_with_lse
+
+
+def _flash_chunks_and_blocks(problem: Problem, q_chunk: int, kv_chunk: int):
+    """Chunks rounded up to the kernel's smallest tile (the extra positions are padding, never
+    attended) and tiles: the largest power of two dividing a chunk, up to the tuned table's."""
+    lowering = flash.lowering_for(problem.backend)
+    minimum = flash.LOWERINGS[lowering].MIN_BLOCK
+    head_dim = flash.LOWERINGS[lowering].padded_head_dim(max(problem.head_dim, problem.value_head_dim))
+    table = flash.lookup_block_sizes(lowering, problem.dtype, head_dim)
+
+    def fit(chunk, bound):
+        chunk = -(-chunk // minimum) * minimum
+        block = minimum
+        while chunk % (2 * block) == 0 and 2 * block <= bound:
+            block *= 2
+        return chunk, block
+
+    (q_chunk, block_q), (kv_chunk, block_kv) = fit(q_chunk, table.block_q), fit(kv_chunk, table.block_kv)
+    return q_chunk, kv_chunk, block_q, block_kv
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:
@@ -226,9 +258,7 @@ def _ring_forward(ring: _Ring, q, k, v, mask):
     def body(step, carry):
         out, lse, k, v = carry
         k_next, v_next = ring.shift(k), ring.shift(v)  # in flight while this block is used
-        block_out, block_lse = _step_call(
-            ring, chunked_forward_with_lse, nothing, step, device, q, k, v, mask
-        )
+        block_out, block_lse = _step_call(ring, _per_shard(ring)[0], nothing, step, device, q, k, v, mask)
         return (*_merge(out, lse, block_out, block_lse), k_next, v_next)
 
     nothing = lambda: (  # noqa: E731  out 0 and lse MASK_VALUE: no weight in the merge
@@ -246,7 +276,7 @@ def _ring_backward(ring: _Ring, q, k, v, mask, out, lse, d_out):
     device = jax.lax.axis_index(ring.axis_name)
 
     def one(q, k, v, m, *, plan, scale, softcap):
-        return chunked_backward_with_lse(q, k, v, m, out, lse, d_out, plan=plan, scale=scale, softcap=softcap)
+        return _per_shard(ring)[1](q, k, v, m, out, lse, d_out, plan=plan, scale=scale, softcap=softcap)
 
     def body(step, carry):
         dq, k, v, dk, dv = carry
@@ -404,8 +434,15 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
     num_devices = mesh.shape[axis_name]
     chunks = _chunk_count(num_devices, zigzag)
     q_chunk, kv_chunk = -(-problem.q_len // chunks), -(-problem.kv_len // chunks)
-    bound = DEFAULT_BLOCK if implementation == "chunked" else max(q_chunk, kv_chunk)
-    block_q, block_kv = _largest_divisor_at_most(q_chunk, bound), _largest_divisor_at_most(kv_chunk, bound)
+    if implementation == "flash":
+        why_not = flash.unsupported_reason(problem)
+        if why_not is not None:
+            raise NotImplementedError(why_not)
+        q_chunk, kv_chunk, block_q, block_kv = _flash_chunks_and_blocks(problem, q_chunk, kv_chunk)
+    else:
+        bound = DEFAULT_BLOCK if implementation == "chunked" else max(q_chunk, kv_chunk)
+        block_q = _largest_divisor_at_most(q_chunk, bound)
+        block_kv = _largest_divisor_at_most(kv_chunk, bound)
     padded_q, padded_kv = chunks * q_chunk, chunks * kv_chunk
     layout = _global_layout(
         problem.mask, problem.q_len, problem.kv_len, padded_q, padded_kv, block_q, block_kv
@@ -422,6 +459,7 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
         branch,
         problem.scale,
         problem.softcap,
+        implementation,
     )
 
     def pad_to(x, length):  # [B, L, N, H] -> [B, length, N, H]
