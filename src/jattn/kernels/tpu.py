@@ -217,6 +217,23 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
 # ---------------------------------------------------------------------------------------------
 
 
+def _tile_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg: KernelConfig):
+    """The backward tile math of both backward kernels on the current blocks (see ``_tile``)."""
+    bias = None if bias_ref is None else bias_ref[...]
+    return _tile.probs_and_dscores(
+        q_ref[...],
+        k_ref[...],
+        v_ref[...],
+        do_ref[...],
+        lse_ref[...],
+        delta_ref[...],
+        bias,
+        allowed,
+        scale=cfg.scale,
+        softcap=cfg.softcap,
+    )
+
+
 def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
     fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
@@ -236,18 +253,8 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
             dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
 
     def run(allowed):
-        bias = None if bias_ref is None else bias_ref[...]
-        _, ds, _, k_used, _ = _tile.probs_and_dscores(
-            q_ref[...],
-            k_ref[...],
-            v_ref[...],
-            do_ref[...],
-            lse_ref[...],
-            delta_ref[...],
-            bias,
-            allowed,
-            scale=cfg.scale,
-            softcap=cfg.softcap,
+        _, ds, _, k_used, _ = _tile_grads(
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg
         )
         if dbias_ref is not None:
             dbias_ref[...] = ds
@@ -279,18 +286,8 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def run(allowed):
-        bias = None if bias_ref is None else bias_ref[...]
-        p, ds, q_used, _, do_used = _tile.probs_and_dscores(
-            q_ref[...],
-            k_ref[...],
-            v_ref[...],
-            do_ref[...],
-            lse_ref[...],
-            delta_ref[...],
-            bias,
-            allowed,
-            scale=cfg.scale,
-            softcap=cfg.softcap,
+        p, ds, q_used, _, do_used = _tile_grads(
+            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg
         )
         dv_acc[...] += _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
         dk_acc[...] += cfg.scale * _tile.matmul(ds, q_used, transpose_a=True)  # [bkv, H]
