@@ -278,38 +278,48 @@ def pad_to_plan(q, k, v, bias, *, plan: _Plan):
     return q, k, v, bias
 
 
+def _forward_unpadded(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float):
+    """``_forward`` on one head's unpadded inputs: (out ``[T, Hv]`` float32, lse ``[T]`` float32)."""
+    qp, kp, vp, bp = pad_to_plan(q, k, v, bias, plan=plan)
+    out, lse = _forward(qp, kp, vp, mask, bp, plan, cfg, empty_lse=empty_lse)
+    return out[: plan.q_len], lse[: plan.q_len]
+
+
+def _backward_unpadded(q, k, v, mask, bias, out, lse, d_out, plan: _Plan, cfg):
+    """``_backward`` on one head's unpadded inputs: float32 (dq, dk, dv, dbias | None)."""
+    padded_q = plan.num_q_blocks * plan.block_q
+    qp, kp, vp, bp = pad_to_plan(q, k, v, bias, plan=plan)
+    outp, dop = _pad_rows(out.astype(jnp.float32), padded_q), _pad_rows(d_out, padded_q)
+    dq, dk, dv, dbias = _backward(qp, kp, vp, mask, bp, outp, _pad_rows(lse, padded_q), dop, plan, cfg)
+    if dbias is not None:
+        dbias = dbias[: bias.shape[0], : bias.shape[1]]
+    return dq[: plan.q_len], dk[: plan.kv_len], dv[: plan.kv_len], dbias
+
+
 @functools.lru_cache(maxsize=64)
 def _chunked_one_head_fn(plan: _Plan, scale: float, softcap: float | None):
     """A custom_vjp per-head function for one static plan."""
     cfg = {"scale": scale, "softcap": softcap}
-    padded_q = plan.num_q_blocks * plan.block_q
-    pad_inputs = functools.partial(pad_to_plan, plan=plan)
 
     @jax.custom_vjp
     def attend(q, k, v, mask, bias):
         return attend_fwd(q, k, v, mask, bias)[0]
 
     def attend_fwd(q, k, v, mask, bias):
-        qp, kp, vp, bp = pad_inputs(q, k, v, bias)
-        out, lse = _forward(qp, kp, vp, mask, bp, plan, cfg)
-        out = out[: plan.q_len].astype(q.dtype)
+        out, lse = _forward_unpadded(q, k, v, mask, bias, plan, cfg, empty_lse=0.0)
+        out = out.astype(q.dtype)
         return out, (q, k, v, mask, bias, out, lse)
 
     def attend_bwd(res, d_out):
         q, k, v, mask, bias, out, lse = res
-        qp, kp, vp, bp = pad_inputs(q, k, v, bias)
-        outp = _pad_rows(out.astype(jnp.float32), padded_q)
-        dop = _pad_rows(d_out, padded_q)
-        dq, dk, dv, dbias = _backward(qp, kp, vp, mask, bp, outp, lse, dop, plan, cfg)
-        if dbias is not None:
-            dbias = dbias[: bias.shape[0], : bias.shape[1]].astype(bias.dtype)
+        dq, dk, dv, dbias = _backward_unpadded(q, k, v, mask, bias, out, lse, d_out, plan, cfg)
         d_mask = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)
         return (
-            dq[: plan.q_len].astype(q.dtype),
-            dk[: plan.kv_len].astype(k.dtype),
-            dv[: plan.kv_len].astype(v.dtype),
+            dq.astype(q.dtype),
+            dk.astype(k.dtype),
+            dv.astype(v.dtype),
             d_mask,
-            dbias,
+            None if dbias is None else dbias.astype(bias.dtype),
         )
 
     attend.defvjp(attend_fwd, attend_bwd)
@@ -328,10 +338,7 @@ def chunked_forward_with_lse(q, k, v, mask, *, plan: _Plan, scale: float, softca
       lse ``MASK_VALUE``, so it weighs nothing when merged.
     """
     cfg = {"scale": scale, "softcap": softcap}
-    padded_q, padded_kv = plan.num_q_blocks * plan.block_q, plan.num_kv_blocks * plan.block_kv
-    qp, kp, vp = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
-    out, lse = _forward(qp, kp, vp, mask, None, plan, cfg, empty_lse=MASK_VALUE)
-    return out[: plan.q_len], lse[: plan.q_len]
+    return _forward_unpadded(q, k, v, mask, None, plan, cfg, empty_lse=MASK_VALUE)
 
 
 def chunked_backward_with_lse(q, k, v, mask, out, lse, d_out, *, plan: _Plan, scale: float, softcap=None):
@@ -342,12 +349,7 @@ def chunked_backward_with_lse(q, k, v, mask, out, lse, d_out, *, plan: _Plan, sc
     ``chunked_forward_with_lse``; ``d_out``: ``[T, Hv]``.
     """
     cfg = {"scale": scale, "softcap": softcap}
-    padded_q, padded_kv = plan.num_q_blocks * plan.block_q, plan.num_kv_blocks * plan.block_kv
-    qp, kp, vp = _pad_rows(q, padded_q), _pad_rows(k, padded_kv), _pad_rows(v, padded_kv)
-    outp, dop = _pad_rows(out.astype(jnp.float32), padded_q), _pad_rows(d_out, padded_q)
-    lsep = _pad_rows(lse, padded_q)
-    dq, dk, dv, _ = _backward(qp, kp, vp, mask, None, outp, lsep, dop, plan, cfg)
-    return dq[: plan.q_len], dk[: plan.kv_len], dv[: plan.kv_len]
+    return _backward_unpadded(q, k, v, mask, None, out, lse, d_out, plan, cfg)[:3]
 
 
 def default_block(length: int) -> int:
