@@ -339,11 +339,7 @@ def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None) -> Choic
 def _resolve(problem: Problem, implementation: str | None) -> Implementation:
     if implementation is None:
         return _REGISTRY[choose(problem).implementation]
-    if implementation not in _REGISTRY:
-        raise ValueError(
-            f"unknown implementation={implementation!r}; valid: {sorted(_REGISTRY)} or None (auto)"
-        )
-    impl = _REGISTRY[implementation]
+    impl = _REGISTRY[implementation]  # the name was checked by attention()
     why_not = impl.supports(problem)
     if why_not is not None:
         able = [
