@@ -193,8 +193,7 @@ register_variant("bigbird", _bigbird)
 
 def _linear(feature_map: str = "elu+1") -> Variant:
     """Linear attention with a kernel feature map (Katharopoulos et al. 2020); causal by prefix sums."""
-    if feature_map not in linear_lib.FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {sorted(linear_lib.FEATURE_MAPS)}, got {feature_map!r}")
+    linear_lib.resolve_feature_map(feature_map)  # validates
 
     def fn(q, k, v, *, causal, params=None, key=None):
         del params, key
