@@ -83,6 +83,25 @@ class TestBlockSparse(AttentionSuite):
         self.check_against_oracle(q, k, v, d_out, mask=masks.bigbird(16, num_random=2, seed=3))
 
 
+@pytest.mark.parametrize(
+    "implementation, mask",
+    [("banded", masks.longformer(5, [0, 9])), ("block_sparse", masks.bigbird(8, num_random=1, seed=2))],
+    ids=["banded", "block_sparse"],
+)
+def test_query_blocks_processed_in_groups_match_the_oracle(monkeypatch, implementation, mask):
+    """Long inputs run their query blocks a bounded group at a time (``lax.map``); force groups of
+    a couple of blocks, with a shorter last group, and check forward and gradients."""
+    suite = TestBanded() if implementation == "banded" else TestBlockSparse()
+    rng = np.random.default_rng(14)
+    q, k, v, d_out = make_inputs(rng, (2,), 75, 75, 2, 1, 8, 8, jnp.float32)
+    monkeypatch.setattr(sparse, "_LOGITS_PER_STEP", 2 * 16 * 48)  # ~2 blocks of 16 queries per step
+    jax.clear_caches()  # attention() is jitted: retrace under the small group size
+    jaxpr = jax.make_jaxpr(lambda *qkv: jattn.attention(*qkv, mask=mask, implementation=implementation))
+    assert "scan" in str(jaxpr(q, k, v)), "the grouped path was not taken"
+    suite.check_against_oracle(q, k, v, d_out, mask=mask)
+    jax.clear_caches()
+
+
 # ---------------------------------------------------------------------------------------------
 # The plans
 # ---------------------------------------------------------------------------------------------
