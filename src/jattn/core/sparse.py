@@ -4,8 +4,9 @@ Both compute the same numbers as dense attention with the same mask, but never f
 scores. Queries are cut into blocks; each query block gathers the key/value positions it may need
 into a ``[C]`` list (C much smaller than S) and runs the dense per-head math of
 ``dense.dense_attention_one_head`` on that ``[block, C]`` tile, with the mask evaluated elementwise
-on the gathered positions. Gradients come from autodiff through the gather (a scatter-add into
-dk, dv), so memory stays proportional to the gathered tiles in the backward pass too.
+on the gathered positions. Query blocks run a bounded group at a time, and the backward pass
+recomputes each group (autodiff through the gather: a scatter-add into dk, dv), so time and memory
+grow linearly with the number of gathered tiles, forward and backward.
 
 * ``"banded"`` (sliding-window masks, Beltagy et al. 2020 Longformer): the mask must lie inside a
   band ``t - left <= s <= t + right`` plus global tokens. Query block ``i`` takes the contiguous key
@@ -21,6 +22,7 @@ dk, dv), so memory stays proportional to the gathered tiles in the backward pass
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -35,10 +37,10 @@ from jattn.core.dense import dense_attention_one_head
 _BLOCK_CANDIDATES = (128, 64, 32)  # block_sparse tries these tile sizes, largest first
 _BLOCK_SLACK = 1.25  # and keeps the largest whose gathered area is within this factor of the best
 _MIN_BAND_BLOCK, _MAX_BAND_BLOCK = 16, 128
-# Query blocks are processed a group at a time, each group computing about this many logits (4 MiB in
-# float32). A bounded working set keeps time linear in the length: vmapping every block at once made
-# the gathered tiles outgrow the CPU's caches between 4096 and 8192 tokens (forward 2.5-3x slower at
-# 32768, and a fitted time exponent of 1.25-1.35 instead of 1.0).
+# Query blocks are processed a group at a time, each group computing about this many logits over all
+# heads (4 MiB in float32). A bounded working set keeps time linear in the length: vmapping every block
+# at once made the gathered tiles outgrow the CPU's caches between 4096 and 8192 tokens (forward 2.5-3x
+# slower at 32768, and a fitted time exponent of 1.25-1.35 instead of 1.0).
 _LOGITS_PER_STEP = 1 << 20
 
 
@@ -51,7 +53,7 @@ def _next_pow2(n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, scale, softcap):
+def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, scale, softcap):
     """Attention of query blocks over per-block lists of key positions, for one head.
 
     Args:
@@ -60,11 +62,14 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, scale, sof
       q_pos: int ``[R, bq]`` query positions of each block (may run past T).
       kv_pos: int ``[R, C]`` key positions each block gathers (may run past S or below 0).
       kv_valid: bool ``[R, C]``: slots that hold a real key position listed once.
+      heads: how many heads (batch × heads) the caller vmaps this over, to size the groups.
     Returns:
       ``[R, bq, Hv]`` in q's dtype; rows past T or with nothing allowed are zero.
 
-    Blocks run in groups of about ``_LOGITS_PER_STEP`` logits (``lax.map`` over groups, ``vmap``
-    within one), so the working set does not grow with R.
+    Blocks run in groups of about ``_LOGITS_PER_STEP`` logits over all heads (``lax.map`` over
+    groups, ``vmap`` within one), so the working set does not grow with R. The backward pass
+    recomputes a group's probabilities rather than saving them (as FlashAttention does), so the
+    saved residuals are the inputs, not the ``[R, bq, C]`` tiles with their gathered keys and values.
     """
     q_len, kv_len = q.shape[0], k.shape[0]
 
@@ -84,18 +89,22 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, scale, sof
             q[q_idx], k[kv_idx], v[kv_idx], allowed, tile_bias, scale=scale, softcap=softcap
         )  # [bq, Hv]
 
-    rows_per_step = max(1, _LOGITS_PER_STEP // (q_pos.shape[1] * kv_pos.shape[1]))
+    rows_per_step = max(1, _LOGITS_PER_STEP // (heads * q_pos.shape[1] * kv_pos.shape[1]))
     if q_pos.shape[0] <= rows_per_step:
         return jax.vmap(one_block)(q_pos, kv_pos, kv_valid)
-    return jax.lax.map(lambda xs: one_block(*xs), (q_pos, kv_pos, kv_valid), batch_size=rows_per_step)
+    group = jax.checkpoint(lambda xs: one_block(*xs))  # the backward pass recomputes each group
+    return jax.lax.map(group, (q_pos, kv_pos, kv_valid), batch_size=rows_per_step)
 
 
 def _per_head(problem: Problem, attend_one_head):
-    """vmap ``attend_one_head(q [T, H], k [S, H], v [S, Hv], mask, bias) -> [T, Hv]`` over heads."""
+    """vmap ``attend_one_head(q [T, H], k [S, H], v [S, Hv], mask, bias, *, heads, scale, softcap)
+    -> [T, Hv]`` over the batch and heads."""
+    heads = problem.q.shape[0] * problem.num_heads
+    cfg = {"heads": heads, "scale": problem.scale, "softcap": problem.softcap}
 
     def per_head(q_h, k_h, v_h, ops):
         mask_h, bias_h = ops
-        return attend_one_head(q_h, k_h, v_h, mask_h, bias_h)
+        return attend_one_head(q_h, k_h, v_h, mask_h, bias_h, **cfg)
 
     return vmap_over_heads(per_head, problem.q, problem.k, problem.v, (problem.mask, problem.bias))
 
@@ -208,7 +217,7 @@ def _band_plan(band: Band, q_len: int, kv_len: int) -> _BandPlan:
     return _BandPlan(block, left, block + left + right, global_q, global_kv)
 
 
-def _banded_one_head(q, k, v, mask, bias, plan: _BandPlan, *, scale, softcap):
+def _banded_one_head(q, k, v, mask, bias, plan: _BandPlan, *, heads, scale, softcap):
     """One head of ``banded``: q ``[T, H]``, k ``[S, H]``, v ``[S, Hv]`` -> ``[T, Hv]``."""
     q_len, kv_len = q.shape[0], k.shape[0]
     num_blocks = -(-q_len // plan.block)
@@ -221,7 +230,7 @@ def _banded_one_head(q, k, v, mask, bias, plan: _BandPlan, *, scale, softcap):
         in_span = (globals_kv >= span_start) & (globals_kv < span_start + plan.width)  # already listed
         kv_pos = np.concatenate([kv_pos, globals_kv], axis=1)  # [nq, W + g]
         kv_valid = np.concatenate([kv_valid, ~in_span], axis=1)
-    cfg = {"scale": scale, "softcap": softcap}
+    cfg = {"heads": heads, "scale": scale, "softcap": softcap}
     if kv_pos.shape[1]:
         out = _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, **cfg)
         out = out.reshape(-1, out.shape[-1])[:q_len]  # [T, Hv]
@@ -239,12 +248,7 @@ def run_banded(problem: Problem):
     """``implementation="banded"``: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` -> ``[B, T, N, Hv]``."""
     band = mask_band(problem.mask, problem.q_len, problem.kv_len)
     plan = _band_plan(band, problem.q_len, problem.kv_len)
-    return _per_head(
-        problem,
-        lambda q, k, v, mask, bias: _banded_one_head(
-            q, k, v, mask, bias, plan, scale=problem.scale, softcap=problem.softcap
-        ),
-    )
+    return _per_head(problem, functools.partial(_banded_one_head, plan=plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def choose_block(mask: masks_lib.Mask, q_len: int, kv_len: int) -> int:
     return next(b for b in candidates if areas[b] <= _BLOCK_SLACK * best)
 
 
-def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucket], *, scale, softcap):
+def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucket], *, heads, scale, softcap):
     """One head of ``block_sparse``: q ``[T, H]``, k ``[S, H]``, v ``[S, Hv]`` -> ``[T, Hv]``."""
     num_blocks = -(-q.shape[0] // block)
     out = jnp.zeros((num_blocks, block, v.shape[-1]), q.dtype)  # [nq, b, Hv]
@@ -312,7 +316,7 @@ def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucke
         kv_pos = (bucket.kv_blocks[:, :, None] * block + offsets).reshape(len(bucket.rows), -1)  # [R, W·b]
         kv_valid = np.repeat(bucket.valid, block, axis=1)  # [R, W·b]
         rows_out = _attend_gathered(
-            q, k, v, mask, bias, q_pos, kv_pos, kv_valid, scale=scale, softcap=softcap
+            q, k, v, mask, bias, q_pos, kv_pos, kv_valid, heads=heads, scale=scale, softcap=softcap
         )
         out = out.at[bucket.rows].set(rows_out)
     return out.reshape(-1, v.shape[-1])[: q.shape[0]]
@@ -323,12 +327,7 @@ def run_block_sparse(problem: Problem):
     mask = masks_lib.full() if problem.mask is None else problem.mask
     block = choose_block(mask, problem.q_len, problem.kv_len)
     buckets = block_buckets(mask.blocks(problem.q_len, problem.kv_len, block, block))
-    return _per_head(
-        problem,
-        lambda q, k, v, mask_h, bias: _block_sparse_one_head(
-            q, k, v, mask_h, bias, block, buckets, scale=problem.scale, softcap=problem.softcap
-        ),
-    )
+    return _per_head(problem, functools.partial(_block_sparse_one_head, block=block, buckets=buckets))
 
 
 register_implementation(
