@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import jattn
 from jattn import reference
+from jattn.core import linear
 from jattn.core.linear import performer_features
 from jattn.variants import get_variant
 
@@ -109,6 +110,39 @@ def test_linformer_matches_oracle(kv_len):
         reference.linformer_attention_vjp_reference(q, k, v, d_out, proj_k, proj_v),
         ("q", "k", "v", "proj_k", "proj_v"),
     )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_streaming_chunks_and_rescaled_key_sums_match_the_oracle(monkeypatch, causal):
+    """Inputs stream through in chunks (a scan over whole chunks, then a shorter rest). Force chunks
+    of 16 rows (8 when causal) at length 70, with keys whose size grows along the sequence, so that
+    each Performer key chunk has a larger stabilizing max than the last and the running sums must
+    be rescaled."""
+    monkeypatch.setattr(linear, "STREAM_CHUNK", 16)
+    monkeypatch.setattr(linear, "CAUSAL_CHUNK", 8)
+    jax.clear_caches()  # both functions are jitted: retrace with the small chunks
+    _, q, k, v, d_out = inputs(6, q_len=70, kv_len=70)
+    k = k * jnp.linspace(0.2, 3.0, 70)[None, :, None, None]
+    key = jax.random.key(8)
+    features = np.asarray(performer_features(key, 24, 8))
+    options = {"key": key, "num_features": 24, "causal": causal}
+    check(
+        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
+        (q, k, v),
+        d_out,
+        reference.performer_attention_reference(q, k, v, features, causal=causal),
+        reference.performer_attention_vjp_reference(q, k, v, d_out, features, causal=causal),
+        "qkv",
+    )
+    check(
+        lambda q, k, v: jattn.linear_attention(q, k, v, causal=causal),
+        (q, k, v),
+        d_out,
+        reference.linear_attention_reference(q, k, v, causal=causal),
+        reference.linear_attention_vjp_reference(q, k, v, d_out, causal=causal),
+        "qkv",
+    )
+    jax.clear_caches()
 
 
 def test_causal_scan_keeps_memory_linear():

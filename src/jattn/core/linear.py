@@ -33,7 +33,8 @@ FEATURE_MAPS: dict[str, Callable] = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020
     "relu": jax.nn.relu,
 }
-DEFAULT_CHUNK = 64  # positions per step of the causal prefix-sum scan
+CAUSAL_CHUNK = 64  # positions per step of the causal prefix-sum scan (its [c, c] tile is exact work)
+STREAM_CHUNK = 1024  # rows per step otherwise: the working set stays in cache at any length
 
 
 def _check_causal_lengths(problem: Problem, causal: bool, fn_name: str) -> None:
@@ -56,38 +57,92 @@ def _safe_divide(num, den):
     return jnp.where(positive[:, None], num / jnp.where(positive, den, 1.0)[:, None], 0.0)
 
 
-def normalized_kernel_attention(phi_q, phi_k, v, *, causal: bool, chunk: int = DEFAULT_CHUNK):
+def _split_rows(x, chunk: int):
+    """``[L, D]`` -> (``[L // chunk, chunk, D]`` whole chunks, ``[L % chunk, D]`` the rest)."""
+    whole = x.shape[0] // chunk * chunk
+    return x[:whole].reshape(-1, chunk, x.shape[-1]), x[whole:]
+
+
+def _scan_rows(step, carry, rows: tuple, chunk: int):
+    """``step(carry, rows_chunk) -> (carry, out [c, D] or None)`` over ``chunk`` rows at a time.
+
+    Whole chunks go through a ``lax.scan`` whose body the backward pass recomputes (so the saved
+    residuals are the inputs, not each chunk's features); the remaining rows are one shorter step,
+    so nothing is padded. Returns the final carry and the outputs ``[L, D]`` in row order (or None).
+    """
+    whole, rest = zip(*(_split_rows(x, chunk) for x in rows), strict=True)
+    outs = []
+    if whole[0].shape[0]:
+        carry, out = jax.lax.scan(jax.checkpoint(step), carry, whole)
+        outs.append(None if out is None else out.reshape(-1, out.shape[-1]))
+    if rest[0].shape[0]:
+        carry, out = step(carry, rest)
+        outs.append(out)
+    return carry, (None if outs[0] is None else jnp.concatenate(outs))
+
+
+def _absorb_keys(state, phi_k, shift, v):
+    """Add keys to the running sums ``(Σ φk vᵀ [F, Hv], Σ φk [F], log-scale m)``.
+
+    ``phi_k`` ``[c, F]`` are the key features divided by ``exp(shift)``; the sums are kept divided
+    by ``exp(m)``, m the largest shift so far (the online-softmax trick: a common factor cancels
+    in ``num / den``). Returns the new state and ``phi_k`` on the new state's scale.
+    """
+    kv, normalizer, log_scale = state
+    new_scale = jnp.maximum(log_scale, shift)
+    decay = jnp.exp(log_scale - new_scale)
+    phi_k = phi_k * jnp.exp(shift - new_scale)
+    kv = kv * decay + jnp.einsum("sf,sh->fh", phi_k, v, preferred_element_type=jnp.float32)
+    return (kv, normalizer * decay + phi_k.sum(0), new_scale), phi_k
+
+
+def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
     """``out_t = Σ_s (φq_t·φk_s) v_s / Σ_s φq_t·φk_s`` over all s, or s <= t when causal.
 
+    Streams over rows, so time and memory are O(T + S) and the working set is a chunk: key
+    chunks fold into the sums ``Σ φk vᵀ`` and ``Σ φk``, then query chunks read them; causal runs
+    one scan over chunks of ``CAUSAL_CHUNK`` positions (prefix sums plus the chunk's own
+    lower-triangular tile), never a ``[T, T]`` array.
+
     Args:
-      phi_q: ``[T, F]`` float32 query features. phi_k: ``[S, F]`` float32 key features.
-      v: ``[S, Hv]``.
-      causal: prefix sums by a scan over chunks of ``chunk`` positions (needs T == S).
+      q: ``[T, H]``. k: ``[S, H]``. v: ``[S, Hv]``.
+      phi_q: ``[c, H] -> [c, F]`` float32 query features.
+      phi_k: ``[c, H] -> ([c, F], shift)``: float32 key features divided by ``exp(shift)``, a
+        scalar without gradient (0 for maps that need no stabilizing).
+      causal: needs T == S.
     Returns:
       ``[T, Hv]`` float32.
     """
+    num_features = jax.eval_shape(phi_q, q[:1]).shape[-1]
+    sums = (
+        jnp.zeros((num_features, v.shape[-1]), jnp.float32),
+        jnp.zeros((num_features,), jnp.float32),
+        jnp.array(-jnp.inf, jnp.float32),
+    )
     if not causal:
-        kv = jnp.einsum("sf,sh->fh", phi_k, v, preferred_element_type=jnp.float32)  # [F, Hv]
-        num = jnp.einsum("tf,fh->th", phi_q, kv, preferred_element_type=jnp.float32)  # [T, Hv]
-        return _safe_divide(num, phi_q @ phi_k.sum(0))
-    length, num_features, value_dim = phi_q.shape[0], phi_q.shape[1], v.shape[-1]
-    chunk = min(chunk, length)
-    padded = -(-length // chunk) * chunk
-    pad = lambda x: jnp.pad(x, [(0, padded - length), (0, 0)]).reshape(-1, chunk, x.shape[-1])  # noqa: E731
-    causal_tile = jnp.tril(jnp.ones((chunk, chunk), bool))  # [c, c]
 
-    def step(carry, xs):
-        state, normalizer = carry  # [F, Hv], [F]: Σ φk vᵀ and Σ φk over earlier chunks
-        pq, pk, vc = xs  # [c, F], [c, F], [c, Hv]
-        local = jnp.where(causal_tile, pq @ pk.T, 0.0)  # [c, c]
-        num = pq @ state + jnp.einsum("ts,sh->th", local, vc, preferred_element_type=jnp.float32)
-        den = pq @ normalizer + local.sum(-1)
-        state = state + jnp.einsum("sf,sh->fh", pk, vc, preferred_element_type=jnp.float32)
-        return (state, normalizer + pk.sum(0)), _safe_divide(num, den)
+        def add_keys(state, rows):
+            k_c, v_c = rows
+            return _absorb_keys(state, *phi_k(k_c), v_c)[0], None
 
-    init = (jnp.zeros((num_features, value_dim), jnp.float32), jnp.zeros((num_features,), jnp.float32))
-    _, out = jax.lax.scan(step, init, (pad(phi_q), pad(phi_k), pad(v)))  # [n_chunks, c, Hv]
-    return out.reshape(padded, value_dim)[:length]
+        (kv, normalizer, _), _ = _scan_rows(add_keys, sums, (k, v), STREAM_CHUNK)
+
+        def read(_, rows):
+            phi = phi_q(rows[0])  # [c, F]
+            return None, _safe_divide(phi @ kv, phi @ normalizer)
+
+        return _scan_rows(read, None, (q,), STREAM_CHUNK)[1]
+
+    def causal_step(state, rows):
+        q_c, k_c, v_c = rows  # [c, H], [c, H], [c, Hv]
+        phi = phi_q(q_c)  # [c, F]
+        new_state, phi_k_c = _absorb_keys(state, *phi_k(k_c), v_c)
+        kv, normalizer = (x * jnp.exp(state[2] - new_state[2]) for x in state[:2])  # earlier chunks
+        local = jnp.tril(phi @ phi_k_c.T)  # [c, c]: this chunk's keys s <= t
+        num = phi @ kv + jnp.einsum("ts,sh->th", local, v_c, preferred_element_type=jnp.float32)
+        return new_state, _safe_divide(num, phi @ normalizer + local.sum(-1))
+
+    return _scan_rows(causal_step, sums, (q, k, v), CAUSAL_CHUNK)[1]
 
 
 def resolve_feature_map(feature_map: str | Callable) -> Callable:
@@ -118,9 +173,13 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
     problem = make_problem(q, k, v)
     _check_causal_lengths(problem, causal, "linear_attention")
 
+    def phi(x):
+        return feature_map(x.astype(jnp.float32))
+
     def per_head(q_h, k_h, v_h):
-        phi = lambda x: feature_map(x.astype(jnp.float32))  # noqa: E731
-        return normalized_kernel_attention(phi(q_h), phi(k_h), v_h, causal=causal)
+        return normalized_kernel_attention(
+            q_h, k_h, v_h, phi_q=phi, phi_k=lambda x: (phi(x), 0.0), causal=causal
+        )
 
     return _per_head_output(problem, per_head)
 
@@ -154,6 +213,15 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
     return directions * norms[:, None]
 
 
+def _favor_features(x, features, *, scale: float, per_row: bool):
+    """FAVOR+ features of ``x`` ``[L, H]`` divided by ``exp(shift)``, and the shift ``[L, 1]`` or
+    ``[]`` (a max of the exponents, without gradient)."""
+    x = x.astype(jnp.float32) * scale**0.5
+    exponent = x @ features.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)  # [L, M]
+    shift = jax.lax.stop_gradient(exponent.max(-1, keepdims=True) if per_row else exponent.max())
+    return jnp.exp(exponent - shift) / features.shape[0] ** 0.5, shift
+
+
 def positive_random_features(x, features, *, scale: float, stabilizer: str):
     """FAVOR+ features ``exp(w·x' - |x'|²/2 - c) / sqrt(M)`` of ``x' = sqrt(scale)·x``.
 
@@ -165,10 +233,7 @@ def positive_random_features(x, features, *, scale: float, stabilizer: str):
     Returns:
       ``[L, M]`` float32.
     """
-    x = x.astype(jnp.float32) * scale**0.5
-    exponent = x @ features.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)  # [L, M]
-    shift = exponent.max(-1, keepdims=True) if stabilizer == "row" else exponent.max()
-    return jnp.exp(exponent - jax.lax.stop_gradient(shift)) / features.shape[0] ** 0.5
+    return _favor_features(x, features, scale=scale, per_row=stabilizer == "row")[0]
 
 
 @functools.partial(jax.jit, static_argnames=("num_features", "causal", "orthogonal", "scale"))
@@ -192,12 +257,13 @@ def performer_attention(
     problem = make_problem(q, k, v, scale=scale)
     _check_causal_lengths(problem, causal, "performer_attention")
     features = performer_features(key, num_features, problem.head_dim, orthogonal=orthogonal)
-    phi = functools.partial(positive_random_features, features=features, scale=problem.scale)
+    phi_q = functools.partial(
+        positive_random_features, features=features, scale=problem.scale, stabilizer="row"
+    )
+    phi_k = functools.partial(_favor_features, features=features, scale=problem.scale, per_row=False)
 
     def per_head(q_h, k_h, v_h):
-        return normalized_kernel_attention(
-            phi(q_h, stabilizer="row"), phi(k_h, stabilizer="all"), v_h, causal=causal
-        )
+        return normalized_kernel_attention(q_h, k_h, v_h, phi_q=phi_q, phi_k=phi_k, causal=causal)
 
     return _per_head_output(problem, per_head)
 
