@@ -418,3 +418,8 @@ def test_command_line_smoke(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and len(scaling.read_rows(tmp_path / "scaling.csv")) == 4
     assert (tmp_path / "time_op.png").exists() and (tmp_path / "scaling.md").exists()
+
+
+def test_load_note_says_whether_other_processes_competed():
+    assert "no other process competed" in scaling.load_note(0.9, 1.9, 2)
+    assert "other processes competed for the cores: wall times are inflated" in scaling.load_note(1.0, 3.4, 2)

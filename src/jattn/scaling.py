@@ -981,6 +981,17 @@ def machine_description() -> str:
     )
 
 
+def load_note(lowest: float, highest: float, cores: int) -> str:
+    """One sentence on the machine's load during a sweep (the sweep's own threads included)."""
+    note = f"Load average (1 min) during the sweep: {lowest:.1f} to {highest:.1f} on {cores} cores"
+    if highest <= cores:
+        return note + ", the sweep's own threads included: no other process competed for the cores."
+    return (
+        note + ". Above the core count, other processes competed for the cores: wall times are inflated "
+        "and noisy, and the CPU-time exponents below are the steadier figure."
+    )
+
+
 def markdown_report(
     rows: Sequence[Mapping[str, Any]],
     summaries: Sequence[Summary],
@@ -1002,11 +1013,7 @@ def markdown_report(
     ]
     loads = [row["load_avg"] for row in rows if row.get("load_avg") is not None]
     if loads:
-        lines.append(
-            f"Load average (1 min) during the sweep: {min(loads):.1f} to {max(loads):.1f} on "
-            f"{os.cpu_count()} cores. Above the core count, other processes competed for the cores: wall "
-            "times are inflated and noisy, and the CPU-time exponents below are the steadier figure."
-        )
+        lines.append(load_note(min(loads), max(loads), os.cpu_count() or 1))
     if command:
         lines.append(f"Command: `{command}`")
     lines += [
