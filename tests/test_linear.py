@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jattn
-from jattn import reference
+from jattn import flops, reference
 from jattn.core import linear
 from jattn.core.linear import performer_features
 from jattn.variants import get_variant
@@ -154,6 +154,23 @@ def test_causal_scan_keeps_memory_linear():
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(8192) / temp_bytes(4096) < 2.3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_work_is_linear_in_the_length(causal):
+    """Matmul FLOPs of fwd+bwd, counted with the streaming loops' trip counts, double with the length."""
+
+    def work(fn, length):
+        shape = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)  # [B, T, N, H]
+        return flops.matmul_flops(
+            jax.grad(lambda *qkv: fn(*qkv).sum(), argnums=(0, 1, 2)), shape, shape, shape
+        )
+
+    for fn in (
+        lambda q, k, v: jattn.linear_attention(q, k, v, causal=causal),
+        lambda q, k, v: jattn.performer_attention(q, k, v, key=None, num_features=32, causal=causal),
+    ):
+        assert 1.9 < work(fn, 8192) / work(fn, 4096) < 2.1
 
 
 @pytest.mark.parametrize(
