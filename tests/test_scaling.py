@@ -348,7 +348,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "cpu_model.yaml", "gpu.yaml"])
 def test_shipped_configs_load(name):
     cfg = scaling.load_config(REPO / "configs" / "scaling" / name)
     assert cfg.baseline == "full" and max(cfg.lengths) >= 16384
@@ -423,3 +423,22 @@ def test_command_line_smoke(tmp_path):
 def test_load_note_says_whether_other_processes_competed():
     assert "no other process competed" in scaling.load_note(0.9, 1.9, 2)
     assert "other processes competed for the cores: wall times are inflated" in scaling.load_note(1.0, 3.4, 2)
+
+
+def test_model_level_performer_training_step_runs_repeatedly(tmp_path):
+    """Regression: a training step whose Performer features took a batched QR (128 features of
+    head dim 64: two orthogonal blocks) deadlocked XLA:CPU from its second call. Run in a
+    subprocess so that a hang fails the test instead of stalling the suite."""
+    overrides = [
+        f"out_dir={tmp_path}",
+        "lengths=[64]",
+        "passes=[forward_backward]",
+        "repeats=3",
+        "variants=[{name: full, variant: full}, {name: performer, variant: performer, "
+        "options: {num_features: 128}}]",
+    ]
+    script = [sys.executable, str(REPO / "experiments" / "scaling.py"), "configs/scaling/cpu_model.yaml"]
+    done = subprocess.run([*script, *overrides], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    rows = scaling.read_rows(tmp_path / "scaling.csv")
+    assert [(row["name"], row["status"]) for row in rows] == [("full", "ok"), ("performer", "ok")]

@@ -207,7 +207,9 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
         return jax.random.normal(gauss_key, (num_features, head_dim), jnp.float32)
     num_blocks = -(-num_features // head_dim)
     gaussians = jax.random.normal(gauss_key, (num_blocks, head_dim, head_dim), jnp.float32)
-    directions = jnp.linalg.qr(gaussians)[0].transpose(0, 2, 1)  # [blocks, H, H]: orthonormal rows
+    # One QR per block (lax.map): a batched QR inside a training step deadlocked XLA:CPU (jax 0.10.2)
+    # from the step's second call; tests/test_scaling.py runs such a step.
+    directions = jax.lax.map(lambda g: jnp.linalg.qr(g)[0].T, gaussians)  # [blocks, H, H]: orthonormal rows
     directions = directions.reshape(-1, head_dim)[:num_features]  # [M, H]
     norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
     return directions * norms[:, None]
