@@ -328,11 +328,13 @@ def test_tiny_sweep_end_to_end(tmp_path):
     rows = scaling.run_sweep(cfg, progress=False)
     assert len(rows) == 2 * 2 * 2 and all(row["status"] == scaling.OK for row in rows)
     for row in rows:
-        assert row["time_s"] > 0 and row["memory_bytes"] > 0 and row["xla_flops"] > 0
+        assert (
+            row["time_s"] > 0 and row["memory_bytes"] > 0 and row["xla_flops"] > 0 and row["matmul_flops"] > 0
+        )
         assert row["tokens_per_s"] == pytest.approx(row["length"] / row["time_s"])
         assert row["analytic_flops"] > 0 and row["backend"] == jax.default_backend() and row["load_avg"] >= 0
     full_fwd = by_point(rows)[("full", "forward", 64)]
-    assert full_fwd["analytic_flops"] == 2 * 2 * 64 * 64 * (8 + 8)
+    assert full_fwd["analytic_flops"] == 2 * 2 * 64 * 64 * (8 + 8) == full_fwd["matmul_flops"]
     written = scaling.write_report(cfg, command="python experiments/scaling.py tiny.yaml")
     assert [p.name for p in written] == ["scaling.md", "time_op.png", "memory_op.png"]
     assert all(p.stat().st_size > 0 for p in written)
@@ -442,3 +444,14 @@ def test_model_level_performer_training_step_runs_repeatedly(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = scaling.read_rows(tmp_path / "scaling.csv")
     assert [(row["name"], row["status"]) for row in rows] == [("full", "ok"), ("performer", "ok")]
+
+
+def test_a_csv_begun_by_an_older_version_keeps_its_header(tmp_path):
+    path = tmp_path / "scaling.csv"
+    old_fields = [field for field in scaling.ROW_FIELDS if field != "matmul_flops"]
+    path.write_text(",".join(old_fields) + "\n")
+    scaling.append_row(
+        path, {"level": "op", "name": "full", "length": 16, "matmul_flops": 7.0, "time_s": 0.5}
+    )
+    (row,) = scaling.read_rows(path)
+    assert row["time_s"] == 0.5 and row["matmul_flops"] is None and path.read_text().count("\n") == 2

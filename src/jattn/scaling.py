@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn import flops
 from jattn import masks as masks_lib
 from jattn.data import TaskSpec
 from jattn.train import config as config_lib
@@ -73,7 +74,14 @@ SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "caus
 _ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
 _RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
 _TIME_FIELDS = ("time_s", "time_min_s", "cpu_time_s", "compile_s", "tokens_per_s")
-_COST_FIELDS = ("memory_bytes", "temp_bytes", "device_peak_bytes", "xla_flops", "analytic_flops")
+_COST_FIELDS = (
+    "memory_bytes",
+    "temp_bytes",
+    "device_peak_bytes",
+    "xla_flops",
+    "matmul_flops",
+    "analytic_flops",
+)
 _LOAD_FIELDS = ("load_avg",)  # the machine's 1-minute load average when the row was measured
 _MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS + _LOAD_FIELDS  # numeric columns (empty where not measured)
 ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS
@@ -463,6 +471,15 @@ def compiled_flops(compiled) -> float | None:
     return float(costs["flops"])
 
 
+def jaxpr_flops(step: Step) -> int | None:
+    """``jattn.flops.matmul_flops`` of the step: loop bodies times their trip counts, unlike XLA's
+    count; None where a loop has no static trip count (``chunked``, the Pallas kernels)."""
+    try:
+        return flops.matmul_flops(step.fn, *step.args)
+    except ValueError:
+        return None
+
+
 def device_peak_bytes() -> int | None:
     """The device's high-water mark of allocated bytes, where the backend reports one (GPU, TPU)."""
     stats = jax.devices()[0].memory_stats()
@@ -584,6 +601,7 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
         row["compile_s"] = time.perf_counter() - start
         row["memory_bytes"], row["temp_bytes"] = compiled_memory_bytes(compiled)
         row["xla_flops"] = compiled_flops(compiled)
+        row["matmul_flops"] = jaxpr_flops(step)
         if row["memory_bytes"] is not None and row["memory_bytes"] > config.memory_budget_bytes:
             return row | {
                 "status": OVER_MEMORY,
@@ -695,15 +713,22 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def _header(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return next(csv.reader(f))
+
+
 def append_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
     """Append one row to the CSV (with the header if the file is new) and flush it to disk."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        # A CSV begun by an older version keeps its header: columns it lacks are left out.
+        fieldnames = ROW_FIELDS if new else _header(path)
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in ROW_FIELDS})
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in fieldnames})
         f.flush()
         os.fsync(f.fileno())
 
@@ -1067,7 +1092,8 @@ def markdown_report(
         "Cells: `timeout` over the time budget (measured or predicted), `> budget` over the memory "
         "budget (not run), `OOM` out of memory at run time, `n/a` unsupported length, `skipped` above the "
         "entry's `max_length`, `error` see above. "
-        "All columns (FLOPs from XLA and analytic, tokens/s, compile time) are in `scaling.csv`.",
+        "All columns (FLOPs from XLA, from the jaxpr's matmuls and analytic, tokens/s, compile time) are in "
+        "`scaling.csv`.",
     ]
     return "\n".join(lines) + "\n"
 
