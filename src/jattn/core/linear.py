@@ -71,7 +71,7 @@ def _scan_rows(step, carry, rows: tuple, chunk: int):
     so nothing is padded. Returns the final carry and the outputs ``[L, D]`` in row order (or None).
     """
     whole, rest = zip(*(_split_rows(x, chunk) for x in rows), strict=True)
-    outs = []
+    outs: list = []
     if whole[0].shape[0]:
         carry, out = jax.lax.scan(jax.checkpoint(step), carry, whole)
         outs.append(None if out is None else out.reshape(-1, out.shape[-1]))
