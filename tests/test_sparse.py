@@ -95,7 +95,7 @@ def test_query_blocks_processed_in_groups_match_the_oracle(monkeypatch, implemen
     rng = np.random.default_rng(14)
     q, k, v, d_out = make_inputs(rng, (2,), 75, 75, 2, 1, 8, 8, jnp.float32)
     # 4 heads (batch 2 × 2 heads): banded runs 2 of its 5 blocks of 16 × 28 keys per step, then 1.
-    monkeypatch.setattr(sparse, "_LOGITS_PER_STEP", 4 * 2 * 16 * 30)
+    monkeypatch.setitem(sparse._LOGITS_PER_STEP, "cpu", 4 * 2 * 16 * 30)
     jax.clear_caches()  # attention() is jitted: retrace under the small group size
     jaxpr = jax.make_jaxpr(lambda *qkv: jattn.attention(*qkv, mask=mask, implementation=implementation))
     assert "scan" in str(jaxpr(q, k, v)), "the grouped path was not taken"

@@ -38,10 +38,12 @@ _BLOCK_CANDIDATES = (128, 64, 32)  # block_sparse tries these tile sizes, larges
 _BLOCK_SLACK = 1.25  # and keeps the largest whose gathered area is within this factor of the best
 _MIN_BAND_BLOCK, _MAX_BAND_BLOCK = 16, 128
 # Query blocks are processed a group at a time, each group computing about this many logits over all
-# heads (4 MiB in float32). A bounded working set keeps time linear in the length: vmapping every block
-# at once made the gathered tiles outgrow the CPU's caches between 4096 and 8192 tokens (forward 2.5-3x
-# slower at 32768, and a fitted time exponent of 1.25-1.35 instead of 1.0).
-_LOGITS_PER_STEP = 1 << 20
+# heads. On a CPU, 2^20 (4 MiB in float32): a bounded working set keeps time linear in the length, where
+# vmapping every block at once made the gathered tiles outgrow the caches between 4096 and 8192 tokens
+# (forward 2.5-3x slower at 32768, a fitted time exponent of 1.25-1.35 instead of 1.0). On a GPU or TPU
+# the aim is to fill the device, not a cache: groups 64x larger bound the memory of very long inputs
+# without a long serial loop (not yet measured on one).
+_LOGITS_PER_STEP = {"cpu": 1 << 20, "accelerator": 1 << 26}
 
 
 def _next_pow2(n: int) -> int:
@@ -66,7 +68,7 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, sca
     Returns:
       ``[R, bq, Hv]`` in q's dtype; rows past T or with nothing allowed are zero.
 
-    Blocks run in groups of about ``_LOGITS_PER_STEP`` logits over all heads (``lax.map`` over
+    Blocks run in groups of about ``_LOGITS_PER_STEP`` logits (per backend) over all heads (``lax.map`` over
     groups, ``vmap`` within one), so the working set does not grow with R. The backward pass
     recomputes a group's probabilities rather than saving them (as FlashAttention does), so the
     saved residuals are the inputs, not the ``[R, bq, C]`` tiles with their gathered keys and values.
@@ -89,7 +91,8 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, sca
             q[q_idx], k[kv_idx], v[kv_idx], allowed, tile_bias, scale=scale, softcap=softcap
         )  # [bq, Hv]
 
-    rows_per_step = max(1, _LOGITS_PER_STEP // (heads * q_pos.shape[1] * kv_pos.shape[1]))
+    budget = _LOGITS_PER_STEP["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    rows_per_step = max(1, budget // (heads * q_pos.shape[1] * kv_pos.shape[1]))
     if q_pos.shape[0] <= rows_per_step:
         return jax.vmap(one_block)(q_pos, kv_pos, kv_valid)
     group = jax.checkpoint(lambda xs: one_block(*xs))  # the backward pass recomputes each group
