@@ -81,19 +81,25 @@ def _scan_rows(step, carry, rows: tuple, chunk: int):
     return carry, (None if outs[0] is None else jnp.concatenate(outs))
 
 
-def _absorb_keys(state, phi_k, shift, v):
-    """Add keys to the running sums ``(Σ φk vᵀ [F, Hv], Σ φk [F], log-scale m)``.
+def _rescale_sums(sums, phi_k, shift):
+    """Put the running sums ``(Σ φk vᵀ [F, Hv], Σ φk [F], log-scale m)`` and a chunk's key features
+    on one scale.
 
     ``phi_k`` ``[c, F]`` are the key features divided by ``exp(shift)``; the sums are kept divided
     by ``exp(m)``, m the largest shift so far (the online-softmax trick: a common factor cancels
-    in ``num / den``). Returns the new state and ``phi_k`` on the new state's scale.
+    in ``num / den``). Returns the sums and ``phi_k``, both divided by ``exp(max(m, shift))``.
     """
-    kv, normalizer, log_scale = state
+    kv, normalizer, log_scale = sums
     new_scale = jnp.maximum(log_scale, shift)
     decay = jnp.exp(log_scale - new_scale)
-    phi_k = phi_k * jnp.exp(shift - new_scale)
-    kv = kv * decay + jnp.einsum("sf,sh->fh", phi_k, v, preferred_element_type=jnp.float32)
-    return (kv, normalizer * decay + phi_k.sum(0), new_scale), phi_k
+    return (kv * decay, normalizer * decay, new_scale), phi_k * jnp.exp(shift - new_scale)
+
+
+def _add_keys(sums, phi_k, v):
+    """The sums with a chunk's keys added: ``phi_k`` ``[c, F]`` on the sums' scale, v ``[c, Hv]``."""
+    kv, normalizer, log_scale = sums
+    kv = kv + jnp.einsum("sf,sh->fh", phi_k, v, preferred_element_type=jnp.float32)
+    return kv, normalizer + phi_k.sum(0), log_scale
 
 
 def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
@@ -123,7 +129,8 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
 
         def add_keys(state, rows):
             k_c, v_c = rows
-            return _absorb_keys(state, *phi_k(k_c), v_c)[0], None
+            state, phi_k_c = _rescale_sums(state, *phi_k(k_c))
+            return _add_keys(state, phi_k_c, v_c), None
 
         (kv, normalizer, _), _ = _scan_rows(add_keys, sums, (k, v), STREAM_CHUNK)
 
@@ -136,11 +143,11 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
     def causal_step(state, rows):
         q_c, k_c, v_c = rows  # [c, H], [c, H], [c, Hv]
         phi = phi_q(q_c)  # [c, F]
-        new_state, phi_k_c = _absorb_keys(state, *phi_k(k_c), v_c)
-        kv, normalizer = (x * jnp.exp(state[2] - new_state[2]) for x in state[:2])  # earlier chunks
+        earlier, phi_k_c = _rescale_sums(state, *phi_k(k_c))  # sums over the earlier chunks
+        kv, normalizer, _ = earlier
         local = jnp.tril(phi @ phi_k_c.T)  # [c, c]: this chunk's keys s <= t
         num = phi @ kv + jnp.einsum("ts,sh->th", local, v_c, preferred_element_type=jnp.float32)
-        return new_state, _safe_divide(num, phi @ normalizer + local.sum(-1))
+        return _add_keys(earlier, phi_k_c, v_c), _safe_divide(num, phi @ normalizer + local.sum(-1))
 
     return _scan_rows(causal_step, sums, (q, k, v), CAUSAL_CHUNK)[1]
 
