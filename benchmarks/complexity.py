@@ -1,7 +1,7 @@
 """How the cost of each attention grows with sequence length: compiled FLOPs, temporary memory, wall time.
 
 For N = 1024 … 32768 (B=1, 4 heads, head_dim 64, float32, non-causal), each variant's forward+backward
-(gradients of q, k, v) is compiled once; ``jattn.flops.matmul_flops`` counts its matmul FLOPs from the
+(gradients of q, k, v) is compiled once; ``jattn.flops`` counts the matmul FLOPs of its traced
 jaxpr (loop bodies times their trip counts: XLA's cost analysis counts a loop body once, which would hide the
 growth of every implementation that streams over blocks), XLA's memory analysis gives the temporary bytes,
 and the compiled program is run for the median wall time. A log-log fit over N gives the
@@ -19,7 +19,6 @@ are left out (its work is the mask's non-empty tiles: see ``analytic_flops`` in 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn
-from jattn import flops, masks
+from jattn import masks, scaling
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 WINDOW, BIGBIRD_BLOCK, NUM_FEATURES, PROJECTED_LEN = 256, 64, 256, 256
@@ -81,11 +80,12 @@ def fwd_bwd(attend: Callable):
 def measure(name: str, length: int, wall: bool, repeats: int) -> dict:
     shape = (BATCH, length, HEADS, HEAD_DIM)  # [B, T, N, H]
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-    step = fwd_bwd(VARIANTS[name](length))
-    compiled = step.lower(spec, spec, spec, spec).compile()
+    traced = fwd_bwd(VARIANTS[name](length)).trace(spec, spec, spec, spec)
+    compiled = traced.lower().compile()
     row = {"temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
-    with contextlib.suppress(ValueError):  # a loop with a traced trip count ("chunked") has no count
-        row["flops"] = float(flops.matmul_flops(step, spec, spec, spec, spec))
+    matmul_flops = scaling.jaxpr_flops(traced.jaxpr)  # None for "chunked": its loops have no trip count
+    if matmul_flops is not None:
+        row["flops"] = float(matmul_flops)
     if wall:
         args = [jax.random.normal(key, shape, jnp.float32) for key in jax.random.split(jax.random.key(0), 4)]
         jax.block_until_ready(compiled(*args))  # warm-up

@@ -471,11 +471,12 @@ def compiled_flops(compiled) -> float | None:
     return float(costs["flops"])
 
 
-def jaxpr_flops(step: Step) -> int | None:
-    """``jattn.flops.matmul_flops`` of the step: loop bodies times their trip counts, unlike XLA's
-    count; None where a loop has no static trip count (``chunked``, the Pallas kernels)."""
+def jaxpr_flops(closed_jaxpr) -> int | None:
+    """``jattn.flops`` matmul FLOPs of a traced step (``jax.jit(fn).trace(...).jaxpr``): loop bodies
+    times their trip counts, unlike XLA's count; None where a loop has no static trip count
+    (``chunked``, the Pallas kernels)."""
     try:
-        return flops.matmul_flops(step.fn, *step.args)
+        return flops.jaxpr_matmul_flops(closed_jaxpr.jaxpr)
     except ValueError:
         return None
 
@@ -597,11 +598,12 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
     row: dict[str, Any] = {"analytic_flops": step.analytic_flops}
     try:
         start = time.perf_counter()
-        compiled = jax.jit(step.fn).lower(*step.args).compile()
+        traced = jax.jit(step.fn).trace(*step.args)
+        compiled = traced.lower().compile()
         row["compile_s"] = time.perf_counter() - start
         row["memory_bytes"], row["temp_bytes"] = compiled_memory_bytes(compiled)
         row["xla_flops"] = compiled_flops(compiled)
-        row["matmul_flops"] = jaxpr_flops(step)
+        row["matmul_flops"] = jaxpr_flops(traced.jaxpr)
         if row["memory_bytes"] is not None and row["memory_bytes"] > config.memory_budget_bytes:
             return row | {
                 "status": OVER_MEMORY,
