@@ -19,7 +19,8 @@ import jattn
 from attention_suite import AttentionSuite, make_inputs, oracle_mask
 from jattn import masks
 from jattn.attention import make_problem
-from jattn.kernels import blocks, flash
+from jattn.kernels import blocks, flash, gpu
+from jattn.kernels._config import HEADER
 from jattn.reference import attention_reference, attention_vjp_reference
 
 
@@ -172,8 +173,42 @@ def test_sliding_window_visits_only_its_band(monkeypatch):
     ratio = expected / blocks.visited_tiles(causal)[0]
     assert ratio == pytest.approx(2 * window / q_len, rel=0.1)  # ≈ 2w/T of the causal triangle
     # Only the two edge tiles of each band (the diagonal and the window's left end) are masked.
-    width = local.width
-    assert local.rows[:, 1 + width : 1 + 2 * width].sum() == num_blocks + (num_blocks - band + 1)
+    count, num_full = local.rows[:, 0], local.rows[:, 1]
+    assert (count - num_full).sum() == num_blocks + (num_blocks - band + 1)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "cols"])
+def test_schedule_lists_full_tiles_first_then_masked(transposed):
+    """Each row: its full tiles, then its masked ones, both ascending; the kernels loop over the two
+    runs separately, so every entry's flag must agree with its side of ``num_full``."""
+    mask = masks.sliding_window(40) | masks.from_fn(lambda t, s: (t * s) % 11 == 0)
+    layout = np.asarray(mask.blocks(200, 200, 16, 16))
+    schedule = blocks.make_schedule(layout, 200, 200, 16, 16)
+    packed = schedule.cols if transposed else schedule.rows
+    width = schedule.transposed_width if transposed else schedule.width
+    body = packed[:, HEADER:]
+    for r, (count, num_full) in enumerate(packed[:, :HEADER]):
+        ids, flags = body[r, :count], body[r, width : width + count]
+        listed = layout[ids, r] if transposed else layout[r, ids]
+        np.testing.assert_array_equal(flags, np.arange(count) >= num_full)
+        assert (listed != masks.EMPTY).all() and (np.diff(ids[:num_full]) > 0).all()
+        assert (np.diff(ids[num_full:]) > 0).all()
+        expected = layout[:, r] if transposed else layout[r]
+        assert sorted(ids) == list(np.flatnonzero(expected != masks.EMPTY))
+        assert (body[r, count:width] == (ids[-1] if count else 0)).all()  # padding repeats the last id
+
+
+def test_triton_loop_bodies_have_no_branch(monkeypatch, capsys):
+    """Full and masked tiles run in separate loops: a branch inside a loop body stops Triton from
+    pipelining the K/V loads and the matmuls (no cp.async, no async wgmma; checked with Triton 3.6
+    for sm_90 by ``benchmarks/triton_static.py``)."""
+    monkeypatch.setattr(gpu.pl, "pallas_call", functools.partial(gpu.pl.pallas_call, debug=True))
+    _exported_text("cuda", 64, masks.sliding_window(128), gradient=True)
+    modules = capsys.readouterr().out.split("The Triton module for pallas_call ")[1:]
+    names = sorted(module.split()[0] for module in modules)
+    assert names == ["jattn_flash_dkv", "jattn_flash_dq", "jattn_flash_forward"]
+    for module in modules:
+        assert module.count("scf.for") >= 2 and "scf.if" not in module, module.split()[0]
 
 
 def test_interpreted_kernel_skips_empty_tiles():

@@ -7,6 +7,14 @@ from typing import Any
 
 import jax
 
+# A packed schedule row is [count, num_full, ids[W], masked[W], table[W]] (see blocks.Schedule).
+HEADER = 2
+
+
+def entries_per_row(row_length: int) -> int:
+    """W of a packed schedule row of ``row_length`` int32 values."""
+    return (row_length - HEADER) // 3
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -40,8 +48,8 @@ class KernelAux:
     """The non-differentiable operands of a flash call.
 
     Attributes:
-      rows: int32 ``[num_q_blocks, 1 + 3W]`` schedule of the forward and dq passes.
-      cols: int32 ``[num_kv_blocks, 1 + 3Wt]`` schedule of the dk/dv pass.
+      rows: int32 ``[num_q_blocks, HEADER + 3W]`` schedule of the forward and dq passes.
+      cols: int32 ``[num_kv_blocks, HEADER + 3Wt]`` schedule of the dk/dv pass.
       table: int8 ``[B|1, N|1, P, bq, bkv]`` partial-tile table, or None.
       q_vectors: int32 ``[B|1, T', 1]`` per-query vectors of the formula.
       kv_vectors: int32 ``[B|1, 1, S']`` per-key vectors of the formula.
@@ -52,6 +60,16 @@ class KernelAux:
     table: Any
     q_vectors: tuple
     kv_vectors: tuple
+
+    @property
+    def row_width(self) -> int:
+        """W: the entries of a forward/dq schedule row."""
+        return entries_per_row(self.rows.shape[1])
+
+    @property
+    def col_width(self) -> int:
+        """Wt: the entries of a dk/dv schedule row."""
+        return entries_per_row(self.cols.shape[1])
 
 
 def split_refs(refs, aux: KernelAux, has_bias: bool, num_fixed: int):

@@ -19,6 +19,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.core.chunked import make_plan
+from jattn.kernels._config import HEADER, entries_per_row
 
 # Position-only masks whose ``_allowed`` uses only comparisons, so Triton and Mosaic lower it.
 IN_KERNEL_POSITION_MASKS = (masks_lib.Full, masks_lib.SlidingWindow, masks_lib.PrefixLM)
@@ -30,12 +31,15 @@ class Schedule:
     """Which tiles each kernel pass visits, as packed int32 rows the kernels index directly.
 
     Row ``r`` of ``rows`` (one per q tile, forward/dq; ``cols`` is one per kv tile, dk/dv) is
-    ``[count, ids[W], masked[W], table[W]]``: the first ``count`` entries of ``ids`` are the
-    visited tiles, in increasing order; entries past ``count`` repeat the last visited id (a
-    grid-based kernel then re-uses the block it already holds instead of fetching a new one).
+    ``[count, num_full, ids[W], masked[W], table[W]]``: the first ``count`` entries of ``ids``
+    are the visited tiles, the ``num_full`` full ones first and then the masked ones, each in
+    increasing order. A loop-based kernel thus runs two loops with no branch inside (a branch
+    around the tile math stops Triton from pipelining the loads and the matmuls). Entries past
+    ``count`` repeat the last visited id (a grid-based kernel then re-uses the block it already
+    holds instead of fetching a new one).
 
     Attributes:
-      rows: int32 ``[num_q_blocks, 1 + 3 * W]``. cols: int32 ``[num_kv_blocks, 1 + 3 * Wt]``.
+      rows: int32 ``[num_q_blocks, HEADER + 3 * W]``. cols: int32 ``[num_kv_blocks, HEADER + 3 * Wt]``.
       partial_tiles: int32 ``[P, 2]`` (q tile, kv tile) of the tiles the table holds.
       block_q, block_kv: tile sizes.
     """
@@ -48,11 +52,11 @@ class Schedule:
 
     @property
     def width(self) -> int:
-        return (self.rows.shape[1] - 1) // 3
+        return entries_per_row(self.rows.shape[1])
 
     @property
     def transposed_width(self) -> int:
-        return (self.cols.shape[1] - 1) // 3
+        return entries_per_row(self.cols.shape[1])
 
     @property
     def num_q_blocks(self) -> int:
@@ -63,20 +67,30 @@ class Schedule:
         return self.cols.shape[0]
 
 
+def _tiles(ids: np.ndarray, r: int, transposed: bool):
+    """Index of the (q tile, kv tile) pairs of entries ``ids`` in schedule row ``r``."""
+    row = np.full(len(ids), r)
+    return (ids, row) if transposed else (row, ids)
+
+
 def _pack(lists, masked: np.ndarray, table_index: np.ndarray, transposed: bool) -> np.ndarray:
-    """Visiting lists -> packed rows ``[count, ids, masked, table]`` (see ``Schedule``)."""
+    """Visiting lists -> packed rows ``[count, num_full, ids, masked, table]`` (see ``Schedule``)."""
     width = max([len(ids) for ids in lists] + [1])
-    packed = np.zeros((len(lists), 1 + 3 * width), np.int32)
+    packed = np.zeros((len(lists), HEADER + 3 * width), np.int32)
     for r, ids in enumerate(lists):
         ids = np.asarray(ids, np.int32)
         count = len(ids)
+        is_masked = masked[_tiles(ids, r, transposed)]
+        ids = np.concatenate([ids[~is_masked], ids[is_masked]])  # full tiles first, both sorted
         padded = np.full(width, ids[-1] if count else 0, np.int32)
         padded[:count] = ids
-        tiles = (padded, np.full(width, r)) if transposed else (np.full(width, r), padded)
         packed[r, 0] = count
-        packed[r, 1 : 1 + width] = padded
-        packed[r, 1 + width : 1 + 2 * width] = masked[tiles] * (np.arange(width) < count)
-        packed[r, 1 + 2 * width :] = table_index[tiles]
+        packed[r, 1] = count - int(is_masked.sum())
+        body = packed[r, HEADER:]
+        body[:width] = padded
+        tiles = _tiles(padded, r, transposed)
+        body[width : 2 * width] = masked[tiles] * (np.arange(width) < count)
+        body[2 * width :] = table_index[tiles]
     return packed
 
 

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from jattn.kernels import _tile
-from jattn.kernels._config import KernelAux, KernelConfig, split_refs
+from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
 
 MIN_BLOCK = 16
 
@@ -111,8 +111,19 @@ def _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 
 
 
 def _entry(sched_ref, width: int, j):
-    """(tile id, masked flag, table index) of entry j of a packed schedule row."""
-    return sched_ref[1 + j], sched_ref[1 + width + j], sched_ref[1 + 2 * width + j]
+    """(tile id, table index) of entry j of a packed schedule row."""
+    return sched_ref[HEADER + j], sched_ref[HEADER + 2 * width + j]
+
+
+def _loop_full_then_masked(sched_ref, visit, init):
+    """Fold ``visit(masked, j, carry)`` over a row's full entries, then over its masked ones.
+
+    Two loops with straight bodies rather than one loop with a branch: Triton software-pipelines
+    the K/V loads (cp.async) and the matmuls (async wgmma) only of a loop body without one.
+    """
+    count, num_full = sched_ref[0], sched_ref[1]
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(visit, False), init)
+    return jax.lax.fori_loop(num_full, count, functools.partial(visit, True), carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def _entry(sched_ref, width: int, j):
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, (out_ref, lse_ref) = split_refs(
         refs, aux, has_bias, 4
     )
@@ -130,20 +141,18 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, wi
     q_vectors = [ref[...] for ref in q_vec_refs]  # [bq, 1]
     step = functools.partial(_tile.online_softmax_step, scale=cfg.scale, softcap=cfg.softcap)
 
-    def visit(j, stats):
-        kv_id, masked, table_id = _entry(sched_ref, width, j)
+    def visit(masked: bool, j, stats):
+        kv_id, table_id = _entry(sched_ref, aux.row_width, j)
         kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
         k = k_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, H]
         v = v_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, Hv]
         bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]  # [bq, bkv]
-
-        def masked_tile(stats):
+        allowed = None
+        if masked:
             allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
-            return step(stats, q, k, v, bias, allowed)
+        return step(stats, q, k, v, bias, allowed)
 
-        return jax.lax.cond(masked != 0, masked_tile, lambda stats: step(stats, q, k, v, bias, None), stats)
-
-    stats = jax.lax.fori_loop(0, sched_ref[0], visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
+    stats = _loop_full_then_masked(sched_ref, visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
     out, lse = _tile.finish_statistics(stats, cfg.empty_lse)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
@@ -170,9 +179,7 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     vec_specs, vecs = _vector_specs(
         aux, bq, lambda i, b, n: i, kv_padded, lambda i, b, n: 0, lambda i, b, n: b
     )
-    kernel = functools.partial(
-        _forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None, width=(aux.rows.shape[1] - 1) // 3
-    )
+    kernel = functools.partial(_forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None)
     return pl.pallas_call(
         kernel,
         grid=(q_padded // bq, batch, num_heads),
@@ -196,7 +203,7 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
 # ---------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int):
+def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     num_fixed = 7
     fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, rest = split_refs(refs, aux, has_bias, num_fixed)
     sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
@@ -209,32 +216,27 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: 
     lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
     q_vectors = [ref[...] for ref in q_vec_refs]
 
-    def visit(j, dq):
-        kv_id, masked, table_id = _entry(sched_ref, width, j)
+    def visit(masked: bool, j, dq):
+        kv_id, table_id = _entry(sched_ref, aux.row_width, j)
         kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
         k = k_ref[pl.ds(kv_start, cfg.block_kv), :]
         v = v_ref[pl.ds(kv_start, cfg.block_kv), :]
         bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]
-
-        def update(allowed, dq):
-            _, ds, _, k_used, _ = _tile.probs_and_dscores(
-                q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
-            )
-            if dbias_ref is not None:
-                dbias_ref[0, :, pl.ds(kv_start, cfg.block_kv)] = ds
-            return dq + cfg.scale * _tile.matmul(ds, k_used)
-
-        def masked_tile(dq):
+        allowed = None
+        if masked:
             allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
-            return update(allowed, dq)
+        _, ds, _, k_used, _ = _tile.probs_and_dscores(
+            q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+        )
+        if dbias_ref is not None:
+            dbias_ref[0, :, pl.ds(kv_start, cfg.block_kv)] = ds
+        return dq + cfg.scale * _tile.matmul(ds, k_used)
 
-        return jax.lax.cond(masked != 0, masked_tile, functools.partial(update, None), dq)
-
-    dq = jax.lax.fori_loop(0, sched_ref[0], visit, jnp.zeros(q.shape, jnp.float32))
+    dq = _loop_full_then_masked(sched_ref, visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width: int, group: int):
+def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group: int):
     fixed, bias_ref, table_ref, q_vec_refs, kv_vec_refs, (dk_ref, dv_ref) = split_refs(refs, aux, has_bias, 7)
     sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
     kv_start = pl.program_id(0) * cfg.block_kv
@@ -242,8 +244,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width:
     kv_vectors = [ref[...] for ref in kv_vec_refs]  # [1, bkv]
     bq = cfg.block_q
 
-    def visit(g, j, grads):
-        q_id, masked, table_id = _entry(sched_ref, width, j)
+    def visit(g, masked: bool, j, grads):
+        q_id, table_id = _entry(sched_ref, aux.col_width, j)
         q_start = pl.multiple_of(q_id * bq, bq)
         q = q_ref[pl.ds(q_start, bq), g, :]  # [bq, H]
         d_out = do_ref[pl.ds(q_start, bq), g, :]  # [bq, Hv]
@@ -251,16 +253,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width:
         delta = delta_ref[g, pl.ds(q_start, bq), :]
         bias_head = g if bias_ref is not None and bias_ref.shape[0] > 1 else 0
         bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, bq), :]  # [bq, bkv]
-
-        def update(allowed, grads):
-            dk, dv = grads
-            p, ds, q_used, _, do_used = _tile.probs_and_dscores(
-                q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
-            )
-            dv = dv + _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
-            return dk + cfg.scale * _tile.matmul(ds, q_used, transpose_a=True), dv
-
-        def masked_tile(grads):
+        allowed = None
+        if masked:
             q_vectors = [ref[pl.ds(q_start, bq), :] for ref in q_vec_refs]  # [bq, 1]
             table_head = g if table_ref is not None and table_ref.shape[0] > 1 else 0
             table_tile = None if table_ref is None else table_ref[table_head, table_id, :, :]
@@ -275,12 +269,15 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, width:
                 kv_vectors,
                 table_tile,
             )
-            return update(allowed, grads)
-
-        return jax.lax.cond(masked != 0, masked_tile, functools.partial(update, None), grads)
+        dk, dv = grads
+        p, ds, q_used, _, do_used = _tile.probs_and_dscores(
+            q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+        )
+        dv = dv + _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
+        return dk + cfg.scale * _tile.matmul(ds, q_used, transpose_a=True), dv
 
     def one_head(g, grads):
-        return jax.lax.fori_loop(0, sched_ref[0], functools.partial(visit, g), grads)
+        return _loop_full_then_masked(sched_ref, functools.partial(visit, g), grads)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, group, one_head, init)
@@ -325,9 +322,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         vecs = [*vecs, jnp.zeros(dbias_shape, jnp.float32)]
         out_specs.append(dbias_spec)
         out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
-    width = (aux.rows.shape[1] - 1) // 3
     dq_and_dbias = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width),
+        functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias),
         grid=(q_padded // bq, batch, num_heads),
         in_specs=specs + extra_specs + vec_specs,
         out_specs=out_specs,
@@ -354,9 +350,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     vec_specs, vecs = _vector_specs(
         aux, q_padded, lambda j, b, h: 0, bkv, lambda j, b, h: j, lambda j, b, h: b
     )
-    width = (aux.cols.shape[1] - 1) // 3
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width, group=group),
+        functools.partial(_dkv_kernel, cfg=cfg, aux=aux, has_bias=has_bias, group=group),
         grid=(kv_padded // bkv, batch, num_kv_heads),
         in_specs=specs + extra_specs + vec_specs,
         out_specs=[

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jattn.kernels import _tile
-from jattn.kernels._config import KernelAux, KernelConfig, split_refs
+from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
 
 MIN_BLOCK = 128
 
@@ -38,7 +38,7 @@ def _select(batched: bool, index):
 
 def _entry(sched_ref, row, row_size: int, width: int, j):
     """(tile id, masked flag, table index) of entry j of packed row ``row`` (flattened in SMEM)."""
-    base = row * row_size + 1
+    base = row * row_size + HEADER
     return sched_ref[base + j], sched_ref[base + width + j], sched_ref[base + 2 * width + j]
 
 
@@ -135,7 +135,7 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
     q_ref, k_ref, v_ref = fixed
     out_ref, lse_ref, m_ref, l_ref, acc_ref = rest
     i, j = pl.program_id(2), pl.program_id(3)
-    row_size = 1 + 3 * width
+    row_size = HEADER + 3 * width
     kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
 
     @pl.when(j == 0)
@@ -169,8 +169,8 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     num_kv_heads, value_dim = k.shape[2], v.shape[3]
     group = num_heads // num_kv_heads
     bq, bkv = cfg.block_q, cfg.block_kv
-    width = (aux.rows.shape[1] - 1) // 3
-    row_size = 1 + 3 * width
+    width = aux.row_width
+    row_size = HEADER + 3 * width
 
     def index_of(b, n, i, j, sched):
         kv_id, _, table_id = _entry(sched, i, row_size, width, j)
@@ -242,7 +242,7 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
     else:
         (dq_ref, dq_acc), dbias_ref = rest, None
     i, j = pl.program_id(2), pl.program_id(3)
-    row_size = 1 + 3 * width
+    row_size = HEADER + 3 * width
     kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
     count = sched_ref[i * row_size]
 
@@ -277,7 +277,7 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     kj, g, jq = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    row_size = 1 + 3 * width
+    row_size = HEADER + 3 * width
     q_id, masked, _ = _entry(sched_ref, kj, row_size, width, jq)
 
     @pl.when((g == 0) & (jq == 0))
@@ -315,8 +315,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     qt, kt, vt, dot = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(d_out)
 
     # dq (and dS for the bias): grid (B, N, q tiles, listed kv tiles).
-    width = (aux.rows.shape[1] - 1) // 3
-    row_size = 1 + 3 * width
+    width = aux.row_width
+    row_size = HEADER + 3 * width
 
     def index_of(b, n, i, j, sched):
         kv_id, _, table_id = _entry(sched, i, row_size, width, j)
@@ -362,8 +362,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     dq, dbias = _heads_first(results[0]), (results[1] if has_bias else None)
 
     # dk, dv: grid (B, K, kv tiles, G query heads, listed q tiles).
-    width = (aux.cols.shape[1] - 1) // 3
-    row_size = 1 + 3 * width
+    width = aux.col_width
+    row_size = HEADER + 3 * width
 
     def index_t(b, h, kj, g, jq, sched):
         q_id, _, table_id = _entry(sched, kj, row_size, width, jq)
