@@ -71,6 +71,13 @@ def relative_error(got, expected) -> float:
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
+def _failure(error: Exception) -> str:
+    """A table cell for a call that failed; the full message goes to stderr (one GPU run is all
+    a session may get, so a failure must say enough to fix it without a second run)."""
+    print(f"{type(error).__name__}: {str(error)[:2000]}", file=sys.stderr)
+    return f"n/a ({type(error).__name__})"
+
+
 def check_correctness(setup: Setup) -> bool:
     """Flash vs the float64 oracle; the bar is 1e-2 (bfloat16) and 1e-4 (float32)."""
     rng = np.random.default_rng(0)
@@ -86,8 +93,13 @@ def check_correctness(setup: Setup) -> bool:
         q64, k64, v64, do64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v, d_out))
         for name, mask in cases.items():
             attend = functools.partial(jattn.flash_attention, mask=mask)
-            out, vjp = jax.vjp(attend, q, k, v)
-            grads = vjp(d_out)
+            try:
+                out, vjp = jax.vjp(attend, q, k, v)
+                grads = vjp(d_out)
+            except Exception as error:  # noqa: BLE001 - report it and go on to the other cells
+                all_ok = False
+                print(f"| {dtype} | {name} | {_failure(error)} | | | | {bar:.0e} | NO |")
+                continue
             dense = mask.dense(length, length)
             errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
             expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
@@ -201,7 +213,7 @@ def throughput_tables(setup: Setup) -> None:
                         try:
                             seconds = time_call(fn, (q, k, v), setup)
                         except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
-                            cells.append(f"n/a ({type(error).__name__})")
+                            cells.append(_failure(error))
                             continue
                         batch = setup.tokens // length
                         work = flops(batch, setup.heads, length, head_dim, causal, backward)
@@ -220,11 +232,16 @@ def sliding_window_vs_causal(setup: Setup) -> None:
         if _over_budget():
             print(f"| {'fwd_bwd' if backward else 'fwd'} | skipped (time budget) | | |")
             continue
-        times = []
-        for mask in (masks.causal(), masks.sliding_window(setup.window)):
-            fn = _step(functools.partial(jattn.flash_attention, mask=mask), backward)
-            times.append(time_call(fn, (q, k, v), setup))
         pass_name = "fwd_bwd" if backward else "fwd"
+        try:
+            steps = [
+                _step(functools.partial(jattn.flash_attention, mask=mask), backward)
+                for mask in (masks.causal(), masks.sliding_window(setup.window))
+            ]
+            times = [time_call(step, (q, k, v), setup) for step in steps]
+        except Exception as error:  # noqa: BLE001
+            print(f"| {pass_name} | {_failure(error)} | | |")
+            continue
         print(f"| {pass_name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.1f}x |")
     print()
 
@@ -240,7 +257,7 @@ def temp_memory(setup: Setup) -> None:
             analysis = compiled.memory_analysis()
             cell = f"{analysis.temp_size_in_bytes / 2**20:.0f}" if analysis is not None else "n/a"
         except Exception as error:  # noqa: BLE001
-            cell = f"n/a ({type(error).__name__})"
+            cell = _failure(error)
         print(f"| {name} | {cell} |")
     print()
 
