@@ -3,15 +3,19 @@
     PYTHONPATH=src python3 benchmarks/autotune_flash.py   # rewrites src/jattn/kernels/block_sizes.json
     PYTHONPATH=src python3 benchmarks/autotune_flash.py --output /tmp/t.json
 
-For each dtype and head dim it times causal forward+backward (16 heads, 16384 tokens at N = 4096,
-bfloat16/float16/float32) for every candidate ``BlockSizes`` and keeps the fastest; candidates
-that fail to compile (too much shared memory) are skipped. The TPU entries are kept as they are.
-``JATTN_AUTOTUNE_TINY=1``: a two-candidate sweep at tiny sizes in interpret mode on CPU (smoke test).
+For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times, for every
+tile shape, the forward under each forward launch setting (warps, stages), then forward+backward
+under each backward launch setting with that tile's best forward; the tile and settings with the
+fastest forward+backward are kept. Candidates that fail to compile (too much shared memory) are
+skipped. ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair on an H100);
+entries not swept, and the TPU entries, are kept as they are.
+``JATTN_AUTOTUNE_TINY=1``: a two-tile sweep at tiny sizes in interpret mode on CPU (smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -28,31 +32,27 @@ from jattn.attention import make_problem
 from jattn.kernels import flash
 
 TINY = os.environ.get("JATTN_AUTOTUNE_TINY") == "1"
-DTYPES = ("float32",) if TINY else ("bfloat16", "float16", "float32")
+KERNEL_DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("float32",) if TINY else KERNEL_DTYPES
 HEAD_DIMS = (16,) if TINY else (64, 128, 256)
 LENGTH, TOKENS, HEADS = (32, 32, 1) if TINY else (4096, 16384, 16)
+TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (32, 32)]
+LAUNCH = [(4, 2)] if TINY else list(itertools.product((4, 8), (2, 3)))  # (warps, stages)
 
 
-def candidates():
-    """BlockSizes to try (powers of two; Triton launch settings)."""
-    if TINY:
-        return [flash.BlockSizes(16, 16), flash.BlockSizes(32, 16)]
-    tiles = [(128, 128), (128, 64), (64, 64), (64, 32), (32, 32)]
-    return [flash.BlockSizes(bq, bkv, w, s) for (bq, bkv), w, s in itertools.product(tiles, (4, 8), (2, 3))]
-
-
-def seconds_per_step(sizes: flash.BlockSizes, dtype: str, head_dim: int) -> float:
+def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradient: bool) -> float:
+    """Median time of the causal forward (or forward+backward) with these sizes."""
     key = jax.random.key(head_dim)
     shape = (TOKENS // LENGTH, LENGTH, HEADS, head_dim)
     q, k, v = (jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 3))
     platform = jax.default_backend()
 
-    def loss(q, k, v):
+    def attend(q, k, v):
         problem = make_problem(q, k, v, mask=masks.causal())
-        out = flash.flash_problem(problem, platform=platform, interpret=platform == "cpu", sizes=sizes)
-        return out.astype(jnp.float32).sum()
+        return flash.flash_problem(problem, platform=platform, interpret=platform == "cpu", sizes=sizes)
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if gradient else attend)
     jax.block_until_ready(step(q, k, v))
     samples = []
     for _ in range(1 if TINY else 5):
@@ -62,24 +62,46 @@ def seconds_per_step(sizes: flash.BlockSizes, dtype: str, head_dim: int) -> floa
     return statistics.median(samples)
 
 
-def sweep() -> dict:
+def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
+    """(best BlockSizes, its seconds) among those that compile, or (None, inf)."""
+    timings = {}
+    for sizes in candidates:
+        try:
+            timings[sizes] = seconds_per_call(sizes, dtype, head_dim, gradient)
+        except Exception as error:  # noqa: BLE001 - a candidate that does not compile is skipped
+            print(f"  {dtype} h={head_dim} {sizes}: {type(error).__name__}", file=sys.stderr)
+    if not timings:
+        return None, float("inf")
+    best = min(timings, key=timings.get)
+    return best, timings[best]
+
+
+def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
+    """The fastest tile and launch settings for causal forward+backward."""
+    best, best_seconds = None, float("inf")
+    for bq, bkv in TILES:
+        forward = [flash.BlockSizes(bq, bkv, w, s) for w, s in LAUNCH]
+        tile_forward, _ = fastest(forward, dtype, head_dim, gradient=False)
+        if tile_forward is None:
+            continue
+        backward = [
+            dataclasses.replace(tile_forward, backward_num_warps=w, backward_num_stages=s) for w, s in LAUNCH
+        ]
+        sizes, seconds = fastest(backward, dtype, head_dim, gradient=True)
+        if seconds < best_seconds:
+            best, best_seconds = sizes, seconds
+    if best is not None:
+        print(f"{dtype} head_dim={head_dim}: {best} ({best_seconds * 1e3:.2f} ms fwd+bwd)")
+    return best
+
+
+def sweep(dtypes, head_dims) -> dict:
     """{dtype: {head_dim: fastest BlockSizes as a dict}} for the Triton lowering."""
     table: dict = {}
-    for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
-        timings = {}
-        for sizes in candidates():
-            try:
-                timings[sizes] = seconds_per_step(sizes, dtype, head_dim)
-            except Exception as error:  # noqa: BLE001 - a candidate that does not compile is skipped
-                print(f"  {dtype} h={head_dim} {sizes}: {type(error).__name__}", file=sys.stderr)
-        best = min(timings, key=timings.get)
-        print(f"{dtype} head_dim={head_dim}: {best} ({timings[best] * 1e3:.2f} ms fwd+bwd)")
-        table.setdefault(dtype, {})[str(head_dim)] = {
-            "block_q": best.block_q,
-            "block_kv": best.block_kv,
-            "num_warps": best.num_warps,
-            "num_stages": best.num_stages,
-        }
+    for dtype, head_dim in itertools.product(dtypes, head_dims):
+        best = tune(dtype, head_dim)
+        if best is not None:
+            table.setdefault(dtype, {})[str(head_dim)] = dataclasses.asdict(best)
     return table
 
 
@@ -87,12 +109,15 @@ def main() -> int:
     default = resources.files("jattn.kernels").joinpath("block_sizes.json")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(default), help="where to write the table")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=KERNEL_DTYPES)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     args = parser.parse_args()
     if not TINY and jax.default_backend() != "gpu":
         print("the sweep needs a GPU; JATTN_AUTOTUNE_TINY=1 runs the CPU smoke test", file=sys.stderr)
         return 2
     existing = json.loads(default.read_text())
-    for dtype, by_dim in sweep().items():  # merge: dtypes and head dims not swept keep their entries
+    # Merge: the dtypes and head dims not swept keep their entries.
+    for dtype, by_dim in sweep(args.dtypes, args.head_dims).items():
         existing["triton"].setdefault(dtype, {}).update(by_dim)
     existing["comment"] = (
         f"Tuned by benchmarks/autotune_flash.py on {jax.devices()[0].device_kind}, jax {jax.__version__}, "

@@ -241,6 +241,31 @@ def test_block_size_table_lookup_and_override():
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
 
 
+def test_backward_launch_settings_default_to_forward_and_reach_the_backward_kernels(monkeypatch):
+    assert flash.BlockSizes(64, 64, 8, 3) == flash.BlockSizes(64, 64, 8, 3, 8, 3)
+    with pytest.raises(
+        ValueError, match="backward_num_warps must be a positive int, got backward_num_warps=0"
+    ):
+        flash.BlockSizes(64, 64, backward_num_warps=0)
+    launched = {}
+    pallas_call = gpu.pl.pallas_call
+
+    def record(kernel, *, name, compiler_params, **kwargs):
+        launched[name] = (compiler_params.num_warps, compiler_params.num_stages)
+        return pallas_call(kernel, name=name, compiler_params=compiler_params, **kwargs)
+
+    monkeypatch.setattr(gpu.pl, "pallas_call", record)
+    sizes = flash.BlockSizes(64, 32, num_warps=4, num_stages=3, backward_num_warps=8, backward_num_stages=2)
+    x = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = flash.flash_problem(make_problem(q, k, v), platform="gpu", interpret=False, sizes=sizes)
+        return out.astype(jnp.float32).sum()
+
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+    assert launched == {"jattn_flash_forward": (4, 3), "jattn_flash_dq": (8, 2), "jattn_flash_dkv": (8, 2)}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

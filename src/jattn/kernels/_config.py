@@ -23,7 +23,8 @@ class KernelConfig:
     Attributes:
       scale, softcap: score modifiers (see ``jattn.attention``).
       q_len, kv_len: the true lengths (operands are padded to block multiples).
-      block_q, block_kv: tile sizes. num_warps, num_stages: Triton launch settings.
+      block_q, block_kv: tile sizes. num_warps, num_stages: Triton launch settings of the
+        forward kernel; backward_num_warps, backward_num_stages: of the dq and dk/dv kernels.
       formula: the in-kernel mask formula (``blocks.mask_formula``) or None.
       interpret: run the kernel in Pallas interpret mode.
       empty_lse: the lse of a row that attends nothing (ring attention merges by it).
@@ -37,6 +38,8 @@ class KernelConfig:
     block_kv: int
     num_warps: int
     num_stages: int
+    backward_num_warps: int
+    backward_num_stages: int
     formula: Any
     interpret: bool
     empty_lse: float = 0.0

@@ -42,20 +42,26 @@ class BlockSizes:
 
     Attributes:
       block_q: queries per tile. block_kv: keys per tile. Both powers of two >= 16.
-      num_warps, num_stages: Triton launch settings (ignored by the TPU lowering).
+      num_warps, num_stages: Triton launch settings of the forward kernel (ignored on TPU).
+      backward_num_warps, backward_num_stages: those of the dq and dk/dv kernels, which hold
+        more tiles at once (q, dO, dq or k, v, dk, dv) and spill with fewer warps; None: as forward.
     """
 
     block_q: int
     block_kv: int
     num_warps: int = 4
     num_stages: int = 2
+    backward_num_warps: int | None = None
+    backward_num_stages: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
             _check_block(name, getattr(self, name), gpu.MIN_BLOCK)
-        for name in ("num_warps", "num_stages"):
+        for name in ("num_warps", "num_stages", "backward_num_warps", "backward_num_stages"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if name.startswith("backward") and value is None:
+                object.__setattr__(self, name, getattr(self, name.removeprefix("backward_")))
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
@@ -111,6 +117,16 @@ def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=N
         else _check_block("block_kv", block_kv, minimum)
     )
     return dataclasses.replace(table, block_q=bq, block_kv=bkv)
+
+
+def _launch_settings(sizes: BlockSizes) -> dict:
+    """The Triton launch settings of a call (``KernelConfig`` fields)."""
+    return dict(
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
+        backward_num_warps=sizes.backward_num_warps,
+        backward_num_stages=sizes.backward_num_stages,
+    )
 
 
 def lowering_for(platform: str) -> str:
@@ -221,8 +237,7 @@ def flash_problem(
         kv_len=kv_len,
         block_q=bq,
         block_kv=bkv,
-        num_warps=sizes.num_warps,
-        num_stages=sizes.num_stages,
+        **_launch_settings(sizes),
         formula=formula,
         interpret=bool(interpret),
     )
@@ -266,8 +281,7 @@ def _one_head_call(q, k, v, mask, plan, scale, softcap, interpret):
         kv_len=plan.kv_len,
         block_q=bq,
         block_kv=bkv,
-        num_warps=sizes.num_warps,
-        num_stages=sizes.num_stages,
+        **_launch_settings(sizes),
         formula=formula,
         interpret=_resolve_interpret(interpret),
         empty_lse=MASK_VALUE,

@@ -34,7 +34,9 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
-def _compiler_params(cfg: KernelConfig):
+def _compiler_params(cfg: KernelConfig, backward: bool = False):
+    if backward:
+        return pl_triton.CompilerParams(num_warps=cfg.backward_num_warps, num_stages=cfg.backward_num_stages)
     return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -329,7 +331,7 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(cfg),
+        compiler_params=_compiler_params(cfg, backward=True),
         interpret=cfg.interpret,
         name="jattn_flash_dq",
     )(*operands, *extra, *vecs)
@@ -359,7 +361,7 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
             pl.BlockSpec((None, bkv, None, value_dim), lambda j, b, h: (b, j, h, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_compiler_params(cfg),
+        compiler_params=_compiler_params(cfg, backward=True),
         interpret=cfg.interpret,
         name="jattn_flash_dkv",
     )(*operands, *extra, *vecs)
