@@ -5,10 +5,12 @@
 
 For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times, for every
 tile shape, the forward under each forward launch setting (warps, stages), then forward+backward
-under each backward launch setting with that tile's best forward; the tile and settings with the
-fastest forward+backward are kept. Candidates that fail to compile (too much shared memory) are
-skipped. ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair on an H100);
-entries not swept, and the TPU entries, are kept as they are.
+under each backward candidate (8 warps, 2 or 3 stages, whole-tile or smaller backward steps) with
+that tile's best forward; the tile and settings with the fastest forward+backward are kept. Four
+warps are not tried for the backward: compiled for sm_90 they spill in every configuration
+(``benchmarks/triton_static.py --sweep``). Candidates that fail to compile (too much shared memory)
+are skipped. ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair on an
+H100); entries not swept, and the TPU entries, are kept as they are.
 ``JATTN_AUTOTUNE_TINY=1``: a two-tile sweep at tiny sizes in interpret mode on CPU (smoke test).
 """
 
@@ -36,8 +38,23 @@ KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 DTYPES = ("float32",) if TINY else KERNEL_DTYPES
 HEAD_DIMS = (16,) if TINY else (64, 128, 256)
 LENGTH, TOKENS, HEADS = (32, 32, 1) if TINY else (4096, 16384, 16)
-TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (32, 32)]
-LAUNCH = [(4, 2)] if TINY else list(itertools.product((4, 8), (2, 3)))  # (warps, stages)
+TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 64), (64, 32)]
+LAUNCH = [(4, 2)] if TINY else list(itertools.product((4, 8), (2, 3)))  # forward (warps, stages)
+BACKWARD_LAUNCH = [(4, 2)] if TINY else [(8, 2), (8, 3)]
+SMALL_Q_STEP, SMALL_KV_STEP = (16, 16) if TINY else (32, 64)
+
+
+def backward_candidates(forward: flash.BlockSizes) -> list[flash.BlockSizes]:
+    """The tile's best forward with each backward launch setting and step (the whole tile, or
+    ``SMALL_Q_STEP`` queries per dk/dv step and ``SMALL_KV_STEP`` keys per dq step)."""
+    q_steps = sorted({forward.block_q, min(forward.block_q, SMALL_Q_STEP)})
+    kv_steps = sorted({forward.block_kv, min(forward.block_kv, SMALL_KV_STEP)})
+    return [
+        dataclasses.replace(
+            forward, backward_num_warps=w, backward_num_stages=s, backward_q_step=q, backward_kv_step=kv
+        )
+        for (w, s), q, kv in itertools.product(BACKWARD_LAUNCH, q_steps, kv_steps)
+    ]
 
 
 def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradient: bool) -> float:
@@ -84,10 +101,7 @@ def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
         tile_forward, _ = fastest(forward, dtype, head_dim, gradient=False)
         if tile_forward is None:
             continue
-        backward = [
-            dataclasses.replace(tile_forward, backward_num_warps=w, backward_num_stages=s) for w, s in LAUNCH
-        ]
-        sizes, seconds = fastest(backward, dtype, head_dim, gradient=True)
+        sizes, seconds = fastest(backward_candidates(tile_forward), dtype, head_dim, gradient=True)
         if seconds < best_seconds:
             best, best_seconds = sizes, seconds
     if best is not None:

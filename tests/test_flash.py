@@ -67,6 +67,38 @@ def test_both_lowerings_match_oracle_with_gqa_odd_lengths_and_table_masks(platfo
     check(q, k, v, d_out, mask=mask, bias=bias, platform=platform, block_q=block, block_kv=block)
 
 
+@pytest.mark.parametrize("mask_kind", ["table_and_bias", "segments_and_padding"])
+def test_backward_steps_smaller_than_the_tiles_match_the_oracle(mask_kind):
+    """dq walks each listed kv tile 16 keys at a time and dk/dv each q tile 16 queries at a time:
+    the mask (table rows/columns, or positions and vectors), bias and dbias follow each step."""
+    rng = np.random.default_rng(7)
+    q_len, kv_len = 75, 70
+    q, k, v, d_out = make_inputs(rng, (2,), q_len, kv_len, 4, 2, 16, 16, jnp.float32)
+    bias = None
+    if mask_kind == "table_and_bias":
+        mask = masks.causal() | masks.from_fn(lambda t, s: (3 * t + s) % 5 == 0)
+        bias = jnp.asarray(rng.normal(size=(2, 1, q_len, kv_len)), jnp.float32)
+    else:
+        segment_ids = np.sort(rng.integers(0, 3, (2, q_len)), -1)
+        mask = masks.segments(segment_ids[:, :q_len], segment_ids[:, :kv_len]) & masks.padding(
+            np.array([75, 50]), np.array([70, 40])
+        )
+    sizes = flash.BlockSizes(32, 32, backward_q_step=16, backward_kv_step=16)
+    check(q, k, v, d_out, mask=mask, bias=bias, platform="gpu", sizes=sizes)
+
+
+def test_backward_steps_are_checked_and_shrink_with_the_tiles():
+    with pytest.raises(
+        ValueError, match="backward_q_step must be at most block_q=32, got backward_q_step=64"
+    ):
+        flash.BlockSizes(32, 32, backward_q_step=64)
+    with pytest.raises(ValueError, match="backward_kv_step must be a power of two >= 16"):
+        flash.BlockSizes(32, 32, backward_kv_step=24)
+    sizes = flash.BlockSizes(128, 64, backward_q_step=64, backward_kv_step=32)
+    assert (sizes.with_tiles(32, 64).backward_q_step, sizes.with_tiles(32, 64).backward_kv_step) == (32, 32)
+    assert flash.BlockSizes(64, 32).backward_q_step == 64  # default: whole tiles
+
+
 def test_in_kernel_masks_segments_padding_and_softcap():
     rng = np.random.default_rng(1)
     q, k, v, d_out = make_inputs(rng, (2,), 45, 45, 2, 1, 16, 12, jnp.float32)

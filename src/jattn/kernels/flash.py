@@ -45,6 +45,10 @@ class BlockSizes:
       num_warps, num_stages: Triton launch settings of the forward kernel (ignored on TPU).
       backward_num_warps, backward_num_stages: those of the dq and dk/dv kernels, which hold
         more tiles at once (q, dO, dq or k, v, dk, dv) and spill with fewer warps; None: as forward.
+      backward_q_step: query rows the Triton dk/dv kernel takes per step of a listed q tile, and
+        backward_kv_step: keys the Triton dq kernel takes per step of a listed kv tile (powers of
+        two >= 16, at most the tile; None: the whole tile). Smaller steps cut the shared memory and
+        registers of the backward without changing the schedule, which all three kernels share.
     """
 
     block_q: int
@@ -53,6 +57,8 @@ class BlockSizes:
     num_stages: int = 2
     backward_num_warps: int | None = None
     backward_num_stages: int | None = None
+    backward_q_step: int | None = None
+    backward_kv_step: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -63,6 +69,22 @@ class BlockSizes:
                 object.__setattr__(self, name, getattr(self, name.removeprefix("backward_")))
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        for name, tile in (("backward_q_step", "block_q"), ("backward_kv_step", "block_kv")):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, getattr(self, tile))
+            elif _check_block(name, value, gpu.MIN_BLOCK) > getattr(self, tile):
+                raise ValueError(f"{name} must be at most {tile}={getattr(self, tile)}, got {name}={value}")
+
+    def with_tiles(self, block_q: int, block_kv: int) -> BlockSizes:
+        """These settings on other tiles; the backward steps shrink with them where they must."""
+        return dataclasses.replace(
+            self,
+            block_q=block_q,
+            block_kv=block_kv,
+            backward_q_step=min(self.backward_q_step or block_q, block_q),
+            backward_kv_step=min(self.backward_kv_step or block_kv, block_kv),
+        )
 
 
 def _check_block(name: str, value, minimum: int) -> int:
@@ -116,17 +138,12 @@ def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=N
         if block_kv is None
         else _check_block("block_kv", block_kv, minimum)
     )
-    return dataclasses.replace(table, block_q=bq, block_kv=bkv)
+    return table.with_tiles(bq, bkv)
 
 
-def _launch_settings(sizes: BlockSizes) -> dict:
-    """The Triton launch settings of a call (``KernelConfig`` fields)."""
-    return dict(
-        num_warps=sizes.num_warps,
-        num_stages=sizes.num_stages,
-        backward_num_warps=sizes.backward_num_warps,
-        backward_num_stages=sizes.backward_num_stages,
-    )
+def _tiling(sizes: BlockSizes) -> dict:
+    """The tiles, steps and Triton launch settings of a call (``KernelConfig`` fields)."""
+    return {field.name: getattr(sizes, field.name) for field in dataclasses.fields(BlockSizes)}
 
 
 def lowering_for(platform: str) -> str:
@@ -235,9 +252,7 @@ def flash_problem(
         softcap=None if problem.softcap is None else float(problem.softcap),
         q_len=q_len,
         kv_len=kv_len,
-        block_q=bq,
-        block_kv=bkv,
-        **_launch_settings(sizes),
+        **_tiling(sizes),
         formula=formula,
         interpret=bool(interpret),
     )
@@ -273,15 +288,13 @@ def _one_head_call(q, k, v, mask, plan, scale, softcap, interpret):
     )
     pad_dim = LOWERINGS[lowering].padded_head_dim
     head_dim, value_dim = pad_dim(q.shape[-1]), pad_dim(v.shape[-1])
-    sizes = lookup_block_sizes(lowering, q.dtype, max(head_dim, value_dim))
+    sizes = lookup_block_sizes(lowering, q.dtype, max(head_dim, value_dim)).with_tiles(bq, bkv)
     cfg = KernelConfig(
         scale=float(scale),
         softcap=None if softcap is None else float(softcap),
         q_len=plan.q_len,
         kv_len=plan.kv_len,
-        block_q=bq,
-        block_kv=bkv,
-        **_launch_settings(sizes),
+        **_tiling(sizes),
         formula=formula,
         interpret=_resolve_interpret(interpret),
         empty_lse=MASK_VALUE,

@@ -95,20 +95,15 @@ def _vector_specs(aux: KernelAux, q_vec_block, q_vec_index, kv_vec_block, kv_vec
     return specs, operands
 
 
-def _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, head, table_id):
-    """The mask of a masked tile in a loop that loads kv-side data with ``pl.ds``."""
-    kv_vectors = [ref[:, pl.ds(kv_start, cfg.block_kv)] for ref in kv_vec_refs]  # [1, bkv]
-    table_tile = None if table_ref is None else table_ref[head, table_id, :, :]  # [bq, bkv]
+def _kv_tile_allowed(
+    cfg, q_start, kv_start, width, q_vectors, kv_vec_refs, table_ref, head, table_id, offset
+):
+    """The mask of ``width`` keys from ``kv_start`` (``offset`` into their tile) in a loop that
+    loads kv-side data with ``pl.ds``: bool ``[bq, width]``."""
+    kv_vectors = [ref[:, pl.ds(kv_start, width)] for ref in kv_vec_refs]  # [1, width]
+    table_tile = None if table_ref is None else table_ref[head, table_id, :, pl.ds(offset, width)]
     return _tile.allowed_in_tile(
-        cfg.formula,
-        q_start,
-        kv_start,
-        cfg.block_q,
-        cfg.block_kv,
-        cfg.kv_len,
-        q_vectors,
-        kv_vectors,
-        table_tile,
+        cfg.formula, q_start, kv_start, cfg.block_q, width, cfg.kv_len, q_vectors, kv_vectors, table_tile
     )
 
 
@@ -117,15 +112,24 @@ def _entry(sched_ref, width: int, j):
     return sched_ref[HEADER + j], sched_ref[HEADER + 2 * width + j]
 
 
-def _loop_full_then_masked(sched_ref, visit, init):
-    """Fold ``visit(masked, j, carry)`` over a row's full entries, then over its masked ones.
+def _loop_full_then_masked(sched_ref, visit, init, steps_per_tile: int = 1):
+    """Fold ``visit(masked, j, step, carry)`` over a row's full entries, then over its masked
+    ones, in ``steps_per_tile`` steps per listed tile.
 
     Two loops with straight bodies rather than one loop with a branch: Triton software-pipelines
     the K/V loads (cp.async) and the matmuls (async wgmma) only of a loop body without one.
     """
     count, num_full = sched_ref[0], sched_ref[1]
-    carry = jax.lax.fori_loop(0, num_full, functools.partial(visit, False), init)
-    return jax.lax.fori_loop(num_full, count, functools.partial(visit, True), carry)
+
+    def one_step(masked: bool, i, carry):
+        if steps_per_tile == 1:
+            return visit(masked, i, 0, carry)
+        return visit(masked, jax.lax.div(i, steps_per_tile), jax.lax.rem(i, steps_per_tile), carry)
+
+    carry = jax.lax.fori_loop(0, num_full * steps_per_tile, functools.partial(one_step, False), init)
+    return jax.lax.fori_loop(
+        num_full * steps_per_tile, count * steps_per_tile, functools.partial(one_step, True), carry
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     q_vectors = [ref[...] for ref in q_vec_refs]  # [bq, 1]
     step = functools.partial(_tile.online_softmax_step, scale=cfg.scale, softcap=cfg.softcap)
 
-    def visit(masked: bool, j, stats):
+    def visit(masked: bool, j, _step, stats):  # one step per tile
         kv_id, table_id = _entry(sched_ref, aux.row_width, j)
         kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
         k = k_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, H]
@@ -151,7 +155,9 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]  # [bq, bkv]
         allowed = None
         if masked:
-            allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
+            allowed = _kv_tile_allowed(
+                cfg, q_start, kv_start, cfg.block_kv, q_vectors, kv_vec_refs, table_ref, 0, table_id, 0
+            )
         return step(stats, q, k, v, bias, allowed)
 
     stats = _loop_full_then_masked(sched_ref, visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
@@ -218,23 +224,29 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
     q_vectors = [ref[...] for ref in q_vec_refs]
 
-    def visit(masked: bool, j, dq):
+    kv_step = cfg.backward_kv_step
+
+    def visit(masked: bool, j, step, dq):  # keys [kv_start, kv_start + kv_step) of the j-th tile
         kv_id, table_id = _entry(sched_ref, aux.row_width, j)
-        kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
-        k = k_ref[pl.ds(kv_start, cfg.block_kv), :]
-        v = v_ref[pl.ds(kv_start, cfg.block_kv), :]
-        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]
+        kv_start = pl.multiple_of(kv_id * cfg.block_kv + step * kv_step, kv_step)
+        k = k_ref[pl.ds(kv_start, kv_step), :]  # [kv_step, H]
+        v = v_ref[pl.ds(kv_start, kv_step), :]
+        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, kv_step)]  # [bq, kv_step]
         allowed = None
         if masked:
-            allowed = _kv_tile_allowed(cfg, q_start, kv_start, q_vectors, kv_vec_refs, table_ref, 0, table_id)
+            offset = step * kv_step
+            allowed = _kv_tile_allowed(
+                cfg, q_start, kv_start, kv_step, q_vectors, kv_vec_refs, table_ref, 0, table_id, offset
+            )
         _, ds, _, k_used, _ = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
         )
         if dbias_ref is not None:
-            dbias_ref[0, :, pl.ds(kv_start, cfg.block_kv)] = ds
+            dbias_ref[0, :, pl.ds(kv_start, kv_step)] = ds
         return dq + cfg.scale * _tile.matmul(ds, k_used)
 
-    dq = _loop_full_then_masked(sched_ref, visit, jnp.zeros(q.shape, jnp.float32))
+    steps = cfg.block_kv // kv_step
+    dq = _loop_full_then_masked(sched_ref, visit, jnp.zeros(q.shape, jnp.float32), steps)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -244,27 +256,29 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
     kv_start = pl.program_id(0) * cfg.block_kv
     k, v = k_ref[...], v_ref[...]  # [bkv, H], [bkv, Hv]
     kv_vectors = [ref[...] for ref in kv_vec_refs]  # [1, bkv]
-    bq = cfg.block_q
+    q_step = cfg.backward_q_step
 
-    def visit(g, masked: bool, j, grads):
+    def visit(g, masked: bool, j, step, grads):  # queries [q_start, q_start + q_step) of the j-th tile
         q_id, table_id = _entry(sched_ref, aux.col_width, j)
-        q_start = pl.multiple_of(q_id * bq, bq)
-        q = q_ref[pl.ds(q_start, bq), g, :]  # [bq, H]
-        d_out = do_ref[pl.ds(q_start, bq), g, :]  # [bq, Hv]
-        lse = lse_ref[g, pl.ds(q_start, bq), :]  # [bq, 1]
-        delta = delta_ref[g, pl.ds(q_start, bq), :]
+        q_start = pl.multiple_of(q_id * cfg.block_q + step * q_step, q_step)
+        q = q_ref[pl.ds(q_start, q_step), g, :]  # [q_step, H]
+        d_out = do_ref[pl.ds(q_start, q_step), g, :]  # [q_step, Hv]
+        lse = lse_ref[g, pl.ds(q_start, q_step), :]  # [q_step, 1]
+        delta = delta_ref[g, pl.ds(q_start, q_step), :]
         bias_head = g if bias_ref is not None and bias_ref.shape[0] > 1 else 0
-        bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, bq), :]  # [bq, bkv]
+        bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, q_step), :]  # [q_step, bkv]
         allowed = None
         if masked:
-            q_vectors = [ref[pl.ds(q_start, bq), :] for ref in q_vec_refs]  # [bq, 1]
+            q_vectors = [ref[pl.ds(q_start, q_step), :] for ref in q_vec_refs]  # [q_step, 1]
             table_head = g if table_ref is not None and table_ref.shape[0] > 1 else 0
-            table_tile = None if table_ref is None else table_ref[table_head, table_id, :, :]
+            table_tile = None
+            if table_ref is not None:
+                table_tile = table_ref[table_head, table_id, pl.ds(step * q_step, q_step), :]
             allowed = _tile.allowed_in_tile(
                 cfg.formula,
                 q_start,
                 kv_start,
-                bq,
+                q_step,
                 cfg.block_kv,
                 cfg.kv_len,
                 q_vectors,
@@ -279,7 +293,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
         return dk + cfg.scale * _tile.matmul(ds, q_used, transpose_a=True), dv
 
     def one_head(g, grads):
-        return _loop_full_then_masked(sched_ref, functools.partial(visit, g), grads)
+        return _loop_full_then_masked(sched_ref, functools.partial(visit, g), grads, cfg.block_q // q_step)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, group, one_head, init)
