@@ -23,6 +23,7 @@ test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 test-slow: install
+	$(PY) -m pip install --quiet -e ".[static]"
 	$(PY) -m pytest -q -m slow
 
 lint: install
