@@ -75,6 +75,8 @@ def captured_triton_ir():
         yield modules
     finally:
         pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
+    if not modules:
+        raise RuntimeError(f"no Triton IR captured: the private lowering hook moved in jax {jax.__version__}")
 
 
 def lower(fn, *shapes) -> None:
