@@ -273,6 +273,27 @@ def test_block_size_table_lookup_and_override():
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
 
 
+def test_forward_and_dq_launch_the_last_q_tile_first(monkeypatch):
+    """Program 0 of the forward and dq grids takes the last q tile (the longest under a causal mask)."""
+    first_q_tile = {}
+    pallas_call = gpu.pl.pallas_call
+
+    def record(kernel, *, name, grid, in_specs, **kwargs):
+        q_spec = in_specs[1]  # the schedule row comes first, then q
+        first_q_tile[name] = (grid[0], q_spec.index_map(0, 0, 0)[1])
+        return pallas_call(kernel, name=name, grid=grid, in_specs=in_specs, **kwargs)
+
+    monkeypatch.setattr(gpu.pl, "pallas_call", record)
+    x = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
+
+    def loss(q, k, v):
+        problem = make_problem(q, k, v, mask=masks.causal())
+        return flash.flash_problem(problem, platform="gpu", interpret=True, block_q=32, block_kv=32).sum()
+
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+    assert first_q_tile["jattn_flash_forward"] == (4, 3) and first_q_tile["jattn_flash_dq"] == (4, 3)
+
+
 def test_backward_launch_settings_default_to_forward_and_reach_the_backward_kernels(monkeypatch):
     assert flash.BlockSizes(64, 64, 8, 3) == flash.BlockSizes(64, 64, 8, 3, 8, 3)
     with pytest.raises(

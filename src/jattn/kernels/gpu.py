@@ -1,14 +1,19 @@
 """The flash kernels through Pallas' Triton lowering (NVIDIA GPUs; interpret mode on CPU).
 
 Layout ``[B, T, N, H]`` as given (no transposes). Pallas Triton has no scalar prefetch, so each
-program reads its row of the tile schedule as an ordinary int32 input and loops
-``lax.fori_loop(0, count)`` over dynamic ``pl.ds`` loads of the listed kv tiles: empty tiles are
-never loaded. Grids put the q (or kv) tile first so that neighbouring programs share K/V in L2.
+program reads its row of the tile schedule as an ordinary int32 input and loops over dynamic
+``pl.ds`` loads of the listed kv tiles, first the full ones, then the masked ones, in two loops
+without a branch inside (``_loop_full_then_masked``): empty tiles are never loaded. Grids put the
+q (or kv) tile first so that neighbouring programs share K/V in L2.
 
-* forward, grid ``(num_q_blocks, B, N)``: out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``.
-* dq, same grid, over the same kv-tile lists; also writes dS tiles when there is a bias.
+* forward, grid ``(num_q_blocks, B, N)``, last q tile first: out ``[B, T', N, Hv]``, lse
+  ``[B, N, T', 1]``.
+* dq, same grid, over the same kv-tile lists, ``backward_kv_step`` keys per step; also writes dS
+  tiles when there is a bias.
 * dk/dv, grid ``(num_kv_blocks, B, K)``: loops over the G query heads of the kv head and the
-  listed q tiles, so grouped-query gradients are summed in registers (no atomics, no repeat).
+  listed q tiles, ``backward_q_step`` queries per step, so grouped-query gradients are summed in
+  registers (no atomics, no repeat). Under a causal mask the first kv tiles are the longest, and
+  they already run first.
 
 Triton needs power-of-two tiles of at least 16 in each matmul dim; ``padded_head_dim`` says to
 what the wrapper pads head dims (80 and 96 run as 128).
@@ -16,6 +21,7 @@ what the wrapper pads head dims (80 and 96 run as 128).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,6 +48,23 @@ def _compiler_params(cfg: KernelConfig, backward: bool = False):
 
 def _select(batched: bool, index):
     return index if batched else 0
+
+
+def _last_q_tile_first(specs, num_q_blocks: int):
+    """Index maps over grid ``(q tiles, B, N)`` that run the q tiles from last to first.
+
+    Under a causal mask the last q tiles list the most kv tiles; launched first, they no longer
+    make the tail of the grid (FlashAttention's tile schedulers order causal work longest first).
+    """
+    return [
+        dataclasses.replace(spec, index_map=lambda r, b, n, f=spec.index_map: f(num_q_blocks - 1 - r, b, n))
+        for spec in specs
+    ]
+
+
+def _q_tile():
+    """The q tile of this program under ``_last_q_tile_first``."""
+    return pl.num_programs(0) - 1 - pl.program_id(0)
 
 
 def _optional_specs(aux: KernelAux, bias, heads: int, q_block: int, kv_block: int, index_of):
@@ -142,7 +165,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         refs, aux, has_bias, 4
     )
     sched_ref, q_ref, k_ref, v_ref = fixed
-    q_start = pl.program_id(0) * cfg.block_q
+    q_start = _q_tile() * cfg.block_q
     q = q_ref[...]  # [bq, H]
     q_vectors = [ref[...] for ref in q_vec_refs]  # [bq, 1]
     step = functools.partial(_tile.online_softmax_step, scale=cfg.scale, softcap=cfg.softcap)
@@ -188,14 +211,18 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
         aux, bq, lambda i, b, n: i, kv_padded, lambda i, b, n: 0, lambda i, b, n: b
     )
     kernel = functools.partial(_forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None)
+    num_q_blocks = q_padded // bq
     return pl.pallas_call(
         kernel,
-        grid=(q_padded // bq, batch, num_heads),
-        in_specs=specs + extra_specs + vec_specs,
-        out_specs=[
-            pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
-            pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
-        ],
+        grid=(num_q_blocks, batch, num_heads),
+        in_specs=_last_q_tile_first(specs + extra_specs + vec_specs, num_q_blocks),
+        out_specs=_last_q_tile_first(
+            [
+                pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
+            ],
+            num_q_blocks,
+        ),
         out_shape=[
             jax.ShapeDtypeStruct((batch, q_padded, num_heads, value_dim), q.dtype),
             jax.ShapeDtypeStruct((batch, num_heads, q_padded, 1), jnp.float32),
@@ -219,7 +246,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         _, dq_ref, dbias_ref = rest  # the first is the zero-filled dbias input aliased to dbias
     else:
         (dq_ref,), dbias_ref = rest, None
-    q_start = pl.program_id(0) * cfg.block_q
+    q_start = _q_tile() * cfg.block_q
     q, d_out = q_ref[...], do_ref[...]  # [bq, H], [bq, Hv]
     lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
     q_vectors = [ref[...] for ref in q_vec_refs]
@@ -338,11 +365,12 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         vecs = [*vecs, jnp.zeros(dbias_shape, jnp.float32)]
         out_specs.append(dbias_spec)
         out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
+    num_q_blocks = q_padded // bq
     dq_and_dbias = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias),
-        grid=(q_padded // bq, batch, num_heads),
-        in_specs=specs + extra_specs + vec_specs,
-        out_specs=out_specs,
+        grid=(num_q_blocks, batch, num_heads),
+        in_specs=_last_q_tile_first(specs + extra_specs + vec_specs, num_q_blocks),
+        out_specs=_last_q_tile_first(out_specs, num_q_blocks),
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=_compiler_params(cfg, backward=True),
