@@ -11,9 +11,14 @@ import jax
 HEADER = 2
 
 
-def entries_per_row(row_length: int) -> int:
-    """W of a packed schedule row of ``row_length`` int32 values."""
-    return (row_length - HEADER) // 3
+def row_length(width: int) -> int:
+    """int32 values in a packed schedule row of ``width`` (W) entries."""
+    return HEADER + 3 * width
+
+
+def entries_per_row(length: int) -> int:
+    """W of a packed schedule row of ``length`` int32 values (``row_length``'s inverse)."""
+    return (length - HEADER) // 3
 
 
 @dataclasses.dataclass(frozen=True)

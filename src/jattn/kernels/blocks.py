@@ -19,7 +19,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.core.chunked import make_plan
-from jattn.kernels._config import HEADER, entries_per_row
+from jattn.kernels._config import HEADER, entries_per_row, row_length
 
 # Position-only masks whose ``_allowed`` uses only comparisons, so Triton and Mosaic lower it.
 IN_KERNEL_POSITION_MASKS = (masks_lib.Full, masks_lib.SlidingWindow, masks_lib.PrefixLM)
@@ -76,7 +76,7 @@ def _tiles(ids: np.ndarray, r: int, transposed: bool):
 def _pack(lists, masked: np.ndarray, table_index: np.ndarray, transposed: bool) -> np.ndarray:
     """Visiting lists -> packed rows ``[count, num_full, ids, masked, table]`` (see ``Schedule``)."""
     width = max([len(ids) for ids in lists] + [1])
-    packed = np.zeros((len(lists), HEADER + 3 * width), np.int32)
+    packed = np.zeros((len(lists), row_length(width)), np.int32)
     for r, ids in enumerate(lists):
         ids = np.asarray(ids, np.int32)
         count = len(ids)

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jattn.kernels import _tile
-from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
+from jattn.kernels._config import HEADER, KernelAux, KernelConfig, row_length, split_refs
 
 MIN_BLOCK = 128
 
@@ -36,9 +36,14 @@ def _select(batched: bool, index):
     return index if batched else 0
 
 
-def _entry(sched_ref, row, row_size: int, width: int, j):
+def _count(sched_ref, row, width: int):
+    """How many entries packed row ``row`` (of ``width`` entries, flattened in SMEM) lists."""
+    return sched_ref[row * row_length(width)]
+
+
+def _entry(sched_ref, row, width: int, j):
     """(tile id, masked flag, table index) of entry j of packed row ``row`` (flattened in SMEM)."""
-    base = row * row_size + HEADER
+    base = row * row_length(width) + HEADER
     return sched_ref[base + j], sched_ref[base + width + j], sched_ref[base + 2 * width + j]
 
 
@@ -135,8 +140,7 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
     q_ref, k_ref, v_ref = fixed
     out_ref, lse_ref, m_ref, l_ref, acc_ref = rest
     i, j = pl.program_id(2), pl.program_id(3)
-    row_size = HEADER + 3 * width
-    kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
+    kv_id, masked, _ = _entry(sched_ref, i, width, j)
 
     @pl.when(j == 0)
     def _():
@@ -149,7 +153,7 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
             stats, q_ref[...], k_ref[...], v_ref[...], bias, allowed, scale=cfg.scale, softcap=cfg.softcap
         )
 
-    @pl.when(j < sched_ref[i * row_size])
+    @pl.when(j < _count(sched_ref, i, width))
     def _():
         allowed = lambda: _tile_allowed(  # noqa: E731
             cfg, i * cfg.block_q, kv_id * cfg.block_kv, q_vec_refs, kv_vec_refs, table_ref
@@ -170,10 +174,9 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     group = num_heads // num_kv_heads
     bq, bkv = cfg.block_q, cfg.block_kv
     width = aux.row_width
-    row_size = HEADER + 3 * width
 
     def index_of(b, n, i, j, sched):
-        kv_id, _, table_id = _entry(sched, i, row_size, width, j)
+        kv_id, _, table_id = _entry(sched, i, width, j)
         return b, n, i, kv_id, table_id
 
     kv_map = lambda b, n, i, j, sched: (b, jax.lax.div(n, group), index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
@@ -242,9 +245,8 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
     else:
         (dq_ref, dq_acc), dbias_ref = rest, None
     i, j = pl.program_id(2), pl.program_id(3)
-    row_size = HEADER + 3 * width
-    kv_id, masked, _ = _entry(sched_ref, i, row_size, width, j)
-    count = sched_ref[i * row_size]
+    kv_id, masked, _ = _entry(sched_ref, i, width, j)
+    count = _count(sched_ref, i, width)
 
     @pl.when(j == 0)
     def _():
@@ -277,8 +279,7 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     kj, g, jq = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    row_size = HEADER + 3 * width
-    q_id, masked, _ = _entry(sched_ref, kj, row_size, width, jq)
+    q_id, masked, _ = _entry(sched_ref, kj, width, jq)
 
     @pl.when((g == 0) & (jq == 0))
     def _():
@@ -292,7 +293,7 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
         dv_acc[...] += _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
         dk_acc[...] += cfg.scale * _tile.matmul(ds, q_used, transpose_a=True)  # [bkv, H]
 
-    @pl.when(jq < sched_ref[kj * row_size])
+    @pl.when(jq < _count(sched_ref, kj, width))
     def _():
         allowed = lambda: _tile_allowed(  # noqa: E731
             cfg, q_id * cfg.block_q, kj * cfg.block_kv, q_vec_refs, kv_vec_refs, table_ref
@@ -316,10 +317,9 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
 
     # dq (and dS for the bias): grid (B, N, q tiles, listed kv tiles).
     width = aux.row_width
-    row_size = HEADER + 3 * width
 
     def index_of(b, n, i, j, sched):
-        kv_id, _, table_id = _entry(sched, i, row_size, width, j)
+        kv_id, _, table_id = _entry(sched, i, width, j)
         return b, n, i, kv_id, table_id
 
     q_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
@@ -363,10 +363,9 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
 
     # dk, dv: grid (B, K, kv tiles, G query heads, listed q tiles).
     width = aux.col_width
-    row_size = HEADER + 3 * width
 
     def index_t(b, h, kj, g, jq, sched):
-        q_id, _, table_id = _entry(sched, kj, row_size, width, jq)
+        q_id, _, table_id = _entry(sched, kj, width, jq)
         return b, h * group + g, q_id, kj, table_id
 
     def q_map_t(*ids):
