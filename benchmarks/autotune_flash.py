@@ -9,8 +9,9 @@ under each backward candidate (8 warps, 2 or 3 stages, whole-tile or smaller bac
 that tile's best forward; the tile and settings with the fastest forward+backward are kept. Four
 warps are not tried for the backward: compiled for sm_90 they spill in every configuration
 (``benchmarks/triton_static.py --sweep``). Candidates that fail to compile (too much shared memory)
-are skipped. ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair on an
-H100); entries not swept, and the TPU entries, are kept as they are.
+are skipped. The entries go to the table of the GPU's architecture (``flash.device_target``:
+sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair
+on an H100); entries not swept, other architectures' and the TPU's, are kept as they are.
 ``JATTN_AUTOTUNE_TINY=1``: a two-tile sweep at tiny sizes in interpret mode on CPU (smoke test).
 """
 
@@ -19,16 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
 import time
-from importlib import resources
 
 import jax
 import jax.numpy as jnp
 
+import block_table
 from jattn import masks
 from jattn.attention import make_problem
 from jattn.kernels import flash
@@ -120,26 +120,18 @@ def sweep(dtypes, head_dims) -> dict:
 
 
 def main() -> int:
-    default = resources.files("jattn.kernels").joinpath("block_sizes.json")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=str(default), help="where to write the table")
+    parser.add_argument("--output", default=block_table.TABLE, help="where to write the table")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=KERNEL_DTYPES)
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     args = parser.parse_args()
     if not TINY and jax.default_backend() != "gpu":
         print("the sweep needs a GPU; JATTN_AUTOTUNE_TINY=1 runs the CPU smoke test", file=sys.stderr)
         return 2
-    existing = json.loads(default.read_text())
-    # Merge: the dtypes and head dims not swept keep their entries.
-    for dtype, by_dim in sweep(args.dtypes, args.head_dims).items():
-        existing["triton"].setdefault(dtype, {}).update(by_dim)
-    existing["comment"] = (
-        f"Tuned by benchmarks/autotune_flash.py on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}."
-    )
-    with open(args.output, "w") as f:
-        json.dump(existing, f, indent=2)
-        f.write("\n")
+    device, day = jax.devices()[0].device_kind, time.strftime("%Y-%m-%d")
+    source = f"tuned by benchmarks/autotune_flash.py on {device}, jax {jax.__version__}, {day}"
+    entries = sweep(args.dtypes, args.head_dims)
+    block_table.write_entries("triton", flash.device_target("triton"), entries, source, args.output)
     print(f"wrote {args.output}")
     return 0
 

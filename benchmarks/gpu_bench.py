@@ -29,6 +29,7 @@ import numpy as np
 
 import jattn
 from jattn import masks
+from jattn.kernels import flash
 from jattn.reference import attention_reference, attention_vjp_reference
 
 TINY = os.environ.get("JATTN_GPU_CHECK_TINY") == "1"
@@ -265,7 +266,8 @@ def temp_memory(setup: Setup) -> None:
 def main() -> int:
     setup = CPU_TINY if TINY else GPU
     device = jax.devices()[0]
-    print(f"# jattn flash check: {device.device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print(f"# jattn flash check: {device.device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"tile table: {flash.device_target('triton')} (block_sizes.json)\n")
     if not TINY and jax.default_backend() != "gpu":
         print("no GPU: set JATTN_GPU_CHECK_TINY=1 for the CPU smoke test", file=sys.stderr)
         return 2

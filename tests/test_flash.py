@@ -261,7 +261,7 @@ def test_interpreted_kernel_skips_empty_tiles():
 
 def test_block_size_table_lookup_and_override():
     entry = flash.lookup_block_sizes("triton", jnp.bfloat16, 128)
-    assert entry == flash.block_size_table()["triton"]["bfloat16"][128]
+    assert entry == flash.block_size_table()["triton"]["sm90"]["bfloat16"][128]  # no GPU here: sm90
     assert flash.lookup_block_sizes("triton", jnp.bfloat16, 96) == entry  # next tabulated dim up
     x = jnp.zeros((4096, 2, 128), jnp.bfloat16)
     problem = make_problem(x, x, x)
@@ -271,6 +271,40 @@ def test_block_size_table_lookup_and_override():
     overridden = flash.choose_block_sizes("triton", problem, block_q=32, block_kv=16)
     assert (overridden.block_q, overridden.block_kv, overridden.num_warps) == (32, 16, entry.num_warps)
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
+
+
+@pytest.mark.parametrize(
+    ("capability", "target"),
+    [
+        ("9.0", "sm90"),  # H100, H200
+        ("10.0", "sm90"),  # B200: 227 KiB like Hopper
+        ("8.0", "sm80"),  # A100
+        ("8.6", "sm86"),  # RTX 30xx, A10
+        ("8.9", "sm86"),  # RTX 40xx, L4, L40
+        ("12.0", "sm86"),  # RTX 50xx: 99 KiB
+        ("7.5", "sm86"),  # older: the smallest tiles
+        ("gfx942", "sm86"),  # not a CUDA capability
+        (None, "sm90"),  # no GPU attached: lowering with jax.export
+    ],
+)
+def test_triton_table_by_gpu_architecture(capability, target):
+    assert flash.triton_target(capability) == target
+    assert set(flash.block_size_table()["triton"]) == set(flash.TRITON_TARGETS)
+
+
+def test_a_gpu_reads_the_table_of_its_architecture(monkeypatch):
+    """On a GPU the lookup takes the device's compute capability: an RTX 4090's 99 KiB of shared
+    memory cannot hold the H100's tiles."""
+
+    class Rtx4090:
+        compute_capability = "8.9"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [Rtx4090()])
+    assert flash.device_target("triton") == "sm86"
+    sm86 = flash.block_size_table()["triton"]["sm86"]
+    assert flash.lookup_block_sizes("triton", jnp.bfloat16, 128) == sm86["bfloat16"][128]
+    assert flash.device_target("mosaic_tpu") == "tpu"
 
 
 def test_forward_and_dq_launch_the_last_q_tile_first(monkeypatch):

@@ -97,23 +97,61 @@ def _check_block(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+# The Triton tables, by the shared memory a program may use (KiB), which decides what tiles fit.
+TRITON_TARGETS = {"sm80": 163, "sm86": 99, "sm90": 227}
+_DEFAULT_TRITON_TARGET = "sm90"
+
+
+def triton_target(compute_capability: str | None) -> str:
+    """The Triton table for a CUDA compute capability such as "8.6".
+
+    sm90: Hopper and datacenter Blackwell (227 KiB); sm80: A100, A30 and Jetson Orin (163 KiB);
+    sm86: the 99 KiB parts (RTX 30xx/40xx/50xx, A10, L4, L40) and anything unrecognized, whose
+    tiles are the smallest. None (no GPU attached, e.g. ``jax.export`` on CPU): sm90.
+    """
+    if compute_capability is None:
+        return _DEFAULT_TRITON_TARGET
+    try:
+        major, minor = (int(part) for part in str(compute_capability).split(".")[:2])
+    except ValueError:
+        return "sm86"
+    if major in (9, 10, 11):
+        return "sm90"
+    if (major, minor) in ((8, 0), (8, 7)):
+        return "sm80"
+    return "sm86"
+
+
+def device_target(lowering: str) -> str:
+    """The table target of the attached device: the GPU's architecture for Triton, "tpu" for Mosaic."""
+    if lowering == "mosaic_tpu":
+        return "tpu"
+    if jax.default_backend() not in _GPU_BACKENDS:
+        return _DEFAULT_TRITON_TARGET
+    return triton_target(getattr(jax.devices()[0], "compute_capability", None))
+
+
 @functools.cache
 def block_size_table() -> dict:
-    """The tuned table ``{lowering: {dtype: {head_dim: BlockSizes}}}`` from ``block_sizes.json``."""
+    """The tuned table ``{lowering: {target: {dtype: {head_dim: BlockSizes}}}}`` of ``block_sizes.json``."""
     raw = json.loads(resources.files("jattn.kernels").joinpath("block_sizes.json").read_text())
     return {
         lowering: {
-            dtype: {int(h): BlockSizes(**sizes) for h, sizes in by_dim.items()}
-            for dtype, by_dim in table.items()
+            target: {
+                dtype: {int(h): BlockSizes(**sizes) for h, sizes in by_dim.items()}
+                for dtype, by_dim in by_dtype.items()
+            }
+            for target, by_dtype in by_target.items()
         }
-        for lowering, table in raw.items()
+        for lowering, by_target in raw.items()
         if lowering in LOWERINGS
     }
 
 
-def lookup_block_sizes(lowering: str, dtype, head_dim: int) -> BlockSizes:
-    """The table entry for the smallest tabulated head dim >= ``head_dim`` (else the largest)."""
-    by_dim = block_size_table()[lowering][jnp.dtype(dtype).name]
+def lookup_block_sizes(lowering: str, dtype, head_dim: int, target: str | None = None) -> BlockSizes:
+    """The table entry for the smallest tabulated head dim >= ``head_dim`` (else the largest), from
+    ``target``'s table (None: the attached device's, ``device_target``)."""
+    by_dim = block_size_table()[lowering][target or device_target(lowering)][jnp.dtype(dtype).name]
     fitting = [h for h in sorted(by_dim) if h >= head_dim]
     return by_dim[fitting[0] if fitting else max(by_dim)]
 
@@ -413,7 +451,8 @@ def flash_attention(
         as ``[B|1, N|1, T, S]``, and its gradient takes ``[B, N, T, S]`` float32 memory).
       scale: defaults to ``1 / sqrt(H)``. softcap: logits become ``softcap · tanh(logits / softcap)``.
       block_q, block_kv: tile sizes (powers of two >= 16; on TPU >= 128), default from the table
-        in ``block_sizes.json`` by dtype and head dim, shrunk to short sequences.
+        in ``block_sizes.json`` by GPU architecture (``triton_target``), dtype and head dim,
+        shrunk to short sequences.
       interpret: None runs interpreted on CPU and compiled on GPU/TPU.
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype.

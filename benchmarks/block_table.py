@@ -1,0 +1,35 @@
+"""Rewrite entries of the flash kernel's tile table, ``src/jattn/kernels/block_sizes.json``.
+
+Shared by ``autotune_flash.py`` (timings on a GPU) and ``triton_static.py --choose --write``
+(compile facts without one). The file keeps one line per entry, so a change reads as a small diff.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+TABLE = str(resources.files("jattn.kernels").joinpath("block_sizes.json"))
+
+
+def write_entries(lowering: str, target: str, entries: dict, source: str, output: str = TABLE) -> None:
+    """Merge ``entries`` ``{dtype: {head_dim: BlockSizes fields}}`` into ``lowering``'s ``target``
+    table (entries not given keep theirs) and note ``source`` for each dtype written."""
+    with open(TABLE) as f:
+        table = json.load(f)
+    by_dtype = table.setdefault(lowering, {}).setdefault(target, {})
+    sources = table.setdefault("sources", {}).setdefault(f"{lowering}/{target}", {})
+    for dtype, by_dim in entries.items():
+        by_dtype.setdefault(dtype, {}).update(by_dim)
+        sources[dtype] = source
+    with open(output, "w") as f:
+        f.write(_format(table) + "\n")
+
+
+def _format(node, indent: int = 0) -> str:
+    """JSON with every innermost object (one table entry) on one line."""
+    if not isinstance(node, dict) or not any(isinstance(value, dict) for value in node.values()):
+        return json.dumps(node)
+    pad = " " * (indent + 2)
+    items = [f"{pad}{json.dumps(key)}: {_format(value, indent + 2)}" for key, value in node.items()]
+    return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
