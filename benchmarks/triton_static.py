@@ -51,7 +51,7 @@ _TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def table_target(arch: int) -> str:
     """The table a GPU of ``sm_{arch}`` reads."""
-    return flash.triton_target(f"{arch // 10}.{arch % 10}")
+    return flash.triton_target(divmod(arch, 10))
 
 
 # Shared memory one program may use (KiB, with the opt-in), as the library's tables record it.

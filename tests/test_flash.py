@@ -19,6 +19,7 @@ import jattn
 from attention_suite import AttentionSuite, make_inputs, oracle_mask
 from jattn import masks
 from jattn.attention import make_problem
+from jattn.core.cudnn import supports_cudnn
 from jattn.kernels import blocks, flash, gpu
 from jattn.kernels._config import HEADER
 from jattn.reference import attention_reference, attention_vjp_reference
@@ -276,15 +277,13 @@ def test_block_size_table_lookup_and_override():
 @pytest.mark.parametrize(
     ("capability", "target"),
     [
-        ("9.0", "sm90"),  # H100, H200
-        ("10.0", "sm90"),  # B200: 227 KiB like Hopper
-        ("8.0", "sm80"),  # A100
-        ("8.6", "sm86"),  # RTX 30xx, A10
-        ("8.9", "sm86"),  # RTX 40xx, L4, L40
-        ("12.0", "sm86"),  # RTX 50xx: 99 KiB
-        ("7.5", "sm86"),  # older: the smallest tiles
-        ("gfx942", "sm86"),  # not a CUDA capability
-        (None, "sm90"),  # no GPU attached: lowering with jax.export
+        ((9, 0), "sm90"),  # H100, H200
+        ((10, 0), "sm90"),  # B200: 227 KiB like Hopper
+        ((8, 0), "sm80"),  # A100
+        ((8, 6), "sm86"),  # RTX 30xx, A10
+        ((8, 9), "sm86"),  # RTX 40xx, L4, L40
+        ((12, 0), "sm86"),  # RTX 50xx: 99 KiB
+        (None, "sm86"),  # a GPU without a CUDA capability: the smallest tiles
     ],
 )
 def test_triton_table_by_gpu_architecture(capability, target):
@@ -292,19 +291,40 @@ def test_triton_table_by_gpu_architecture(capability, target):
     assert set(flash.block_size_table()["triton"]) == set(flash.TRITON_TARGETS)
 
 
+def _attach_gpu(monkeypatch, kind: str, capability: str):
+    """Make jax report one GPU of ``kind`` and ``capability`` (e.g. "8.9")."""
+    gpu = type("Gpu", (), {"device_kind": kind, "compute_capability": capability})()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+
+
 def test_a_gpu_reads_the_table_of_its_architecture(monkeypatch):
     """On a GPU the lookup takes the device's compute capability: an RTX 4090's 99 KiB of shared
-    memory cannot hold the H100's tiles."""
-
-    class Rtx4090:
-        compute_capability = "8.9"
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "devices", lambda *_: [Rtx4090()])
+    memory cannot hold the H100's tiles. Without a GPU (here) the table is sm90's."""
+    assert flash.device_target("triton") == "sm90"
+    _attach_gpu(monkeypatch, "NVIDIA GeForce RTX 4090", "8.9")
     assert flash.device_target("triton") == "sm86"
     sm86 = flash.block_size_table()["triton"]["sm86"]
     assert flash.lookup_block_sizes("triton", jnp.bfloat16, 128) == sm86["bfloat16"][128]
     assert flash.device_target("mosaic_tpu") == "tpu"
+    _attach_gpu(monkeypatch, "AMD Instinct MI300X", "gfx942")
+    assert flash.device_target("triton") == "sm86"
+
+
+def test_gpus_older_than_ampere_fall_back_from_the_fused_kernels(monkeypatch):
+    """A Tesla T4 (7.5) has neither asynchronous copies nor bfloat16 tensor cores: flash and cuDNN
+    decline it by name, flash_attention says why, and attention() picks a pure-JAX implementation."""
+    _attach_gpu(monkeypatch, "Tesla T4", "7.5")
+    x = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)
+    problem = make_problem(x, x, x, mask=masks.causal())
+    for why_not in (flash.unsupported_reason(problem), supports_cudnn(problem)):
+        assert why_not is not None and "compute capability 8.0" in why_not and "Tesla T4 is 7.5" in why_not
+    choice = jattn.explain(x, x, x, mask=masks.causal())
+    assert choice.implementation in ("xla", "chunked") and set(choice.rejected) == {"flash", "cudnn"}
+    with pytest.raises(NotImplementedError, match="Tesla T4 is 7.5"):
+        jattn.flash_attention(x, x, x)
+    _attach_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", "8.0")
+    assert flash.unsupported_reason(problem) is None
 
 
 def test_forward_and_dq_launch_the_last_q_tile_first(monkeypatch):

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 """Finite stand-in for -inf on masked logits: exp(MASK_VALUE - m) is 0 and never NaN."""
+
+AMPERE = (8, 0)
+"""The oldest NVIDIA GPUs the fused kernels run on: asynchronous copies and bfloat16 tensor cores."""
+
+
+def attached_gpu() -> tuple[str, tuple[int, int] | None] | None:
+    """(device kind, CUDA compute capability) of the attached GPU; the capability is None where the
+    device reports none a CUDA GPU would ("gfx942" on ROCm). None when no GPU is attached."""
+    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        return None
+    device = jax.devices()[0]
+    try:
+        major, minor = (int(part) for part in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
+        return device.device_kind, None
+    return device.device_kind, (major, minor)
+
+
+def pre_ampere_reason(what: str) -> str | None:
+    """Why ``what`` cannot run on the attached GPU if it is older than Ampere, else None."""
+    gpu = attached_gpu()
+    if gpu is None:
+        return None
+    kind, capability = gpu
+    if capability is None or capability >= AMPERE:
+        return None
+    major, minor = capability
+    return f"{what} needs an NVIDIA GPU of compute capability 8.0 or newer, this {kind} is {major}.{minor}"
 
 
 def logits(q, k, bias, *, scale: float, softcap: float | None):

@@ -26,7 +26,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
-from jattn.core._common import MASK_VALUE
+from jattn.core._common import MASK_VALUE, attached_gpu, pre_ampere_reason
 from jattn.kernels import blocks, gpu, tpu
 from jattn.kernels._config import KernelAux, KernelConfig
 
@@ -102,33 +102,29 @@ TRITON_TARGETS = {"sm80": 163, "sm86": 99, "sm90": 227}
 _DEFAULT_TRITON_TARGET = "sm90"
 
 
-def triton_target(compute_capability: str | None) -> str:
-    """The Triton table for a CUDA compute capability such as "8.6".
+def triton_target(capability: tuple[int, int] | None) -> str:
+    """The Triton table for a CUDA compute capability such as (8, 6).
 
     sm90: Hopper and datacenter Blackwell (227 KiB); sm80: A100, A30 and Jetson Orin (163 KiB);
-    sm86: the 99 KiB parts (RTX 30xx/40xx/50xx, A10, L4, L40) and anything unrecognized, whose
-    tiles are the smallest. None (no GPU attached, e.g. ``jax.export`` on CPU): sm90.
+    sm86: the 99 KiB parts (RTX 30xx/40xx/50xx, A10, L4, L40) and GPUs that report no CUDA
+    capability, whose tiles are the smallest.
     """
-    if compute_capability is None:
-        return _DEFAULT_TRITON_TARGET
-    try:
-        major, minor = (int(part) for part in str(compute_capability).split(".")[:2])
-    except ValueError:
+    if capability is None:
         return "sm86"
-    if major in (9, 10, 11):
+    if capability[0] in (9, 10, 11):
         return "sm90"
-    if (major, minor) in ((8, 0), (8, 7)):
+    if capability in ((8, 0), (8, 7)):
         return "sm80"
     return "sm86"
 
 
 def device_target(lowering: str) -> str:
-    """The table target of the attached device: the GPU's architecture for Triton, "tpu" for Mosaic."""
+    """The table target of the attached device: "tpu" for Mosaic; for Triton the GPU's architecture,
+    or sm90 when no GPU is attached (lowering for CUDA with ``jax.export`` on a CPU)."""
     if lowering == "mosaic_tpu":
         return "tpu"
-    if jax.default_backend() not in _GPU_BACKENDS:
-        return _DEFAULT_TRITON_TARGET
-    return triton_target(getattr(jax.devices()[0], "compute_capability", None))
+    gpu = attached_gpu()
+    return _DEFAULT_TRITON_TARGET if gpu is None else triton_target(gpu[1])
 
 
 @functools.cache
@@ -417,7 +413,7 @@ def unsupported_reason(problem: Problem) -> str | None:
         return f"the flash kernel takes head dims up to {MAX_HEAD_DIM}, got {widest}"
     if problem.backend not in (*_GPU_BACKENDS, "tpu", "cpu"):
         return f"the flash kernel runs on GPU, TPU or (interpreted) CPU, the backend is {problem.backend!r}"
-    return None
+    return pre_ampere_reason("the flash kernel")
 
 
 def run(problem: Problem):
