@@ -293,8 +293,8 @@ def _backward_on(tile, head_dim: int, dtype, arch: int, length: int, limits: Lim
 def choose(head_dim: int, dtype, arch: int, length: int = 4096) -> Choice:
     """A table entry by the rule of docs/flash.md, from compile facts alone:
 
-    1. forward: the tile (and launch setting) whose forward kernel spills least, on sm_90 among
-       those that issue async wgmma; ties go to the larger tile;
+    1. forward: the tile (and launch setting) whose forward kernel spills least, on sm_90 those
+       that issue async wgmma first; ties go to the larger tile;
     2. backward, on that tile: the steps and launch setting whose dq and dk/dv spill least; a tile
        whose backward fits no setting, or spills more than 1 KiB per thread, is passed over;
     3. every kernel pipelined and within 90% of the architecture's shared memory; only where no
