@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import masks as masks_lib
+from jattn.core._common import GPU_BACKENDS
 from jattn.core.chunked import chunked_attention
 from jattn.core.cudnn import run_cudnn, supports_cudnn
 from jattn.core.dense import dense_attention
@@ -288,7 +289,7 @@ class Choice:
 def _preferences(problem: Problem) -> list[tuple[str, str]]:
     """Implementations in order of preference for this problem, each with the reason."""
     prefs: list[tuple[str, str]] = []
-    if problem.backend in ("gpu", "cuda", "rocm", "tpu"):
+    if problem.backend in (*GPU_BACKENDS, "tpu"):
         prefs.append(("flash", f"Pallas tiled kernel on {problem.backend}"))
         if problem.backend != "tpu":
             prefs.append(("cudnn", "cuDNN fused attention"))

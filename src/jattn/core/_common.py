@@ -1,4 +1,4 @@
-"""Pieces of the softmax-attention math shared by the pure-JAX implementations."""
+"""Pieces shared by the implementations: the softmax-attention math of one tile, and what GPU is attached."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 """Finite stand-in for -inf on masked logits: exp(MASK_VALUE - m) is 0 and never NaN."""
 
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+"""The names ``jax.default_backend()`` gives a GPU."""
+
 AMPERE = (8, 0)
 """The oldest NVIDIA GPUs the fused kernels run on: asynchronous copies and bfloat16 tensor cores."""
 
@@ -15,7 +18,7 @@ AMPERE = (8, 0)
 def attached_gpu() -> tuple[str, tuple[int, int] | None] | None:
     """(device kind, CUDA compute capability) of the attached GPU; the capability is None where the
     device reports none a CUDA GPU would ("gfx942" on ROCm). None when no GPU is attached."""
-    if jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    if jax.default_backend() not in GPU_BACKENDS:
         return None
     device = jax.devices()[0]
     try:

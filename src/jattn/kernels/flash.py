@@ -26,14 +26,13 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
-from jattn.core._common import MASK_VALUE, attached_gpu, pre_ampere_reason
+from jattn.core._common import GPU_BACKENDS, MASK_VALUE, attached_gpu, pre_ampere_reason
 from jattn.kernels import blocks, gpu, tpu
 from jattn.kernels._config import KernelAux, KernelConfig
 
 LOWERINGS = {"triton": gpu, "mosaic_tpu": tpu}
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-_GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,7 +410,7 @@ def unsupported_reason(problem: Problem) -> str | None:
     widest = max(problem.head_dim, problem.value_head_dim)
     if widest > MAX_HEAD_DIM:
         return f"the flash kernel takes head dims up to {MAX_HEAD_DIM}, got {widest}"
-    if problem.backend not in (*_GPU_BACKENDS, "tpu", "cpu"):
+    if problem.backend not in (*GPU_BACKENDS, "tpu", "cpu"):
         return f"the flash kernel runs on GPU, TPU or (interpreted) CPU, the backend is {problem.backend!r}"
     return pre_ampere_reason("the flash kernel")
 
