@@ -43,10 +43,9 @@ import jax.numpy as jnp
 import block_table
 from jattn import masks
 from jattn.attention import make_problem
-from jattn.kernels import flash
+from jattn.kernels import aot, flash
 
 ARCHS = (80, 86, 89, 90)  # A100; RTX 30xx, A10; RTX 40xx, L4, L40; H100
-_TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def table_target(arch: int) -> str:
@@ -97,8 +96,7 @@ def captured_triton_ir():
 
 
 def lower(fn, *shapes) -> None:
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
-    jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*shapes)
+    aot.export_for(fn, *shapes, platform="cuda")
 
 
 def with_gradient(attend):

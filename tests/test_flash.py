@@ -20,7 +20,7 @@ from attention_suite import AttentionSuite, make_inputs, oracle_mask
 from jattn import masks
 from jattn.attention import make_problem
 from jattn.core.cudnn import supports_cudnn
-from jattn.kernels import blocks, flash, gpu
+from jattn.kernels import aot, blocks, flash, gpu
 from jattn.kernels._config import HEADER
 from jattn.reference import attention_reference, attention_vjp_reference
 
@@ -137,7 +137,6 @@ def test_public_function_and_registry_agree_in_low_precision():
 # Lowering for real hardware
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_CALL = "__gpu$xla.gpu.triton"
 EXPORT_MASKS = {
     "causal": masks.causal(),
     "window_and_segments": masks.sliding_window(128) & masks.segments(np.zeros((2, 384), np.int32)),
@@ -153,9 +152,7 @@ def _exported_text(platform: str, head_dim: int, mask, gradient: bool) -> str:
     fn = jax.grad(attend, argnums=(0, 1, 2)) if gradient else attend
     q = jax.ShapeDtypeStruct((2, 384, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 384, 2, head_dim), jnp.bfloat16)
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)]
-    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(q, kv, kv)
-    return exported.mlir_module()
+    return aot.export_for(fn, q, kv, kv, platform=platform).mlir_module()
 
 
 @pytest.mark.parametrize("gradient", [False, True], ids=["forward", "grad"])
@@ -163,7 +160,12 @@ def _exported_text(platform: str, head_dim: int, mask, gradient: bool) -> str:
 @pytest.mark.parametrize("head_dim", [96, 256])
 def test_lowers_for_cuda_through_triton(head_dim, mask_name, gradient):
     text = _exported_text("cuda", head_dim, EXPORT_MASKS[mask_name], gradient)
-    assert text.count(_TRITON_CALL) == (3 if gradient else 1)  # forward (+ dq and dk/dv kernels)
+    assert text.count(aot.TRITON_CALL) == (3 if gradient else 1)  # forward (+ dq and dk/dv kernels)
+
+
+def test_export_names_the_platforms_it_takes():
+    with pytest.raises(ValueError, match=r"platform must be one of \('cuda', 'tpu'\), got 'rocm'"):
+        aot.export_for(lambda x: x, jnp.zeros(2), platform="rocm")
 
 
 @pytest.mark.parametrize("gradient", [False, True], ids=["forward", "grad"])
