@@ -134,6 +134,11 @@ def test_truth_value_raises():
         (lambda: masks.from_array(np.ones((3, 3))), "dtype bool"),
         (lambda: masks.from_fn(3), "fn must be callable"),
         (lambda: masks.random_blocks(0, 1), "block must be > 0"),
+        (lambda: masks.random_blocks(4, 1, seed=-1), "seed must be >= 0"),
+        (lambda: masks.random_blocks(4, 1, seed=1.5), "seed must be an int"),
+        (lambda: masks.random_blocks(4, 1, seed=True), "seed must be an int"),
+        (lambda: masks.bigbird(4, seed=-1), "seed must be >= 0"),
+        (lambda: masks.bigbird(4, num_window_blocks=2), "num_window_blocks must be odd"),
         (lambda: masks.causal().blocks(8, 8, 0, 4), "block_q must be > 0"),
         (lambda: masks.causal() & 3, "other must be a jattn.masks.Mask"),
     ],
@@ -146,3 +151,46 @@ def test_bad_arguments_name_themselves(build, message):
 def test_layout_from_predicate_handles_ragged_edges():
     layout = _layout_from_predicate(masks.full().tile, 5, 7, 4, 4)
     np.testing.assert_array_equal(layout, np.full((2, 2), FULL))
+
+
+INTEGER_FN = masks.from_fn(lambda q, k: (q - k) % 2)
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda: INTEGER_FN.dense(4, 4),
+        lambda: (~INTEGER_FN).dense(4, 4),
+        lambda: INTEGER_FN.blocks(8, 8, 4, 4),
+        lambda: (masks.causal() & INTEGER_FN).blocks(8, 8, 4, 4),
+        lambda: INTEGER_FN.tile(jnp.arange(4), jnp.arange(4)),
+        lambda: jax.jit(lambda q: INTEGER_FN.tile(q, q))(jnp.arange(4)),
+    ],
+    ids=["dense", "inverted", "blocks", "combined", "jnp", "jit"],
+)
+def test_from_fn_must_return_booleans(use):
+    with pytest.raises(TypeError, match=r"from_fn: fn must return booleans .*, got int"):
+        use()
+
+
+def test_from_fn_accepts_boolean_results():
+    causal = masks.from_fn(lambda q, k: q >= k)
+    np.testing.assert_array_equal(causal.dense(3, 3), np.tril(np.ones((3, 3), bool)))
+    np.testing.assert_array_equal(masks.from_fn(lambda q, k: True).dense(2, 3), np.ones((2, 3), bool))
+
+
+def test_bigbird_window_is_centred_on_the_query_block():
+    dense = masks.bigbird(2, num_window_blocks=5, num_global_blocks=0, num_random=0).dense(12, 12)
+    expected = np.abs(np.arange(6)[:, None] - np.arange(6)[None, :]) <= 2  # two blocks each side
+    np.testing.assert_array_equal(dense, np.kron(expected, np.ones((2, 2), int)) > 0)
+
+
+@pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jnp"])
+@pytest.mark.parametrize("op", ["and", "or"])
+def test_array_on_the_left_combines_like_array_on_the_right(xp, op):
+    array = xp.asarray(np.random.default_rng(0).random((6, 6)) < 0.5)
+    mask = masks.sliding_window(1, 1)
+    combine = (lambda a, b: a & b) if op == "and" else (lambda a, b: a | b)
+    left = combine(array, mask)
+    assert isinstance(left, masks.Mask)
+    np.testing.assert_array_equal(left.dense(6, 6), combine(mask, array).dense(6, 6))

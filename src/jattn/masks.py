@@ -59,6 +59,10 @@ def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> i
 class Mask:
     """Base class of all masks. Subclasses implement ``tile`` and, where it is cheap, ``_layout``."""
 
+    #: NumPy defers to the reflected operators below (``array & mask``) instead of broadcasting
+    #: the operator over the mask as if it were a scalar.
+    __array_ufunc__ = None
+
     #: True when the mask depends only on positions (no arrays), so its layout is known statically.
     position_only: bool = True
 
@@ -129,11 +133,14 @@ class Mask:
     def __or__(self, other: Mask) -> Mask:
         return Or(self, _as_mask(other, "other"))
 
+    def __rand__(self, other: Mask) -> Mask:
+        return And(_as_mask(other, "other"), self)
+
+    def __ror__(self, other: Mask) -> Mask:
+        return Or(_as_mask(other, "other"), self)
+
     def __invert__(self) -> Mask:
         return Not(self)
-
-    __rand__ = __and__
-    __ror__ = __or__
 
     def __bool__(self):
         raise TypeError(
@@ -428,7 +435,13 @@ class FromFn(_PositionMask):
     fn: Callable[[Any, Any], Any] = None  # type: ignore[assignment]
 
     def _allowed(self, q, kv):
-        return self.fn(q, kv) & (q >= 0) & (kv >= 0)
+        allowed = self.fn(q, kv)
+        # Checked on every evaluation (dense, layouts, tables, traced): integers would pass as
+        # "allowed where non-zero", and ``~`` would turn them into non-zero bitwise nots.
+        dtype = allowed.dtype if hasattr(allowed, "dtype") else np.asarray(allowed).dtype
+        if dtype != np.bool_:
+            raise TypeError(f"from_fn: fn must return booleans (a comparison such as q >= k), got {dtype}")
+        return allowed & (q >= 0) & (kv >= 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +597,7 @@ class ArrayMask(Mask):
 
     def _canonical(self, batch_shape, num_heads):
         arr = jnp.asarray(self.array)
-        arr = arr.reshape((1,) * (len(batch_shape) + 2 - arr.ndim) + arr.shape)  # [b..., n, t, s]
+        arr = arr.reshape((1,) * (len(batch_shape) + 3 - arr.ndim) + arr.shape)  # [b..., n, t, s]
         return ArrayMask(_flatten_batch(arr, batch_shape, 3))
 
 
@@ -682,7 +695,7 @@ def random_blocks(block: int, num_random: int, seed: int = 0) -> Mask:
     return RandomBlocks(
         _check_positive_int("block", block),
         _check_positive_int("num_random", num_random, allow_zero=True),
-        int(seed),
+        _check_positive_int("seed", seed, allow_zero=True),
     )
 
 
@@ -713,7 +726,8 @@ def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
 def from_fn(fn: Callable[[Any, Any], Any]) -> Mask:
     """Any predicate of query and key positions, e.g. ``from_fn(lambda q, k: (q - k) % 3 == 0)``.
 
-    ``fn`` receives broadcastable integer arrays (NumPy or jnp) and must use array operations only.
+    ``fn`` receives broadcastable integer arrays (NumPy or jnp), must use array operations only and
+    must return booleans (a ``TypeError`` is raised when the mask is evaluated otherwise).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -744,10 +758,16 @@ def bigbird(
     num_random: int = 2,
     seed: int = 0,
 ) -> Mask:
-    """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks,
-    the first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
+    """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks
+    centred on the query's block (so an odd number: ``num_window_blocks // 2`` on each side), the
+    first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
     block = _check_positive_int("block", block)
     w = _check_positive_int("num_window_blocks", num_window_blocks)
+    if w % 2 == 0:
+        raise ValueError(
+            "num_window_blocks must be odd (the window is centred on the query's block), "
+            f"got num_window_blocks={w}"
+        )
     g = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
     pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
     if g:
