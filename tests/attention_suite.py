@@ -231,6 +231,25 @@ class AttentionSuite:
         if self.supports_softcap:
             self.check_against_oracle(q * 4, k, v, d_out, mask=mask, softcap=2.0)
 
+    def test_additive_padding_bias(self):
+        """A bias of -inf leaves keys out as a mask does, and a row of them gives zeros (the oracle's
+        rule). float32's most negative number stays finite with bfloat16 inputs: the bias is kept at
+        float32, where a cast to bfloat16 would make it -inf."""
+        if not self.supports_bias:
+            pytest.skip(f"{self.implementation} takes no bias")
+        rng = np.random.default_rng(8)
+        valid = np.arange(12) < 7
+        allowed_pairs = valid[:, None] & valid[None, :]  # [T, S]: rows and keys past 7 are padding
+        mask = MASK_CASES[self.supported_masks[0]](rng, (2,), 12, 12)
+        q, k, v, d_out = make_inputs(rng, (2,), 12, 12, 2, 2, 8, 8, jnp.float32)
+        minus_inf = jnp.asarray(np.where(allowed_pairs, 0.0, -np.inf), jnp.float32)
+        out, grads = self.check_against_oracle(q, k, v, d_out, mask=mask, bias=minus_inf)
+        assert np.all(np.asarray(out)[:, ~valid] == 0) and np.isfinite(np.asarray(grads[3])).all()
+        if "bfloat16" in self.dtypes:
+            q, k, v, d_out = make_inputs(rng, (2,), 12, 12, 2, 2, 8, 8, jnp.bfloat16)
+            most_negative = jnp.asarray(np.where(allowed_pairs, 0.0, np.finfo(np.float32).min), jnp.float32)
+            self.check_against_oracle(q, k, v, d_out, mask=mask, bias=most_negative, dtype="bfloat16")
+
     def test_matches_jax_nn_dot_product_attention(self):
         rng = np.random.default_rng(6)
         q, k, v, _ = make_inputs(rng, (2,), 40, 40, 4, 2, 16, 16, jnp.float32)

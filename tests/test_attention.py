@@ -32,6 +32,9 @@ def qkv(
         (lambda q, k, v: (q.astype(jnp.bfloat16), k, v), TypeError, r"share a dtype"),
         (lambda q, k, v: (q.astype(jnp.int32), k, v), TypeError, r"q must have a floating dtype"),
         (lambda q, k, v: ([[1.0]], k, v), TypeError, r"q must be an array"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, r"head dims must be positive.*q.shape="),
+        (lambda q, k, v: (q, k, v[..., :0]), ValueError, r"head dims must be positive.*v.shape="),
+        (lambda q, k, v: (q[:, :0], k, v), ValueError, r"sequence lengths, head counts and head dims"),
     ],
 )
 def test_bad_shapes_and_dtypes(change, error, message):
@@ -66,6 +69,11 @@ def test_bad_shapes_and_dtypes(change, error, message):
 def test_bad_options(kwargs, error, message):
     with pytest.raises(error, match=message):
         jattn.attention(*qkv(), **kwargs)
+
+
+def test_a_traced_scale_is_refused_as_not_static():
+    with pytest.raises(TypeError, match=r"scale must be a Python number, fixed when the function is traced"):
+        jax.jit(lambda scale: jattn.attention(*qkv(), scale=scale))(0.5)
 
 
 def test_implementation_that_cannot_run_says_which_can():
@@ -132,3 +140,30 @@ def test_chunked_visits_only_nonempty_tiles():
     visited = sum(len(row) for row in plan.kv_ids)
     assert visited == int((layout != masks.EMPTY).sum()) == 16 + 15
     assert sum(len(col) for col in plan.q_ids) == visited
+
+
+def test_implementations_leave_out_the_logits_the_oracle_does():
+    """The oracle's cut-off for an excluded logit is the implementations' finite stand-in for -inf:
+    the online softmax of chunked, flash and ring cannot weigh a logit below its starting maximum."""
+    from jattn.core._common import MASK_VALUE
+    from jattn.reference import MASKED_LOGIT
+
+    assert MASKED_LOGIT == MASK_VALUE
+
+
+def test_bias_is_kept_at_float32_for_low_precision_inputs():
+    x = jnp.ones((4, 1, 8), jnp.bfloat16)
+    alibi_step = jnp.arange(4, dtype=jnp.float32) * -683.0  # not a bfloat16 number
+    problem = make_problem(x, x, x, bias=alibi_step)
+    assert problem.bias.dtype == jnp.float32
+    np.testing.assert_array_equal(problem.bias.reshape(-1), alibi_step)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "block_sparse"])
+def test_a_two_dimensional_boolean_mask_without_batch_dims_and_under_vmap(implementation):
+    x = jax.random.normal(jax.random.key(0), (8, 2, 16))  # [T, N, H]: no batch dims
+    tril = np.tril(np.ones((8, 8), bool))  # [T, S]
+    expected = jattn.attention(x, x, x, mask=masks.causal())
+    attend = lambda y: jattn.attention(y, y, y, mask=tril, implementation=implementation)  # noqa: E731
+    np.testing.assert_allclose(attend(x), expected, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(attend)(jnp.stack([x, x]))[1], expected, atol=1e-6)

@@ -125,6 +125,19 @@ def test_streaming_statistics_equal_the_dense_computation(name, blocks):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-4)
 
 
+def test_an_additive_padding_bias_leaves_keys_out_of_weights_and_statistics():
+    """-inf in the bias weighs nothing (no 0 · -inf NaN in the entropy); a row of it attends to nothing."""
+    q, k, v = _qkv(9, (), 16, 16, 2, 2)
+    valid = np.arange(16) < 11
+    bias = np.where(valid[:, None] & valid[None, :], 0.0, -np.inf).astype(np.float32)  # [T, S]
+    p = reference.attention_weights_reference(q, k, bias=bias)
+    np.testing.assert_allclose(maps.attention_weights(q, k, v, bias=bias), p, **TOL)
+    stats = maps.attention_statistics(q, k, v, bias=bias, block_q=8, block_kv=8)
+    for got, want in zip(stats[:3], _statistics_reference(p), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert stats.attends[:, valid].all() and not stats.attends[:, ~valid].any()
+
+
 def test_statistics_of_known_distributions():
     # Equal logits: uniform over the allowed keys, so entropy log(t + 1) and mean distance t / 2.
     q_len = 24

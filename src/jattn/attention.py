@@ -148,6 +148,11 @@ def _check_array(name: str, x: Any) -> None:
 def _check_positive_float(name: str, value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python number, fixed when the function is traced (it is a static "
+            f"argument of jit), got a traced value {value}"
+        )
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -187,8 +192,11 @@ def _check_shapes(q, k, v) -> None:
             f"the number of query heads must be a multiple of the number of key/value heads, got "
             f"{num_heads} query heads (q.shape[-2]) and {num_kv_heads} (k.shape[-2])"
         )
-    if q.shape[-3] == 0 or k.shape[-3] == 0:
-        raise ValueError(f"sequence lengths must be positive, got q.shape={q.shape}, k.shape={k.shape}")
+    if 0 in (*q.shape[-3:], *k.shape[-3:], *v.shape[-3:]):
+        raise ValueError(
+            "sequence lengths, head counts and head dims must be positive, got "
+            f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}"
+        )
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -255,8 +263,8 @@ def make_problem(q, k, v, *, mask=None, bias=None, scale=None, softcap=None) -> 
         _check_mask_shapes(mask, batch_shape, num_heads, q_len, kv_len)
         mask = mask.for_lengths(q_len, kv_len)._canonical(batch_shape, num_heads)
     bias = _canonical_bias(bias, batch_shape, num_heads, q_len, kv_len)
-    if bias is not None and bias.dtype != q.dtype:
-        bias = bias.astype(q.dtype)
+    if bias is not None:  # kept at float32 or wider: in bfloat16, ALiBi's -2048 steps by 16 and -1e9 is -inf
+        bias = bias.astype(jnp.promote_types(q.dtype, jnp.float32))
     flat = lambda x: x.reshape(-1, *x.shape[-3:])  # noqa: E731  [B..., L, N, H] -> [B, L, N, H]
     return Problem(flat(q), flat(k), flat(v), mask, bias, scale, softcap, batch_shape)
 

@@ -151,7 +151,8 @@ def _statistics_one_head(q, k, mask, bias, *, plan, cfg):
             return (
                 m_new,
                 alpha * l_sum + e.sum(-1),
-                alpha * (centered + (m - m_new) * l_sum) + (e * shifted).sum(-1),
+                alpha * (centered + (m - m_new) * l_sum)
+                + jnp.where(e > 0, e * shifted, 0.0).sum(-1),  # 0·-inf
                 alpha * dist + (e * gap).sum(-1),
                 alpha * first + at_first,
             )

@@ -24,6 +24,9 @@ def softmax_weights_one_head(q, k, allowed=None, bias=None, *, scale: float, sof
       float32 ``[T, S]``; zero where not allowed and on rows with nothing allowed.
     """
     s, _ = logits(q, k, bias, scale=scale, softcap=softcap)  # [T, S] float32
+    if bias is not None:  # a bias of -inf or float32's min leaves a key out (reference.MASKED_LOGIT)
+        kept = ~(s <= MASK_VALUE)  # NaN stays in, so it shows
+        allowed = kept if allowed is None else allowed & kept
     if allowed is None:
         return jax.nn.softmax(s, axis=-1)
     # A row with nothing allowed is all MASK_VALUE, so its softmax is finite; the where zeroes it.
