@@ -112,6 +112,21 @@ def test_many_tiles_per_shard_and_batch_axis():
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
+def test_explicit_axes_of_jax_make_mesh(mesh):
+    """``jax.make_mesh`` makes Explicit axes, where shard_map wants inputs already in its specs:
+    unsharded inputs, batch split over a second axis, padding, gradients, and the ring variant."""
+    explicit = jax.make_mesh((2, 2), ("data", "seq"), devices=jax.devices()[:NUM_DEVICES])
+    assert jax.sharding.AxisType.Explicit in explicit.axis_types
+    q, k, v, d_out = _inputs(8, batch=2, q_len=24, kv_len=24, num_heads=2, num_kv_heads=1)
+    mask = masks.causal() & masks.padding(np.array([24, 17]))
+    unsharded = ring_attention(q, k, v, mesh=explicit, axis_name="seq", batch_axis="data", mask=mask)
+    np.testing.assert_allclose(unsharded, attention_reference(q, k, v, mask=_dense(mask, 2, 24, 24)), atol=2e-5)
+    with jax.set_mesh(explicit):  # JAX wants the mesh in context for a loss over explicitly sharded arrays
+        _check_against_oracle(explicit, q, k, v, d_out, mask, batch_axis="data")
+        in_context = jattn.attention(q, k, v, mask=mask, implementation="ring")
+    np.testing.assert_allclose(in_context, unsharded, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_equals_single_device_attention_on_sharded_inputs(mesh):
     q, k, v, _ = _inputs(4, batch=2, q_len=64, kv_len=64, num_heads=2, num_kv_heads=2)

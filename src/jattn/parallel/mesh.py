@@ -77,6 +77,20 @@ def context_mesh() -> AbstractMesh | None:
     return None if mesh.empty else mesh
 
 
+def reshard_for_shard_map(mesh: Mesh | AbstractMesh, args: Any, specs: Any) -> Any:
+    """``args`` resharded to ``specs`` (a matching tree of ``PartitionSpec``) where the mesh has
+    Explicit axes (the default of ``jax.make_mesh``), on which ``shard_map`` requires inputs that
+    already carry its ``in_specs``; unchanged on Auto meshes, where ``shard_map`` reshards itself."""
+    if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return args
+    return jax.tree.map(
+        lambda spec, x: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+        specs,
+        args,
+        is_leaf=lambda node: isinstance(node, PartitionSpec),
+    )
+
+
 def sharding(mesh: Mesh, *spec: Any) -> NamedSharding:
     """``NamedSharding(mesh, PartitionSpec(*spec))``."""
     return NamedSharding(mesh, PartitionSpec(*spec))

@@ -55,7 +55,7 @@ from jattn.core.chunked import (
     make_plan,
 )
 from jattn.kernels import flash
-from jattn.parallel.mesh import check_axis, context_mesh, shard_map
+from jattn.parallel.mesh import check_axis, context_mesh, reshard_for_shard_map, shard_map
 
 IMPLEMENTATIONS = {
     "chunked": "blockwise online softmax per ring step (tiles of at most 512 positions)",
@@ -476,8 +476,10 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
     mask_spec = jax.tree.map(
         lambda leaf: PartitionSpec(batch_axis if leaf.shape[0] > 1 else None), problem.mask
     )
-    out = shard_map(local, mesh=mesh, in_specs=(seq_spec, seq_spec, seq_spec, mask_spec), out_specs=seq_spec)(
-        pad_to(problem.q, padded_q), pad_to(problem.k, padded_kv), pad_to(problem.v, padded_kv), problem.mask
+    in_specs = (seq_spec, seq_spec, seq_spec, mask_spec)
+    args = (pad_to(problem.q, padded_q), pad_to(problem.k, padded_kv), pad_to(problem.v, padded_kv), problem.mask)
+    out = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=seq_spec)(
+        *reshard_for_shard_map(mesh, args, in_specs)
     )
     return out[:, : problem.q_len]  # [B, T, N, Hv]
 
@@ -505,7 +507,8 @@ def ring_attention(
     Args:
       q: queries ``[B..., T, N, H]``; k: keys ``[B..., S, K, H]`` (N % K == 0); v: ``[B..., S, K, Hv]``.
         Natural sequence order; may be sharded over ``axis_name`` along dim -3 (alike for all three).
-      mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name`` (and ``batch_axis`` if given).
+      mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name`` (and ``batch_axis`` if given), its
+        axes Auto (``jattn.parallel.make_mesh``) or Explicit (``jax.make_mesh``'s default).
       axis_name: the mesh axis the sequence is split over (D devices).
       mask: a ``jattn.masks`` mask (position masks, padding, segments and their combinations), read
         at global positions; dense boolean arrays are not supported (they are O(T·S) per device).
