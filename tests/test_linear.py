@@ -218,3 +218,30 @@ def test_bad_input_names_the_argument():
         )
     with pytest.raises(ValueError, match="q and k must have the same head dim"):
         jattn.linear_attention(q, k[..., :4], v)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [3, jax.random.split(jax.random.key(0), 2), jnp.zeros((2, 2), jnp.uint32)],
+    ids=["int", "batch", "legacy_batch"],
+)
+def test_performer_key_must_be_one_prng_key(key):
+    _, q, k, v, _ = inputs(6)
+    with pytest.raises(TypeError, match=r"key must be a single PRNG key .* got"):
+        jattn.performer_attention(q, k, v, key=key, num_features=8)
+
+
+def test_performer_takes_a_legacy_key():
+    _, q, k, v, _ = inputs(6)
+    out = jattn.performer_attention(q, k, v, key=jax.random.PRNGKey(1), num_features=8)
+    assert out.shape == q.shape[:-1] + v.shape[-1:] and np.isfinite(np.asarray(out)).all()
+
+
+def test_linformer_projection_errors_name_the_projection():
+    _, q, k, v, _ = inputs(6)
+    with pytest.raises(ValueError, match=r"proj_k must be .*projected_len > 0, got proj_k.shape=\(20, 0\)"):
+        jattn.linformer_attention(q, k, v, jnp.zeros((20, 0)), jnp.zeros((20, 0)))
+    with pytest.raises(TypeError, match="proj_k must be an array, got list"):
+        jattn.linformer_attention(q, k, v, np.zeros((20, 4)).tolist(), jnp.zeros((20, 4)))
+    with pytest.raises(ValueError, match=r"proj_v must be .*got proj_v.shape=\(20,\)"):
+        jattn.linformer_attention(q, k, v, jnp.zeros((20, 4)), jnp.zeros((20,)))

@@ -103,6 +103,30 @@ def test_variant_as_attention_fn_matches_masked_call():
             r"attention_fn is given, so \['mask'\] must be None",
         ),
         (lambda p, x: jattn.multi_head_attention(p, x, x[:1], num_heads=2), "share batch dims"),
+        (
+            lambda p, x: jattn.multi_head_attention(
+                {**p, "value": {**p["value"], "kernel": jnp.ones((16, 2, 3))}}, x, num_heads=2
+            ),
+            r"params\['value'\]\['kernel'\] must be \[Dkv, K, Hv\] = \(16, 2, 8\), got shape \(16, 2, 3\)",
+        ),
+        (
+            lambda p, x: jattn.multi_head_attention(
+                {**p, "query": {**p["query"], "bias": jnp.ones(3)}}, x, num_heads=2
+            ),
+            r"params\['query'\]\['bias'\] must be \[N, H\] = \(2, 8\), got shape \(3,\)",
+        ),
+        (
+            lambda p, x: jattn.multi_head_attention(
+                {**p, "out": {**p["out"], "bias": jnp.ones(8)}}, x, num_heads=2
+            ),
+            r"params\['out'\]\['bias'\] must be \[Dout\] = \(16,\), got shape \(8,\)",
+        ),
+        (
+            lambda p, x: jattn.multi_head_attention(
+                {**p, "key": {"kernel": jnp.ones((16, 2))}}, x, num_heads=2
+            ),
+            r"params\['key'\]\['kernel'\] must be 3-D \[Dkv, K, H\], got shape \(16, 2\)",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(call, match):

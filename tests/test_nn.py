@@ -122,3 +122,71 @@ def test_bfloat16_compute_gives_float32_logits():
     model = _lm(get_variant("full"), dtype=jnp.bfloat16)
     logits = model(jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.0, float("nan")])
+def test_dropout_rate_must_be_in_unit_interval(rate):
+    with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
+        _lm(get_variant("full"), dropout_rate=rate)
+    with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
+        nn.TransformerBlock(16, 2, 32, variant=None, dropout_rate=rate, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"dropout_rate must be a number in \[0, 1\)"):
+        _lm(get_variant("full"), dropout_rate="0.1")
+
+
+def _classifier(num_classes=3, **kw):
+    return nn.EncoderClassifier(
+        11, num_classes, max_len=8, variant=None, position="none", rngs=nnx.Rngs(0), **{**SMALL, **kw}
+    )
+
+
+def _seq2seq(source_vocab_size=9, target_vocab_size=7):
+    return nn.EncoderDecoder(
+        source_vocab_size,
+        target_vocab_size,
+        max_len=8,
+        variant=None,
+        position="none",
+        rngs=nnx.Rngs(0),
+        **SMALL,
+    )
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (
+            lambda: nn.DecoderLM(0, max_len=8, variant=None, position="none", rngs=nnx.Rngs(0), **SMALL),
+            "vocab_size",
+        ),
+        (
+            lambda: nn.DecoderLM(11, max_len=0, variant=None, position="none", rngs=nnx.Rngs(0), **SMALL),
+            "max_len",
+        ),
+        (lambda: _lm(None, width=0), "width"),
+        (lambda: _lm(None, depth=0), "depth"),
+        (lambda: _lm(None, mlp_dim=0), "mlp_dim"),
+        (lambda: _classifier(num_classes=0), "num_classes"),
+        (lambda: _seq2seq(source_vocab_size=0), "source_vocab_size"),
+        (lambda: _seq2seq(target_vocab_size=0), "target_vocab_size"),
+        (lambda: nn.TransformerBlock(16, 2, 0, variant=None, rngs=nnx.Rngs(0)), "mlp_dim"),
+        (lambda: nn.TransformerBlock(0, 2, 32, variant=None, rngs=nnx.Rngs(0)), "width"),
+    ],
+)
+def test_sizes_must_be_positive(build, name):
+    with pytest.raises(ValueError, match=f"{name} must be > 0, got {name}=0"):
+        build()
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected():
+    model = _lm(get_variant("full"))  # vocab_size 11
+    for bad in (11, -1):
+        with pytest.raises(ValueError, match=rf"tokens must hold ids in \[0, vocab_size=11\), got .*: {bad}"):
+            model(jnp.full((2, 8), bad))
+    with pytest.raises(TypeError, match="tokens must hold integer token ids, got dtype float32"):
+        model(jnp.ones((2, 8)))
+    with pytest.raises(ValueError, match=r"source must hold ids in \[0, vocab_size=9\)"):
+        _seq2seq()(jnp.full((1, 4), 9), jnp.zeros((1, 4), jnp.int32))
+    # Under jit the ids are tracers and cannot be checked; valid ids still run.
+    tokens = jnp.arange(8)[None] % 11
+    np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(model, tokens), model(tokens), atol=1e-5)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jattn.attention import Problem, attention, make_problem
+from jattn.attention import Problem, _check_array, attention, make_problem
 from jattn.core._batching import vmap_over_heads
 from jattn.masks import _check_positive_int
 
@@ -196,6 +196,20 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_prng_key(key):
+    """One PRNG key: a typed key (``jax.random.key``, shape ``()``) or a legacy uint32 ``[2]``."""
+    shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and shape == ()) or (not typed and dtype == jnp.uint32 and shape == (2,)):
+        return key
+    got = f"{dtype} array of shape {shape}" if shape is not None else f"{type(key).__name__} {key!r}"
+    raise TypeError(
+        "key must be a single PRNG key (jax.random.key(seed), shape (); or a legacy "
+        f"jax.random.PRNGKey(seed), uint32 of shape (2,)) or None, got {got}; for several draws, "
+        "call once per key (or jax.vmap over the keys)"
+    )
+
+
 def performer_features(key, num_features: int, head_dim: int, *, orthogonal: bool = True):
     """Random projections ``w`` of FAVOR+: float32 ``[M, H]``, each row ~ N(0, I) in distribution.
 
@@ -208,7 +222,7 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
     """
     num_features = _check_positive_int("num_features", num_features)
     head_dim = _check_positive_int("head_dim", head_dim)
-    key = jax.random.key(0) if key is None else key
+    key = jax.random.key(0) if key is None else _check_prng_key(key)
     gauss_key, norm_key = jax.random.split(key)
     if not orthogonal:
         return jax.random.normal(gauss_key, (num_features, head_dim), jnp.float32)
@@ -283,9 +297,11 @@ def performer_attention(
 
 
 def _check_projection(name: str, proj, kv_len: int):
-    if not hasattr(proj, "shape") or len(proj.shape) != 2:
+    _check_array(name, proj)
+    if proj.ndim != 2 or proj.shape[1] == 0:
         raise ValueError(
-            f"{name} must be a 2-D array [max_len, projected_len], got {getattr(proj, 'shape', proj)!r}"
+            f"{name} must be a 2-D array [max_len, projected_len] with projected_len > 0, got "
+            f"{name}.shape={tuple(proj.shape)}"
         )
     if kv_len > proj.shape[0]:
         raise ValueError(

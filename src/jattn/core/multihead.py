@@ -106,6 +106,39 @@ def init_multi_head_attention(
     return params
 
 
+_PARAM_LAYOUTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("query", "kernel"): ("D", "N", "H"),
+    ("query", "bias"): ("N", "H"),
+    ("key", "kernel"): ("Dkv", "K", "H"),
+    ("key", "bias"): ("K", "H"),
+    ("value", "kernel"): ("Dkv", "K", "Hv"),
+    ("value", "bias"): ("K", "Hv"),
+    ("out", "kernel"): ("N", "Hv", "Dout"),
+    ("out", "bias"): ("Dout",),
+}
+"""The dims of every parameter (the module docstring's pytree), by (layer, leaf)."""
+
+
+def _layout(name: str, leaf: str) -> str:
+    return f"[{', '.join(_PARAM_LAYOUTS[name, leaf])}]"
+
+
+def _param_dims(params: Params, x_q, x_kv, num_heads: int, num_kv_heads: int) -> dict[str, int]:
+    """The sizes ``_PARAM_LAYOUTS`` names: D and Dkv are the inputs' widths, N and K the head
+    counts; H, Hv and Dout are free, so they are read from the query and out kernels."""
+    head_dim = jnp.shape(params["query"]["kernel"])[-1]
+    _, value_head_dim, out_features = jnp.shape(params["out"]["kernel"])
+    return {
+        "D": x_q.shape[-1],
+        "Dkv": x_kv.shape[-1],
+        "N": num_heads,
+        "K": num_kv_heads,
+        "H": head_dim,
+        "Hv": value_head_dim,
+        "Dout": out_features,
+    }
+
+
 def _check_params(params: Params, x_q, x_kv, num_heads: int, num_kv_heads: int) -> None:
     for name in ("query", "key", "value", "out"):
         if name not in params or "kernel" not in params[name]:
@@ -113,21 +146,24 @@ def _check_params(params: Params, x_q, x_kv, num_heads: int, num_kv_heads: int) 
                 f"params must hold {{'query', 'key', 'value', 'out'}} each with a 'kernel' (see "
                 f"init_multi_head_attention), got keys {sorted(params)}"
             )
-    expected = {
-        "query": (x_q.shape[-1], num_heads),
-        "key": (x_kv.shape[-1], num_kv_heads),
-        "value": (x_kv.shape[-1], num_kv_heads),
-    }
-    for name, (width, heads) in expected.items():
-        shape = tuple(params[name]["kernel"].shape)
-        if len(shape) != 3 or shape[:2] != (width, heads):
+        shape = tuple(jnp.shape(params[name]["kernel"]))
+        if len(shape) != 3:
             raise ValueError(
-                f"params[{name!r}]['kernel'] must be [{width}, {heads}, head_dim] for inputs of width "
-                f"{width} and {heads} heads, got shape {shape}"
+                f"params[{name!r}]['kernel'] must be 3-D {_layout(name, 'kernel')}, got shape {shape}"
             )
-    out_shape = tuple(params["out"]["kernel"].shape)
-    if len(out_shape) != 3 or out_shape[0] != num_heads:
-        raise ValueError(f"params['out']['kernel'] must be [{num_heads}, Hv, Dout], got shape {out_shape}")
+    dims = _param_dims(params, x_q, x_kv, num_heads, num_kv_heads)
+    for (name, leaf), layout in _PARAM_LAYOUTS.items():
+        if leaf not in params[name]:
+            continue
+        shape = tuple(jnp.shape(params[name][leaf]))
+        expected = tuple(dims[dim] for dim in layout)
+        if shape != expected:
+            raise ValueError(
+                f"params[{name!r}][{leaf!r}] must be {_layout(name, leaf)} = {expected}, got shape {shape} "
+                f"(D={dims['D']} is x_q's width, Dkv={dims['Dkv']} x_kv's, N={num_heads} and "
+                f"K={num_kv_heads} the head counts, H={dims['H']} from params['query']['kernel'], "
+                f"Hv={dims['Hv']} and Dout={dims['Dout']} from params['out']['kernel'])"
+            )
 
 
 def _project_in(layer: dict, x, heads_spec: str):

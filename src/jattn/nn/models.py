@@ -8,20 +8,38 @@
 
 Every ``__call__`` takes ``key``: a PRNG key for dropout and random-feature variants while
 training, None for a deterministic evaluation. Logits are float32 whatever the compute dtype.
+
+Token ids must lie in ``[0, vocab_size)``. Concrete ids are checked; under ``jit`` they cannot be,
+and an id >= vocab_size gives NaN logits while a negative id counts from the end of the table.
 """
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jattn import masks as masks_lib
+from jattn.masks import _check_positive_int, _is_concrete
 from jattn.nn.attention import MultiHeadAttention, takes_mask
 from jattn.nn.positions import POSITION_KINDS, sinusoidal_table
 from jattn.variants import Variant
 
 POOLING_KINDS = ("cls", "mean")
+
+
+def _check_dropout_rate(rate: Any) -> float:
+    """``rate`` as a float in ``[0, 1)``: a negative rate would scale activations up, 1 drops everything."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"dropout_rate must be a number in [0, 1), got {type(rate).__name__} {rate!r}")
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got dropout_rate={rate}")
+    return rate
 
 
 def dropout(x, rate: float, key: jax.Array | None):
@@ -61,7 +79,7 @@ class TransformerBlock(nnx.Module):
       causal: decoder self-attention.
       rotary: rotary position encoding in the self-attention.
       cross: add cross-attention to an encoder's output (full softmax, padding-masked).
-      dropout_rate: after attention, MLP hidden layer and MLP output.
+      dropout_rate: in [0, 1), after attention, MLP hidden layer and MLP output.
       max_len: the longest sequence (for variants with parameters).
       dtype: compute dtype (parameters stay float32).
     """
@@ -82,7 +100,9 @@ class TransformerBlock(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.dropout_rate = dropout_rate
+        width = _check_positive_int("width", width)
+        mlp_dim = _check_positive_int("mlp_dim", mlp_dim)
+        self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.norm_attention = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.attention = MultiHeadAttention(
             width,
@@ -115,11 +135,16 @@ class TransformerBlock(nnx.Module):
 
 class Embedder(nnx.Module):
     """Token embedding plus an absolute position encoding ("learned", "sinusoidal"; "rotary" and
-    "none" add nothing here). Checks the length against ``max_len``."""
+    "none" add nothing here). Checks the length against ``max_len``, and the token ids against
+    ``vocab_size`` where they are concrete."""
 
     def __init__(self, vocab_size: int, width: int, *, max_len: int, position: str, dtype, rngs: nnx.Rngs):
         if position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
+        vocab_size = _check_positive_int("vocab_size", vocab_size)
+        width = _check_positive_int("width", width)
+        max_len = _check_positive_int("max_len", max_len)
+        self.vocab_size = vocab_size
         self.max_len = max_len
         self.position = position
         self.dtype = dtype
@@ -136,9 +161,31 @@ class Embedder(nnx.Module):
                 "raise model.max_len or shorten the data"
             )
 
-    def __call__(self, tokens, *, offset: int = 0):
-        """``tokens [B, T]`` int -> ``[B, T, D]`` in the compute dtype (positions start at offset)."""
-        self.check_length(tokens.shape[-1] + offset)
+    def check_ids(self, tokens, name: str = "tokens") -> None:
+        """Integer ids in ``[0, vocab_size)``; the range is checked only where ``tokens`` is concrete."""
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+        if not _is_concrete(tokens):
+            return
+        ids = np.asarray(tokens)
+        outside = np.unique(ids[(ids < 0) | (ids >= self.vocab_size)])
+        if outside.size:
+            shown = ", ".join(str(i) for i in outside[:8]) + (", ..." if outside.size > 8 else "")
+            raise ValueError(
+                f"{name} must hold ids in [0, vocab_size={self.vocab_size}), got ids outside it: {shown}"
+            )
+
+    def __call__(self, tokens, *, offset: int = 0, name: str = "tokens"):
+        """``tokens [B, T]`` int ids in ``[0, vocab_size)`` -> ``[B, T, D]`` in the compute dtype
+        (positions start at offset); ``name`` is the caller's argument, for error messages.
+
+        Ids outside the range raise a ValueError where ``tokens`` is concrete. Under ``jit`` they
+        cannot be checked: an id >= vocab_size then embeds as NaN (so the logits are NaN) and a
+        negative id counts from the end of the table (Flax ``Embed``).
+        """
+        tokens = jnp.asarray(tokens)
+        self.check_ids(tokens, name)
+        self.check_length(tokens.shape[-1] + offset, name)
         x = self.tokens(tokens)  # [B, T, D]
         positions = jnp.arange(offset, offset + tokens.shape[-1])
         if self.learned is not None:
@@ -187,8 +234,9 @@ class _Transformer(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
+        depth = _check_positive_int("depth", depth)
         self.variant = variant
-        self.dropout_rate = dropout_rate
+        self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.embed = Embedder(vocab_size, width, max_len=max_len, position=position, dtype=dtype, rngs=rngs)
         self.blocks = _stack(
             depth,
@@ -227,6 +275,7 @@ class EncoderClassifier(_Transformer):
     def __init__(self, vocab_size: int, num_classes: int, *, pooling: str = "cls", **kwargs):
         if pooling not in POOLING_KINDS:
             raise ValueError(f"pooling must be one of {POOLING_KINDS}, got {pooling!r}")
+        num_classes = _check_positive_int("num_classes", num_classes)
         rngs = kwargs["rngs"]
         super().__init__(vocab_size, causal=False, cross=False, **kwargs)
         self.pooling = pooling
@@ -283,6 +332,8 @@ class EncoderDecoder(nnx.Module):
     """
 
     def __init__(self, source_vocab_size: int, target_vocab_size: int, **kwargs):
+        source_vocab_size = _check_positive_int("source_vocab_size", source_vocab_size)
+        target_vocab_size = _check_positive_int("target_vocab_size", target_vocab_size)
         rngs = kwargs["rngs"]
         self.encoder = _Transformer(source_vocab_size, causal=False, cross=False, **kwargs)
         self.decoder = _Transformer(target_vocab_size, causal=True, cross=True, **kwargs)
@@ -292,7 +343,7 @@ class EncoderDecoder(nnx.Module):
         """``source [B, S]``, ``target_in [B, T]`` int, ``source_lengths [B]`` -> ``[B, T, V]`` float32."""
         k_src, k_enc, k_tgt, k_dec = _split(key, 4)
         enc = self.encoder
-        memory = dropout(enc.embed(source), enc.dropout_rate, k_src)
+        memory = dropout(enc.embed(source, name="source"), enc.dropout_rate, k_src)
         memory = enc.norm(
             _run_stack(enc.blocks, memory, key=k_enc, mask=_padding_mask(enc.variant, source_lengths))
         )
@@ -301,6 +352,6 @@ class EncoderDecoder(nnx.Module):
             target_lengths = jnp.full_like(jnp.asarray(source_lengths), target_in.shape[-1])
             memory_mask = masks_lib.padding(target_lengths, source_lengths)
         dec = self.decoder
-        x = dropout(dec.embed(target_in), dec.dropout_rate, k_tgt)
+        x = dropout(dec.embed(target_in, name="target_in"), dec.dropout_rate, k_tgt)
         x = dec.norm(_run_stack(dec.blocks, x, key=k_dec, memory=memory, memory_mask=memory_mask))
         return self.head(x.astype(jnp.float32))
