@@ -5,13 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
+CONSTRAINTS ?=
+PYTHON_FOR_JAX011 ?= python3.12
 
-.PHONY: install run test test-slow lint bench clean
+.PHONY: install run test test-slow test-gpu-versions lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +23,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+# The default suite against the GPU machine's jax, flax, optax and chex (Python 3.12+).
+test-gpu-versions:
+	$(MAKE) test PYTHON=$(PYTHON_FOR_JAX011) VENV=.venv-gpu-versions CONSTRAINTS=constraints/gpu-machine.txt
 
 test-slow: install
 	$(PY) -m pip install --quiet -e ".[static]"
@@ -35,4 +41,4 @@ bench: install
 	$(PY) benchmarks/cpu_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-gpu-versions .pytest_cache .ruff_cache .mypy_cache

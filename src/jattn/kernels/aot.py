@@ -24,7 +24,8 @@ def export_for(fn: Callable, *args, platform: str, gpu: str = DEFAULT_GPU) -> ja
     For "cuda" the lowering targets the GPU named by ``gpu``, a device kind as JAX reports it
     ("NVIDIA A100", "NVIDIA L4", ...). From JAX 0.11 on, Pallas lowers a Triton kernel for the
     attached GPU and, with none attached, for the device of the abstract mesh in context; JAX 0.10
-    lowers without a target, so there ``gpu`` changes nothing.
+    lowers without a target, so there ``gpu`` changes nothing. The flash kernel's tile sizes still
+    come from the attached device's table (sm90 with no GPU attached), whatever ``gpu`` names.
     """
     if platform not in EXPORT_PLATFORMS:
         raise ValueError(f"platform must be one of {EXPORT_PLATFORMS}, got {platform!r}")
