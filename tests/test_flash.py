@@ -163,6 +163,22 @@ def test_lowers_for_cuda_through_triton(head_dim, mask_name, gradient):
     assert text.count(aot.TRITON_CALL) == (3 if gradient else 1)  # forward (+ dq and dk/dv kernels)
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_with_a_float32_bias_on_bfloat16_inputs(platform):
+    """The bias stays float32 whatever the input dtype; both lowerings take its tiles, forward and grad."""
+
+    def loss(q, k, v, bias):
+        problem = make_problem(q, k, v, mask=masks.causal(), bias=bias)
+        return flash.flash_problem(problem, platform=platform, interpret=False).astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((2, 384, 4, 128), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((4, 384, 384), jnp.bfloat16)
+    text = aot.export_for(
+        jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x, bias, platform=platform
+    ).mlir_module()
+    assert text.count(aot.TRITON_CALL if platform == "cuda" else "tpu_custom_call") == 3
+
+
 def test_export_names_the_platforms_it_takes():
     with pytest.raises(ValueError, match=r"platform must be one of \('cuda', 'tpu'\), got 'rocm'"):
         aot.export_for(lambda x: x, jnp.zeros(2), platform="rocm")
