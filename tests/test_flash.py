@@ -345,6 +345,21 @@ def test_gpus_older_than_ampere_fall_back_from_the_fused_kernels(monkeypatch):
     assert flash.unsupported_reason(problem) is None
 
 
+def test_a_jax_without_the_pallas_triton_backend(monkeypatch):
+    """JAX deprecated Pallas' Triton backend in 0.11. Without it, interpret mode still runs and, on
+    a GPU, flash declines by saying so, so the choice falls to cuDNN or pure JAX."""
+    monkeypatch.setattr(gpu, "pl_triton", None)
+    rng = np.random.default_rng(5)
+    q, k, v, _ = make_inputs(rng, (), 40, 40, 2, 1, 16, 16, jnp.float32)
+    expected = attention_reference(q, k, v, mask=masks.causal().dense(40, 40))
+    np.testing.assert_allclose(jattn.flash_attention(q, k, v, mask=masks.causal()), expected, atol=1e-5)
+    _attach_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", "9.0")
+    x = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)
+    why_not = flash.unsupported_reason(make_problem(x, x, x))
+    assert why_not is not None and "Triton backend, which jax" in why_not
+    assert "flash" in jattn.explain(x, x, x).rejected
+
+
 def test_forward_and_dq_launch_the_last_q_tile_first(monkeypatch):
     """Program 0 of the forward and dq grids takes the last q tile (the longest under a causal mask)."""
     first_q_tile = {}

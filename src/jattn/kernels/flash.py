@@ -412,6 +412,8 @@ def unsupported_reason(problem: Problem) -> str | None:
         return f"the flash kernel takes head dims up to {MAX_HEAD_DIM}, got {widest}"
     if problem.backend not in (*GPU_BACKENDS, "tpu", "cpu"):
         return f"the flash kernel runs on GPU, TPU or (interpreted) CPU, the backend is {problem.backend!r}"
+    if problem.backend in GPU_BACKENDS and (missing := gpu.missing_backend_reason()) is not None:
+        return missing
     return pre_ampere_reason("the flash kernel")
 
 

@@ -27,7 +27,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
+
+try:  # deprecated since jax 0.11: a JAX without it still imports jattn, and flash declines on GPUs
+    from jax.experimental.pallas import triton as pl_triton
+except ImportError:
+    pl_triton = None
 
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
@@ -40,7 +44,18 @@ def padded_head_dim(head_dim: int) -> int:
     return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
+def missing_backend_reason() -> str | None:
+    """Why the kernels cannot be compiled for a GPU by this JAX, or None when they can."""
+    if pl_triton is not None:
+        return None
+    return (
+        f"the flash kernel compiles through Pallas' Triton backend, which jax {jax.__version__} does not have"
+    )
+
+
 def _compiler_params(cfg: KernelConfig, backward: bool = False):
+    if pl_triton is None:  # interpret mode only: flash.unsupported_reason refuses compiled runs
+        return None
     if backward:
         return pl_triton.CompilerParams(num_warps=cfg.backward_num_warps, num_stages=cfg.backward_num_stages)
     return pl_triton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
