@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 try:  # deprecated since jax 0.11: a JAX without it still imports jattn, and flash declines on GPUs
     from jax.experimental.pallas import triton as pl_triton
 except ImportError:
-    pl_triton = None
+    pl_triton = None  # type: ignore[assignment]
 
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
