@@ -120,7 +120,9 @@ def test_explicit_axes_of_jax_make_mesh(mesh):
     q, k, v, d_out = _inputs(8, batch=2, q_len=24, kv_len=24, num_heads=2, num_kv_heads=1)
     mask = masks.causal() & masks.padding(np.array([24, 17]))
     unsharded = ring_attention(q, k, v, mesh=explicit, axis_name="seq", batch_axis="data", mask=mask)
-    np.testing.assert_allclose(unsharded, attention_reference(q, k, v, mask=_dense(mask, 2, 24, 24)), atol=2e-5)
+    np.testing.assert_allclose(
+        unsharded, attention_reference(q, k, v, mask=_dense(mask, 2, 24, 24)), atol=2e-5
+    )
     with jax.set_mesh(explicit):  # JAX wants the mesh in context for a loss over explicitly sharded arrays
         _check_against_oracle(explicit, q, k, v, d_out, mask, batch_axis="data")
         in_context = jattn.attention(q, k, v, mask=mask, implementation="ring")

@@ -477,7 +477,12 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
         lambda leaf: PartitionSpec(batch_axis if leaf.shape[0] > 1 else None), problem.mask
     )
     in_specs = (seq_spec, seq_spec, seq_spec, mask_spec)
-    args = (pad_to(problem.q, padded_q), pad_to(problem.k, padded_kv), pad_to(problem.v, padded_kv), problem.mask)
+    args = (
+        pad_to(problem.q, padded_q),
+        pad_to(problem.k, padded_kv),
+        pad_to(problem.v, padded_kv),
+        problem.mask,
+    )
     out = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=seq_spec)(
         *reshard_for_shard_map(mesh, args, in_specs)
     )
