@@ -4,26 +4,43 @@
 
 Measures every (variant, length, pass) of the config that ``out_dir/scaling.csv`` does not hold yet
 (an interrupted run continues where it stopped), then writes ``scaling.md`` and the log-log plots
-next to it. Overrides: ``lengths=[256,512] repeats=3 variants.0.options.implementation=chunked``.
+next to it. Overrides: ``lengths=[256,512] repeats=3 variants.0.options.implementation=chunked``
+(an integer indexes a list: ``variants.0`` is the first entry).
 """
+
+from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from jattn import scaling
+from jattn.train import ConfigError
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if len(argv) < 1 or argv[0] in ("-h", "--help"):
         print(__doc__)
-        raise SystemExit(0 if argv else 2)
-    config = scaling.load_config(argv[0], argv[1:])
-    print(f"scaling: {len(scaling.plan(config))} measurements on {scaling.machine_description()}")
-    rows = scaling.run_sweep(config)
+        return 0 if argv else 2
+    try:
+        config = scaling.load_config(argv[0], argv[1:])
+        scaling.build_variants(config)  # a misconfigured entry is an error before anything is counted
+        points = len(scaling.plan(config))
+        todo = len(scaling.pending(config, scaling.sweep_rows(config)))
+        csv_path = Path(config.out_dir) / "scaling.csv"
+        print(
+            f"scaling: {todo} of {points} measurements to run, {points - todo} already in {csv_path}; "
+            f"on {scaling.machine_description()}"
+        )
+        rows = scaling.run_sweep(config)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     command = shlex.join(["python", "experiments/scaling.py", *argv])
     for path in scaling.write_report(config, rows, command=command):
         print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,10 @@
 (time-out, memory budget, out of memory, unsupported lengths), resuming an interrupted sweep, and a
 tiny end-to-end sweep with its report."""
 
+import dataclasses
 import math
+import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jattn import masks, scaling
+from jattn.train.config import ConfigError, apply_overrides
 from jattn.train.schema import ModelConfig
 from jattn.variants import Variant, get_variant, register_variant
 
@@ -32,6 +36,27 @@ def config(tmp_path, variants, **overrides):
 
 def by_point(rows):
     return {(row["name"], row["pass"], row["length"]): row for row in rows}
+
+
+def csv_row(variant_entry, length, **columns):
+    """A row as ``read_rows`` gives it: every column, None where not given."""
+    return (
+        {key: None for key in scaling.ROW_FIELDS}
+        | {
+            "level": "op",
+            "name": variant_entry.name,
+            "variant": variant_entry.variant,
+            "options": variant_entry.options_json,
+            "pass": "forward",
+            "length": length,
+            "status": scaling.OK,
+            "detail": "",
+            "backend": "cpu",
+            "device_kind": "cpu",
+            "jax_version": "0.0",
+        }
+        | columns
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +147,8 @@ def test_summarize_on_synthetic_rows(tmp_path):
 
     def row(name, n, time_s, memory):
         return (
-            {"level": "op", "name": name, "pass": "forward", "length": n, "status": scaling.OK},
+            {"level": "op", "name": name, "variant": "full", "options": "{}", "pass": "forward", "length": n}
+            | {"status": scaling.OK},
             time_s,
             memory,
         )
@@ -139,6 +165,32 @@ def test_summarize_on_synthetic_rows(tmp_path):
     assert summaries["linear"].smaller_from == 16384  # 4 n² > 64e3 n for n > 16000
     assert summaries["linear"].wins_from == 16384
     assert summaries["full"].faster_from is None
+
+
+def test_rows_of_other_options_or_lengths_stay_out_of_the_analysis(tmp_path):
+    # An earlier sweep into the same CSV measured "local" with window 16 and a length since dropped.
+    full, old, new = entry("full"), entry("local", "local", window=16), entry("local", "local", window=32)
+    cfg = config(tmp_path, [full, new], lengths=(16, 32))
+    rows = [csv_row(full, n, time_s=1e-6 * n**2, memory_bytes=n**2) for n in (16, 32, 64)]
+    rows += [csv_row(new, n, time_s=1e-6 * n, memory_bytes=n) for n in (16, 32)]
+    rows += [
+        csv_row(old, 16, time_s=1.0, memory_bytes=1.0),
+        csv_row(old, 32, status=scaling.OOM, detail="the old window's failure"),
+    ]
+    summaries = {s.name: s for s in scaling.summarize(rows, cfg)}
+    assert summaries["full"].time_fit.lengths == summaries["local"].time_fit.lengths == (16, 32)
+    assert summaries["local"].time_fit.exponent == pytest.approx(1.0)
+    scaling.write_report(cfg, rows)
+    report = (tmp_path / "scaling.md").read_text()
+    assert "| local | 0.016 | 0.032 |" in report  # window 32's times (ms), not window 16's
+    assert "the old window's failure" not in report and "| 64 |" not in report
+    current = scaling.current_rows(rows, cfg)
+    assert {(row["name"], row["options"], row["length"]) for row in current} == {
+        ("full", "{}", 16),
+        ("full", "{}", 32),
+        ("local", '{"window": 32}', 16),
+        ("local", '{"window": 32}', 32),
+    }
 
 
 def test_predict_time():
@@ -278,6 +330,20 @@ def test_resuming_another_setup_is_refused(tmp_path):
     assert len(scaling.run_sweep(fresh, progress=False)) == 1
 
 
+def test_a_new_entry_under_an_old_name_is_not_guarded_by_the_old_rows(tmp_path):
+    scaling.run_sweep(
+        config(tmp_path, [entry("full", implementation="xla"), entry("x", "_test_oom")]), progress=False
+    )
+    # The same name, now full attention: the old variant's out of memory at 32 must not skip 64.
+    cfg = config(tmp_path, [entry("full", implementation="xla"), entry("x", "full", implementation="xla")])
+    rows = scaling.run_sweep(cfg, progress=False)
+    assert len(rows) == 3 + 3 + 3  # the old entry's rows stay in the CSV (a resume of its config)
+    new = by_point(row for row in rows if row["variant"] == "full")
+    assert [new[("x", "forward", n)]["status"] for n in (16, 32, 64)] == [scaling.OK] * 3
+    scaling.write_report(cfg, rows)
+    assert "RESOURCE_EXHAUSTED" not in (tmp_path / "scaling.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +407,51 @@ def test_tiny_sweep_end_to_end(tmp_path):
     report = (tmp_path / "scaling.md").read_text()
     assert "| op | forward | local_8 |" in report and "python experiments/scaling.py tiny.yaml" in report
     assert math.isfinite(float(report.split("| op | forward | full | ")[1].split(" ")[0]))
+    assert f"Machine: {scaling.machine_description()}." in report
+    # Rerun with other settings: nothing is measured again, so the report still states the rows' own.
+    rerun = dataclasses.replace(cfg, repeats=9, warmup=4, time_budget_s=99.0, memory_budget_gb=2.0)
+    assert scaling.run_sweep(rerun, progress=False) == rows
+    scaling.write_report(rerun)
+    report = (tmp_path / "scaling.md").read_text()
+    assert "Time: median of up to 2 calls after 1 warm-up call(s), budget 30 s per call;" in report
+    assert "timed calls per measurement: 2 (`repeats`)" in report and "budget 4 GiB." in report
+    assert "up to 9" not in report and "99 s" not in report
+
+
+def test_report_header_states_the_settings_recorded_with_the_rows(tmp_path):
+    full = entry("full")
+    cfg = config(tmp_path, [full], lengths=(16, 32))
+    recorded = dict(warmup=1.0, max_repeats=2.0, time_budget_s=5.0, memory_budget_gb=1.0, repeats="2")
+    recorded |= dict(machine="gpu backend, 1 × H100", cpu_cores=16.0, load_avg=3.0)
+    rows = [
+        csv_row(full, 16, **recorded),
+        csv_row(full, 32, **recorded | {"max_repeats": 5.0, "repeats": "5"}),
+    ]
+    report = scaling.markdown_report(rows, scaling.summarize(rows, cfg), cfg)
+    assert "Machine: gpu backend, 1 × H100." in report
+    assert (
+        "Time: differs between rows: median of up to 2 calls after 1 warm-up call(s), budget 5 s per call "
+        "(1 row); median of up to 5 calls after 1 warm-up call(s), budget 5 s per call (1 row); timed calls "
+        "per measurement: 2 to 5 (`repeats`)."
+    ) in report
+    assert "budget 1 GiB." in report and "3.0 to 3.0 on 16 cores, the sweep's own threads" in report
+
+
+def test_report_of_a_csv_without_the_settings_columns_says_they_are_not_recorded(tmp_path):
+    path = tmp_path / "scaling.csv"
+    new_fields = scaling._SETTING_FIELDS + scaling._MACHINE_FIELDS
+    path.write_text(",".join(field for field in scaling.ROW_FIELDS if field not in new_fields) + "\n")
+    full = entry("full")
+    scaling.append_row(path, csv_row(full, 16, repeats="3", load_avg=1.0, machine="not written", warmup=1))
+    (row,) = scaling.read_rows(path)
+    assert all(row[field] is None for field in new_fields)
+    cfg = config(tmp_path, [full], lengths=(16,))
+    report = scaling.markdown_report([row], scaling.summarize([row], cfg), cfg)
+    assert "Machine: cpu backend, cpu, jax 0.0 (device count and CPU cores not recorded)." in report
+    assert (
+        "Time: warm-up calls, repeats and time budget not recorded; timed calls per measurement: 3" in report
+    )
+    assert "budget not recorded." in report and "do not record one core count" in report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +485,35 @@ def test_shipped_configs_load(name):
 def test_bad_yaml_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         scaling.load_config(REPO / "configs" / "scaling" / "cpu.yaml", overrides)
+
+
+def test_overrides_index_lists():
+    cfg = scaling.load_config(
+        REPO / "configs" / "scaling" / "cpu.yaml",
+        [
+            "variants.0.options.implementation=chunked",
+            "variants.6.options={feature_map: elu}",
+            "variants.1.name=c",
+        ],
+    )
+    assert cfg.variants[0] == scaling.VariantEntry("full", "full", {"implementation": "chunked"})
+    assert cfg.variants[6].options == {"feature_map": "elu"} and cfg.variants[1].name == "c"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("variants.x.name=a", "'variants' is a list of 2 item(s), so 'x' must be an integer index"),
+        ("variants.-1.name=a", "'variants' is a list of 2 item(s), so '-1' must be an integer index"),
+        ("variants.2.name=a", "index 2 is out of range for 'variants', a list of 2 item(s)"),
+        ("variants.2=a", "index 2 is out of range for 'variants', a list of 2 item(s)"),
+        ("variants.0.options.x.y=1", "'variants.0.options.x' is not a mapping or a list"),
+    ],
+)
+def test_bad_list_overrides_name_the_key(override, message):
+    data = {"variants": [{"name": "full", "options": {"x": 1}}, {"name": "local"}]}
+    with pytest.raises(ConfigError, match=re.escape(f"override {override!r}: {message}")):
+        apply_overrides(data, [override])
 
 
 def test_overrides_reach_nested_keys():
@@ -420,6 +560,54 @@ def test_command_line_smoke(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and len(scaling.read_rows(tmp_path / "scaling.csv")) == 4
     assert (tmp_path / "time_op.png").exists() and (tmp_path / "scaling.md").exists()
+
+
+def script_main():
+    return runpy.run_path(str(REPO / "experiments" / "scaling.py"))["main"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["configs/scaling/cpu.yaml", "lenghts=[16]"], r"unknown config key\(s\) \['lenghts'\]"),
+        (["configs/scaling/cpu.yaml", "lengths=[16, 0]"], "lengths must be a non-empty list of positive"),
+        (
+            ["configs/scaling/cpu.yaml", "variants.0.variant=nope"],
+            r"variants\[full\]\.variant must be a registered",
+        ),
+        (["configs/scaling/cpu.yaml", "variants.0.options.width=3"], r"variants\[full\]: .*takes no option"),
+        (["configs/scaling/cpu.yaml", "variants.9.name=x"], "index 9 is out of range for 'variants'"),
+        (["configs/scaling/no_such.yaml"], "config file 'configs/scaling/no_such.yaml' does not exist"),
+    ],
+)
+def test_command_line_config_errors_exit_2_naming_the_key(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert script_main()([*args, f"out_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err + out
+    assert not list(tmp_path.iterdir())
+
+
+def test_command_line_counts_what_remains_to_measure(tmp_path, capsys):
+    cfg = REPO / "configs" / "scaling" / "cpu.yaml"
+    tiny = [
+        f"out_dir={tmp_path}",
+        "lengths=[16]",
+        "passes=[forward]",
+        "variants=[{name: full, variant: full}]",
+    ]
+    main = script_main()
+    assert main([str(cfg), *tiny, "variants.0.options={implementation: xla}"]) == 0
+    assert (
+        f"scaling: 1 of 1 measurements to run, 0 already in {tmp_path / 'scaling.csv'};"
+        in capsys.readouterr().out
+    )
+    assert main([str(cfg), *tiny, "variants.0.options.implementation=chunked"]) == 0
+    assert "scaling: 1 of 1 measurements to run, 0 already in" in capsys.readouterr().out
+    assert main([str(cfg), *tiny, "variants.0.options.implementation=chunked"]) == 0
+    assert "scaling: 0 of 1 measurements to run, 1 already in" in capsys.readouterr().out
+    rows = scaling.read_rows(tmp_path / "scaling.csv")
+    assert [row["options"] for row in rows] == ['{"implementation": "xla"}', '{"implementation": "chunked"}']
 
 
 def test_load_note_says_whether_other_processes_competed():

@@ -84,7 +84,13 @@ _COST_FIELDS = (
 )
 _LOAD_FIELDS = ("load_avg",)  # the machine's 1-minute load average when the row was measured
 _MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS + _LOAD_FIELDS  # numeric columns (empty where not measured)
-ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS
+# The settings and the machine a row was measured under: they may differ between the rows of one CSV
+# (a resumed sweep with more repeats, on another machine), so the report describes them from the rows.
+# Added after the first results: a CSV begun before them lacks these columns (None when read).
+_SETTING_FIELDS = ("warmup", "max_repeats", "time_budget_s", "memory_budget_gb")
+_MACHINE_FIELDS = ("machine", "cpu_cores")
+_NUMERIC_FIELDS = _MEASURED_FIELDS + _SETTING_FIELDS + ("cpu_cores",)
+ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS + _SETTING_FIELDS + _MACHINE_FIELDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ class VariantEntry:
         try:
             return get_variant(self.variant, **self.options)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"scaling config: variants[{self.name}]: {err}") from None
+            raise config_lib.ConfigError(f"scaling config: variants[{self.name}]: {err}") from None
 
     @property
     def options_json(self) -> str:
@@ -258,6 +264,15 @@ class ScalingConfig:
             "backend": jax.default_backend(),
         }
 
+    def settings(self) -> dict[str, float]:
+        """The _SETTING_FIELDS of this config's rows: how they are measured."""
+        return {
+            "warmup": self.warmup,
+            "max_repeats": self.repeats,
+            "time_budget_s": self.time_budget_s,
+            "memory_budget_gb": self.memory_budget_gb,
+        }
+
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ScalingConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate it (``jattn.train.config``:
@@ -266,7 +281,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ScalingConfi
 
 
 def build_variants(config: ScalingConfig) -> dict[str, Variant]:
-    """Every entry's variant by entry name; raises before any measurement if one is misconfigured."""
+    """Every entry's variant by entry name; raises ``ConfigError`` before any measurement if one is
+    misconfigured."""
     return {entry.name: entry.build() for entry in config.variants}
 
 
@@ -658,7 +674,7 @@ class Point:
         return (*self.track, self.entry.variant, self.entry.options_json, str(self.length))
 
 
-def _row_key(row: Mapping[str, str]) -> tuple[str, ...]:
+def _row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
     return (row["level"], row["name"], row["pass"], row["variant"], row["options"], str(row["length"]))
 
 
@@ -673,6 +689,24 @@ def plan(config: ScalingConfig) -> list[Point]:
         for entry in config.variants
         for pass_name in config.passes
     ]
+
+
+def current_rows(rows: Iterable[Mapping[str, Any]], config: ScalingConfig) -> list[Mapping[str, Any]]:
+    """The rows of ``config``'s own points: its levels, passes and lengths, and under each entry name
+    only the rows of that entry's variant and options.
+
+    A CSV may also hold rows of earlier configs (the same name with another window, lengths dropped
+    since): they stay there for resuming, but the guards, fits and report use only these rows, so no
+    curve mixes two variants.
+    """
+    keys = {point.key() for point in plan(config)}
+    return [row for row in rows if _row_key(row) in keys]
+
+
+def pending(config: ScalingConfig, rows: Iterable[Mapping[str, Any]]) -> list[Point]:
+    """The points of ``config``'s plan that ``rows`` do not hold yet, in plan order."""
+    done = {_row_key(row) for row in rows}
+    return [point for point in plan(config) if point.key() not in done]
 
 
 @dataclasses.dataclass
@@ -702,17 +736,24 @@ def _parse_float(text: str | None) -> float | None:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a ``scaling.csv``, numeric columns as floats (None where empty), length as int."""
+    """The rows of a ``scaling.csv``, numeric columns as floats (None where empty), length as int;
+    a column the CSV lacks (begun by an older version) is None."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows: list[dict[str, Any]] = list(csv.DictReader(f))
     for row in rows:
         row["length"] = int(row["length"])
-        for key in _MEASURED_FIELDS:
-            row[key] = _parse_float(row.get(key))
+        row.update({key: None for key in ROW_FIELDS if key not in row})
+        for key in _NUMERIC_FIELDS:
+            row[key] = _parse_float(row[key])
     return rows
+
+
+def sweep_rows(config: ScalingConfig) -> list[dict[str, Any]]:
+    """The rows of ``out_dir/scaling.csv`` that a sweep of ``config`` keeps: none with ``resume=false``."""
+    return read_rows(Path(config.out_dir) / "scaling.csv") if config.resume else []
 
 
 def _header(path: Path) -> list[str]:
@@ -743,7 +784,7 @@ def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, p
             described = ", ".join(
                 f"{key}: {there} there, {here} here" for key, (there, here) in differing.items()
             )
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"{path} holds results of another setup ({described}); set resume=false to start over, "
                 "or choose another out_dir"
             )
@@ -752,8 +793,9 @@ def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, p
 def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Measure every missing point of the config, appending rows to ``out_dir/scaling.csv``.
 
-    Returns all rows of the CSV (earlier and new). Raises ValueError before measuring anything if
-    a variant entry is misconfigured or the CSV holds another setup.
+    Returns all rows of the CSV (earlier and new, other configs' included: ``current_rows`` selects
+    this config's). Raises ``ConfigError`` before measuring anything if a variant entry is
+    misconfigured or the CSV holds another setup.
     """
     from tqdm.auto import tqdm
 
@@ -761,21 +803,17 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "scaling.csv"
+    existing = sweep_rows(config)
+    _check_resumable(existing, config, csv_path)
     if not config.resume and csv_path.exists():
         csv_path.unlink()
-    existing = read_rows(csv_path)
-    _check_resumable(existing, config, csv_path)
-    done = {_row_key(row) for row in existing}
     tracks: dict[tuple[str, str, str], _Track] = {}
-    for row in sorted(existing, key=lambda r: r["length"]):
+    for row in sorted(current_rows(existing, config), key=lambda r: r["length"]):
         tracks.setdefault((row["level"], row["name"], row["pass"]), _Track()).record(
             row["length"], row["status"], row["time_s"]
         )
-    todo = [point for point in plan(config) if point.key() not in done]
-    fixed_columns = config.setup() | {
-        "device_kind": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-    }
+    todo = pending(config, existing)
+    fixed_columns = config.setup() | config.settings() | machine_columns()
     bar = tqdm(todo, desc="scaling", unit="pt", disable=not progress)
     for point in bar:
         bar.set_postfix_str(f"{point.level} {point.entry.name} {point.pass_name} L={point.length}")
@@ -919,9 +957,10 @@ def _series(rows: Iterable[Mapping[str, Any]], column: str) -> dict[int, float |
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], config: ScalingConfig) -> list[Summary]:
-    """Exponents and crossovers of every curve in ``rows`` (those of the config's entries)."""
+    """Exponents and crossovers of every curve of the config in ``rows`` (``current_rows``: other
+    options under an entry's name, and other lengths, are left out)."""
     by_track: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
+    for row in current_rows(rows, config):
         by_track.setdefault((row["level"], row["name"], row["pass"]), []).append(row)
     summaries = []
     for level in config.levels:
@@ -1008,8 +1047,68 @@ def machine_description() -> str:
     )
 
 
-def load_note(lowest: float, highest: float, cores: int) -> str:
-    """One sentence on the machine's load during a sweep (the sweep's own threads included)."""
+def machine_columns() -> dict[str, Any]:
+    """The columns that record the machine a row is measured on."""
+    return {
+        "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "machine": machine_description(),
+        "cpu_cores": os.cpu_count(),
+    }
+
+
+def _row_machine(row: Mapping[str, Any]) -> str:
+    """The machine a row was measured on, as recorded (less where its CSV predates ``machine``)."""
+    if row["machine"]:
+        return row["machine"]
+    return (
+        f"{row['backend']} backend, {row['device_kind']}, jax {row['jax_version']} "
+        "(device count and CPU cores not recorded)"
+    )
+
+
+def _row_timing(row: Mapping[str, Any]) -> str:
+    if row["max_repeats"] is None:
+        return "warm-up calls, repeats and time budget not recorded"
+    return (
+        f"median of up to {row['max_repeats']:g} calls after {row['warmup']:g} warm-up call(s), "
+        f"budget {row['time_budget_s']:g} s per call"
+    )
+
+
+def _row_memory_budget(row: Mapping[str, Any]) -> str:
+    budget = row["memory_budget_gb"]
+    return "budget not recorded" if budget is None else f"budget {budget:g} GiB"
+
+
+def _recorded(rows: Sequence[Mapping[str, Any]], describe: Callable[[Mapping[str, Any]], str]) -> str:
+    """What ``describe`` says of every row, if they agree; else each description with its row count."""
+    counts: dict[str, int] = {}
+    for text in map(describe, rows):
+        counts[text] = counts.get(text, 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "no rows")
+    return "differs between rows: " + "; ".join(
+        f"{text} ({n} row{'' if n == 1 else 's'})" for text, n in counts.items()
+    )
+
+
+def _timed_calls(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The range of the ``repeats`` column: the timed calls each median is of."""
+    counts = sorted({int(float(row["repeats"])) for row in rows if row["repeats"] not in (None, "")})
+    if not counts:
+        return "none"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+
+
+def load_note(lowest: float, highest: float, cores: int | None) -> str:
+    """One sentence on the machine's load during a sweep (the sweep's own threads included);
+    ``cores`` None where the rows do not record one core count."""
+    if cores is None:
+        return (
+            f"Load average (1 min) during the sweep: {lowest:.1f} to {highest:.1f} (the rows do not "
+            "record one core count to compare it with)."
+        )
     note = f"Load average (1 min) during the sweep: {lowest:.1f} to {highest:.1f} on {cores} cores"
     if highest <= cores:
         return note + ", the sweep's own threads included: no other process competed for the cores."
@@ -1026,21 +1125,28 @@ def markdown_report(
     *,
     command: str = "",
 ) -> str:
-    """``scaling.md``: setup, exponents and crossovers, then time and memory tables per length."""
+    """``scaling.md``: setup, exponents and crossovers, then time and memory tables per length.
+
+    The machine, time and memory settings are those recorded with ``rows`` (``read_rows``), which may
+    have been measured by earlier commands than the one that writes the report.
+    """
     kv = f", {config.kv_heads} key/value heads" if config.kv_heads != config.num_heads else ""
     lines = [
         "# Scaling: time and memory against sequence length",
         "",
-        f"Machine: {machine_description()}.",
+        f"Machine: {_recorded(rows, _row_machine)}.",
         f"Setup: batch {config.batch}, {config.num_heads} heads{kv}, head dim {config.head_dim}, "
         f"{config.dtype}, {'causal' if config.causal else 'non-causal'} self-attention (T = S).",
-        f"Time: median of up to {config.repeats} calls after {config.warmup} warm-up call(s), budget "
-        f"{config.time_budget_s:g} s per call. Memory: what the compiled step allocates per call "
-        f"(arguments + outputs + XLA temporaries), budget {config.memory_budget_gb:g} GiB.",
+        f"Time: {_recorded(rows, _row_timing)}; timed calls per measurement: {_timed_calls(rows)} "
+        "(`repeats`). Memory: what the compiled step allocates per call (arguments + outputs + XLA "
+        f"temporaries), {_recorded(rows, _row_memory_budget)}.",
     ]
-    loads = [row["load_avg"] for row in rows if row.get("load_avg") is not None]
-    if loads:
-        lines.append(load_note(min(loads), max(loads), os.cpu_count() or 1))
+    loaded = [row for row in rows if row["load_avg"] is not None]
+    if loaded:
+        loads = [row["load_avg"] for row in loaded]
+        cores = {row["cpu_cores"] for row in loaded}
+        single = None if len(cores) != 1 or None in cores else int(cores.pop())
+        lines.append(load_note(min(loads), max(loads), single))
     if command:
         lines.append(f"Command: `{command}`")
     lines += [
@@ -1114,6 +1220,8 @@ def plot_scaling(
     import matplotlib.pyplot as plt
 
     fits = {(s.level, s.name, s.pass_name): s for s in summaries}
+    machines = {_row_machine(row) for row in rows}
+    machine = machines.pop() if len(machines) == 1 else "several machines, see scaling.md"
     written = []
     for level in config.levels:
         for column, label, scale, stem in (
@@ -1128,9 +1236,7 @@ def plot_scaling(
                 ax.set_title(f"{level}: {_PASS_TITLES[pass_name]}")
                 ax.set_xlabel("sequence length L")
                 ax.set_ylabel(label)
-            fig.suptitle(
-                f"{label.split(' (')[0]} against sequence length ({machine_description()})", fontsize=10
-            )
+            fig.suptitle(f"{label.split(' (')[0]} against sequence length ({machine})", fontsize=10)
             fig.tight_layout()
             path = Path(out_dir) / f"{stem}_{level}.png"
             fig.savefig(path, dpi=110)
@@ -1181,15 +1287,10 @@ def _plot_panel(
 def write_report(
     config: ScalingConfig, rows: Sequence[Mapping[str, Any]] | None = None, *, command: str = ""
 ) -> list[Path]:
-    """Write ``scaling.md`` and the PNGs next to ``scaling.csv`` (read from there if ``rows`` is None)."""
+    """Write ``scaling.md`` and the PNGs of ``config``'s rows (``current_rows``) next to ``scaling.csv``
+    (read from there if ``rows`` is None)."""
     out_dir = Path(config.out_dir)
-    rows = read_rows(out_dir / "scaling.csv") if rows is None else rows
-    names = {entry.name for entry in config.variants}
-    rows = [
-        row
-        for row in rows
-        if row["level"] in config.levels and row["name"] in names and row["pass"] in config.passes
-    ]
+    rows = current_rows(read_rows(out_dir / "scaling.csv") if rows is None else rows, config)
     summaries = summarize(rows, config)
     md_path = out_dir / "scaling.md"
     md_path.write_text(markdown_report(rows, summaries, config, command=command))

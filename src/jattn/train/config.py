@@ -143,8 +143,37 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+def _list_index(node: list, part: str, where: str, override: str) -> int:
+    """``part`` as an index into the list at key ``where`` (``0`` to ``len - 1``)."""
+    if not part.isascii() or not part.isdigit():
+        raise ConfigError(
+            f"override {override!r}: {where!r} is a list of {len(node)} item(s), so {part!r} must be an "
+            "integer index"
+        )
+    if int(part) >= len(node):
+        raise ConfigError(
+            f"override {override!r}: index {part} is out of range for {where!r}, a list of "
+            f"{len(node)} item(s)"
+        )
+    return int(part)
+
+
+def _child(node: dict | list, part: str, where: str, override: str) -> dict | list:
+    """The mapping or list under ``part`` of ``node`` (at key ``where``); a missing mapping key
+    gets an empty mapping."""
+    if isinstance(node, list):
+        child = node[_list_index(node, part, where, override)]
+    else:
+        child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        key = f"{where}.{part}" if where else part
+        raise ConfigError(f"override {override!r}: {key!r} is not a mapping or a list")
+    return child
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """``["model.width=128", "attention.options={window: 32}"]`` applied to a nested mapping.
+    """``["model.width=128", "attention.options={window: 32}", "compare.0.variant=local"]`` applied to
+    a nested mapping; an integer part indexes a list (``compare.0``: its first item).
 
     Values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``, ``{k: v}``).
     """
@@ -157,14 +186,14 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {override!r}: the value is not valid YAML ({err})") from None
-        node = data
+        node: dict | list = data
         *parents, leaf = path.split(".")
         for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])!r} is not a mapping")
-            node = child
-        node[leaf] = value
+            node = _child(node, part, ".".join(parents[:i]), override)
+        if isinstance(node, list):
+            node[_list_index(node, leaf, ".".join(parents), override)] = value
+        else:
+            node[leaf] = value
     return data
 
 
