@@ -18,13 +18,23 @@ import sys
 
 import jax
 
-from jattn.train import ConfigError, ExperimentConfig, load_config, train, with_attention
-from jattn.train.loop import MetricsLog, RunResult
+from jattn.train import ConfigError, ExperimentConfig, build_task, load_config, train, with_attention
+from jattn.train.build import check_model
+from jattn.train.loop import MetricsLog, RunResult, format_number
 from jattn.train.plots import plot_bars, plot_learning_curves
 
 
+def ms_per_step(result: RunResult) -> float | None:
+    """Milliseconds per train step, or None when the run timed none (None or NaN steps/s)."""
+    speed = result.steps_per_s
+    return None if speed is None or not speed > 0 else 1000 / speed
+
+
 def results_table(results: list[RunResult], *, padded: bool) -> str:
-    """Markdown table; ``padded`` adds whether each variant masks padding (padded batches only)."""
+    """Markdown table; ``padded`` adds whether each variant masks padding (padded batches only).
+
+    A figure a run could not measure (speed with no timed step) reads "n/a".
+    """
     header = (
         "| variant | eval accuracy | eval loss | train loss | steps/s | ms/step | peak memory (MiB) "
         "| params |"
@@ -35,11 +45,27 @@ def results_table(results: list[RunResult], *, padded: bool) -> str:
         memory = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}"
         row = (
             f"| {r.variant} | {r.final_eval['accuracy']:.4f} | {r.final_eval['loss']:.4f} | "
-            f"{r.final_train['loss']:.4f} | {r.steps_per_s:.2f} | {1000 / r.steps_per_s:.1f} | {memory} | "
-            f"{r.params:,} |"
+            f"{format_number(r.final_train.get('loss'), '.4f')} | {format_number(r.steps_per_s, '.2f')} | "
+            f"{format_number(ms_per_step(r), '.1f')} | {memory} | {r.params:,} |"
         )
         lines.append(row + (f" {'yes' if r.masks_padding else 'no'} |" if padded else ""))
     return "\n".join(lines)
+
+
+def check_entries(config: ExperimentConfig) -> None:
+    """Every ``compare`` entry's variant and model, checked before anything is trained.
+
+    Raises:
+      ConfigError: naming the entry (``compare[2].variant``) and what is wrong with it.
+    """
+    if not config.compare:
+        raise ConfigError("config key 'compare': list at least one attention entry to compare")
+    labels = [entry.display_name for entry in config.compare]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")
+    task = build_task(config)
+    for i, entry in enumerate(config.compare):
+        check_model(with_attention(config, entry), task, attention_key=f"compare[{i}]")
 
 
 def machine() -> str:
@@ -51,11 +77,7 @@ def machine() -> str:
 
 
 def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> list[RunResult]:
-    if not config.compare:
-        raise ConfigError("config key 'compare': list at least one attention entry to compare")
-    labels = [entry.display_name for entry in config.compare]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")
+    check_entries(config)
     results, curves = [], {}
     for entry in config.compare:
         run_config = with_attention(config, entry)
@@ -76,7 +98,8 @@ def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> li
         "validation batches.",
         "",
         "Peak memory is the device's peak where it reports one, else XLA's compiled estimate for one "
-        "train step. Steps/s leaves out the first logging window (start-up).",
+        "train step. Steps/s leaves out the first step after each start or resume (start-up); n/a: no "
+        "other step ran.",
         "",
         table,
         "",
@@ -92,7 +115,7 @@ def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> li
         out_dir / "final_accuracy.png",
     )
     plot_bars(
-        {r.variant: 1000 / r.steps_per_s for r in results}, "ms per train step", out_dir / "time_per_step.png"
+        {r.variant: ms_per_step(r) for r in results}, "ms per train step", out_dir / "time_per_step.png"
     )
     print(table)
     return results

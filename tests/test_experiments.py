@@ -1,5 +1,6 @@
 """The experiment scripts end to end on tiny settings, and every shipped config validates."""
 
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -7,6 +8,8 @@ import pytest
 
 from jattn.train import ExperimentConfig, build_task, build_variant, load_config
 from jattn.train.build import model_max_len
+from jattn.train.loop import RunResult
+from jattn.train.plots import plot_bars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,3 +58,32 @@ def test_compare_script_writes_table_and_plots(tmp_path, capsys):
         assert (tmp_path / png).stat().st_size > 0
     assert "| variant | eval accuracy" in capsys.readouterr().out
     assert compare.main([str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_compare_checks_every_entry_before_training_any(tmp_path, capsys):
+    compare = _script("compare")
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    entries = "compare=[{variant: full}, {variant: local, options: {window: 2}}, {variant: lineer}]"
+    assert compare.main([tiny, entries, "--out", str(tmp_path / "a")]) == 2
+    assert "error: config key 'compare[2].variant': unknown variant 'lineer'" in capsys.readouterr().err
+    entries = "compare=[{variant: full}, {variant: full, label: f, options: {implementation: flahs}}]"
+    assert compare.main([tiny, entries, "--out", str(tmp_path / "b")]) == 2
+    assert "config key 'compare[1].options.implementation': unknown implementation" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_results_table_and_plot_say_n_a_for_what_a_run_could_not_measure(tmp_path):
+    compare = _script("compare")
+    measured = RunResult(
+        "a", "full", 3, 10, {"loss": 1.0, "accuracy": 0.5}, {"loss": 1.1}, 4.0, 40.0, None, True
+    )
+    unmeasured = dataclasses.replace(measured, variant="local", final_train={}, steps_per_s=None)
+    older = dataclasses.replace(measured, variant="linear", steps_per_s=float("nan"))  # result.json before
+    table = compare.results_table([measured, unmeasured, older], padded=False)
+    assert "| full | 0.5000 | 1.0000 | 1.1000 | 4.00 | 250.0 | n/a | 10 |" in table
+    assert "| local | 0.5000 | 1.0000 | n/a | n/a | n/a | n/a | 10 |" in table
+    assert "| linear | 0.5000 | 1.0000 | 1.1000 | n/a | n/a | n/a | 10 |" in table
+    plot_bars(
+        {r.variant: compare.ms_per_step(r) for r in (measured, unmeasured, older)}, "ms", tmp_path / "t.png"
+    )
+    assert (tmp_path / "t.png").stat().st_size > 0

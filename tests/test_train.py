@@ -20,7 +20,7 @@ from jattn.train import (
 )
 from jattn.train.build import build_model, learning_rate_schedule
 from jattn.train.config import apply_overrides, save_config
-from jattn.train.loop import load_run
+from jattn.train.loop import check_resumable, load_run
 from jattn.train.schema import OptimizerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -142,3 +142,116 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     config_back, model, step = load_run(killed)
     assert config_back == config and step == 10
     assert model(__import__("numpy").zeros((1, 24), "int32")).shape == (1, 24, 16)
+
+
+def _tiny(*overrides):
+    return load_config(ExperimentConfig, TINY, list(overrides))
+
+
+class _Stop(Exception):
+    """Stands for a run stopped from outside (the SIGKILL test above does it for real)."""
+
+
+def _stop_after(last_step):
+    def stop(step, state, sums):
+        if step == last_step:
+            raise _Stop
+
+    return stop
+
+
+def test_resume_refuses_fewer_or_rescheduled_steps_and_keeps_the_run(tmp_path):
+    finished = tmp_path / "finished"
+    result = train(_tiny("train.steps=4"), finished)
+    saved = (finished / "config.yaml").read_text()
+    with pytest.raises(
+        ConfigError, match=r"'train.steps': the run folder has a checkpoint at step 4, past train"
+    ):
+        train(_tiny("train.steps=2"), finished)
+    with pytest.raises(ConfigError, match=r"'train.steps': 4 -> 6 would change .*'cosine' spreads its decay"):
+        train(_tiny("train.steps=6"), finished)
+    assert (finished / "config.yaml").read_text() == saved
+    assert train(_tiny("train.steps=4"), finished) == result
+    # Stopped after its step-2 checkpoint: asking for 1 step would report step 2's parameters.
+    stopped = tmp_path / "stopped"
+    with pytest.raises(_Stop):
+        train(_tiny("train.steps=4"), stopped, on_step=[_stop_after(3)])
+    with pytest.raises(ConfigError, match="checkpoint at step 2, past train.steps=1"):
+        train(_tiny("train.steps=1"), stopped)
+    assert not (stopped / "result.json").exists()
+
+
+def test_train_steps_may_change_only_where_the_schedule_does_not_depend_on_them():
+    def resumable(schedule, old, new, step, warmup=1):
+        opt = [f"optimizer.schedule={schedule}", f"optimizer.warmup_steps={warmup}"]
+        check_resumable(_tiny(*opt, f"train.steps={old}"), _tiny(*opt, f"train.steps={new}"), step)
+
+    for schedule in ("constant", "rsqrt"):
+        resumable(schedule, 10, 20, 10)
+        resumable(schedule, 10, 6, 5)
+    for schedule in ("cosine", "linear"):
+        with pytest.raises(ConfigError, match=rf"'train.steps': 10 -> 20 .*{schedule}.*spreads its decay"):
+            resumable(schedule, 10, 20, 10)
+        resumable(schedule, 10, 20, 4, warmup=5)  # only warm-up steps trained: their rates stay
+        resumable(schedule, 10, 10, 10)
+
+
+def test_extending_a_constant_schedule_matches_an_uninterrupted_run(tmp_path):
+    constant = ("optimizer.schedule=constant", "train.eval_every=1")
+    train(_tiny(*constant, "train.steps=2"), tmp_path / "extended")
+    extended = train(_tiny(*constant, "train.steps=4"), tmp_path / "extended")
+    straight = train(_tiny(*constant, "train.steps=4"), tmp_path / "straight")
+    assert _val_lines(tmp_path / "extended") == _val_lines(tmp_path / "straight")
+    assert extended.final_eval == straight.final_eval and extended.steps == 4
+
+
+def test_a_run_without_checkpoint_takes_a_new_config(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(_Stop):  # stopped before its first checkpoint (step 2)
+        train(_tiny(), run_dir, on_step=[_stop_after(1)])
+    assert (run_dir / "config.yaml").exists()
+    result = train(_tiny("model.width=32"), run_dir)
+    assert result.steps == 3 and load_config(ExperimentConfig, run_dir / "config.yaml").model.width == 32
+    assert [s for s, *_ in _val_lines(run_dir)] == [3]
+
+
+@pytest.mark.parametrize(
+    "implementation, match",
+    [
+        ("flahs", r"unknown implementation 'flahs'; known: \[.*'chunked'.*'xla'\]"),
+        ("cudnn", "implementation='cudnn' cannot run this call: cuDNN"),  # float32 model: never cuDNN
+    ],
+)
+def test_bad_implementation_is_a_config_error_before_anything_is_written(tmp_path, implementation, match):
+    config = _tiny(f"attention.options={{implementation: {implementation}}}")
+    with pytest.raises(ConfigError, match=r"config key 'attention.options.implementation': " + match):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_logged_lr_is_the_rate_the_logged_steps_used(tmp_path):
+    train(_tiny("optimizer.warmup_steps=2"), tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Warm-up from 0 over 2 steps: step 1 updates with rate 0, step 2 with half the peak.
+    assert [x["lr"] for x in lines if x["split"] == "train"] == pytest.approx([0.0, 0.5e-3, 1e-3])
+
+
+def test_speed_is_measured_when_the_run_has_one_logging_window(tmp_path):
+    result = train(_tiny("train.log_every=10"), tmp_path / "run")  # 3 steps, one window
+    assert result.steps_per_s is not None and result.steps_per_s > 0 and result.tokens_per_s > 0
+
+
+def test_load_run_of_a_step_without_checkpoint_lists_the_steps(tmp_path):
+    train(_tiny(), tmp_path / "run")  # checkpoints at steps 2 and 3
+    with pytest.raises(
+        FileNotFoundError, match=r"no checkpoint at step 1; it has checkpoints at steps \[2, 3\]"
+    ):
+        load_run(tmp_path / "run", 1)
+    assert load_run(tmp_path / "run", 2)[2] == 2
+
+
+def test_local_window_errors_name_the_window():
+    with pytest.raises(
+        ConfigError, match=r"'attention.options' for variant 'local': window must be >= 0, got window=-3"
+    ):
+        build_variant(_tiny("attention.variant=local", "attention.options={window: -3}").attention)

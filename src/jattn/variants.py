@@ -137,7 +137,7 @@ def _full(implementation: str | None = None) -> Variant:
 
 def _local(window: int = 128, implementation: str | None = None) -> Variant:
     """Sliding-window (local) attention: ``window`` positions on each side, left only if causal."""
-    masks_lib.sliding_window(window)  # validates
+    window = masks_lib._check_positive_int("window", window, allow_zero=True)
     return softmax_variant(
         lambda causal: masks_lib.sliding_window(window, 0 if causal else window), implementation
     )

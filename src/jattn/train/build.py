@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from jattn import nn
+from jattn.attention import implementations
 from jattn.data import TASKS, Task, TaskSpec
 from jattn.train.config import ConfigError, from_dict
 from jattn.train.schema import AttentionConfig, ExperimentConfig, ModelConfig, OptimizerConfig
@@ -20,19 +22,28 @@ def build_task(config: ExperimentConfig) -> Task:
     return from_dict(TASKS[config.task.name], config.task.options, prefix="task.options")
 
 
-def build_variant(attention: AttentionConfig) -> Variant:
-    """``attention.variant`` from the registry; errors name the key and list what is allowed."""
+def build_variant(attention: AttentionConfig, key: str = "attention") -> Variant:
+    """``attention.variant`` from the registry; errors name the key and list what is allowed.
+
+    Args:
+      key: where ``attention`` sits in the config, for the errors (``compare[2]`` for an entry).
+    """
     known = variant_names()
     if attention.variant not in known:
         raise ConfigError(
-            f"config key 'attention.variant': unknown variant {attention.variant!r}; known: {sorted(known)}"
+            f"config key '{key}.variant': unknown variant {attention.variant!r}; known: {sorted(known)}"
         )
     try:
-        return get_variant(attention.variant, **attention.options)
+        variant = get_variant(attention.variant, **attention.options)
     except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{key}.options' for variant {attention.variant!r}: {err}") from None
+    implementation = attention.options.get("implementation")
+    if implementation is not None and implementation not in implementations():
         raise ConfigError(
-            f"config key 'attention.options' for variant {attention.variant!r}: {err}"
-        ) from None
+            f"config key '{key}.options.implementation': unknown implementation {implementation!r}; "
+            f"known: {sorted(implementations())} or null (chosen per call)"
+        )
+    return variant
 
 
 def model_max_len(model: ModelConfig, spec: TaskSpec) -> int:
@@ -48,14 +59,20 @@ def model_max_len(model: ModelConfig, spec: TaskSpec) -> int:
     return model.max_len
 
 
-def build_model(config: ExperimentConfig, spec: TaskSpec, *, seed: int | None = None) -> nnx.Module:
-    """The model the task's format calls for, with the configured attention variant."""
+def build_model(
+    config: ExperimentConfig, spec: TaskSpec, *, seed: int | None = None, attention_key: str = "attention"
+) -> nnx.Module:
+    """The model the task's format calls for, with the configured attention variant.
+
+    Args:
+      attention_key: where ``config.attention`` came from, for the errors (see ``build_variant``).
+    """
     m = config.model
     max_len = model_max_len(m, spec)
-    variant = build_variant(config.attention)
+    variant = build_variant(config.attention, attention_key)
     if variant.max_len is not None and variant.max_len < max_len:
         raise ConfigError(
-            f"config key 'attention.options': variant {variant.name!r} takes sequences up to "
+            f"config key '{attention_key}.options': variant {variant.name!r} takes sequences up to "
             f"{variant.max_len}, the model needs {max_len}"
         )
     common = dict(
@@ -76,6 +93,40 @@ def build_model(config: ExperimentConfig, spec: TaskSpec, *, seed: int | None = 
     if spec.format == "sequence":
         return nn.DecoderLM(spec.vocab_size, **common)
     return nn.EncoderDecoder(spec.vocab_size, spec.num_classes, **common)
+
+
+def apply_model(model: nnx.Module, batch: dict, fmt: str, key: jax.Array | None) -> jax.Array:
+    """The model's float32 logits on ``batch``: ``[B, C]`` (classification) or ``[B, T, V]``."""
+    if fmt == "classification":
+        return model(batch["inputs"], lengths=batch["lengths"], key=key)
+    if fmt == "sequence":
+        return model(batch["inputs"], key=key)
+    return model(batch["sources"], batch["inputs"], source_lengths=batch["source_lengths"], key=key)
+
+
+def check_model(config: ExperimentConfig, task: Task, attention_key: str = "attention") -> None:
+    """Build the model and trace it on one training batch without computing anything.
+
+    Besides ``build_model``'s checks, this finds an attention that cannot run the model's calls on
+    this backend (an ``implementation`` that does not support them, a variant that cannot be
+    causal in a decoder) before anything is written or trained.
+
+    Raises:
+      ConfigError: naming ``<attention_key>.options.implementation`` when one is set, else
+        ``<attention_key>.variant``, with the attention's own reason.
+    """
+    batch = task.batch("train", 0, config.train.batch_size)
+
+    def logits():
+        return apply_model(
+            build_model(config, task.spec, attention_key=attention_key), batch, task.spec.format, None
+        )
+
+    try:
+        nnx.eval_shape(logits)
+    except NotImplementedError as err:
+        option = "options.implementation" if config.attention.options.get("implementation") else "variant"
+        raise ConfigError(f"config key '{attention_key}.{option}': {err}") from None
 
 
 def learning_rate_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from jattn.data import TaskSpec
 from jattn.nn import param_count
 from jattn.parallel import training as parallel
-from jattn.train.build import build_model, build_optimizer, build_task, learning_rate_schedule
+from jattn.train.build import (
+    apply_model,
+    build_model,
+    build_optimizer,
+    build_task,
+    check_model,
+    learning_rate_schedule,
+)
 from jattn.train.config import ConfigError, load_config, save_config, to_dict
 from jattn.train.schema import RESUMABLE_CHANGES, ExperimentConfig
 
@@ -70,12 +77,7 @@ class ModelFunctions:
 
     def logits(self, params: dict, batch: dict, key: jax.Array | None):
         """``[B, C]`` (classification) or ``[B, T, V]`` float32 logits."""
-        model = self.merge(params)
-        if self.format == "classification":
-            return model(batch["inputs"], lengths=batch["lengths"], key=key)
-        if self.format == "sequence":
-            return model(batch["inputs"], key=key)
-        return model(batch["sources"], batch["inputs"], source_lengths=batch["source_lengths"], key=key)
+        return apply_model(self.merge(params), batch, self.format, key)
 
 
 def loss_sums(logits, batch: dict, fmt: str) -> dict[str, jax.Array]:
@@ -143,8 +145,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def check_resumable(saved: ExperimentConfig, config: ExperimentConfig) -> None:
-    """Raise ``ConfigError`` naming every key whose change would make a resume inexact."""
+def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int) -> None:
+    """Raise ``ConfigError`` unless ``config`` continues the run ``saved`` started, from its
+    checkpoint at ``step``, exactly as an uninterrupted run of ``config`` would.
+
+    Only the keys in ``RESUMABLE_CHANGES`` may differ (every other one is named), ``train.steps``
+    may not drop below ``step``, and a new ``train.steps`` must leave the learning rates of the
+    ``step`` steps already taken as they were: cosine and linear decays are spread over
+    ``train.steps`` (so only their warm-up can be extended), constant and rsqrt are not.
+    """
     old, new = _flatten(to_dict(saved)), _flatten(to_dict(config))
     changed = sorted(
         k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
@@ -155,6 +164,25 @@ def check_resumable(saved: ExperimentConfig, config: ExperimentConfig) -> None:
             f"cannot resume: the run folder was started with another config ({details}). Only "
             f"{list(RESUMABLE_CHANGES)} may change; use a new run folder for the rest."
         )
+    steps = config.train.steps
+    if steps < step:
+        raise ConfigError(
+            f"config key 'train.steps': the run folder has a checkpoint at step {step}, past "
+            f"train.steps={steps}; ask for at least {step} steps or use a new run folder"
+        )
+    trained = jnp.arange(step)
+    before = np.asarray(learning_rate_schedule(saved.optimizer, saved.train.steps)(trained))
+    after = np.asarray(learning_rate_schedule(config.optimizer, steps)(trained))
+    differ = np.flatnonzero(before != after)
+    if differ.size:
+        s = int(differ[0])
+        raise ConfigError(
+            f"config key 'train.steps': {saved.train.steps} -> {steps} would change the learning rate "
+            f"of steps already trained (optimizer.schedule {config.optimizer.schedule!r} spreads its "
+            f"decay over train.steps; step {s} took {before[s]:.4g}, it would take {after[s]:.4g}), so "
+            f"the run would match no uninterrupted one. Keep train.steps={saved.train.steps} or use a "
+            "new run folder; a 'constant' or 'rsqrt' schedule can be extended."
+        )
 
 
 def _checkpoint_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
@@ -163,6 +191,7 @@ def _checkpoint_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
 
 
 def _restore(manager: ocp.CheckpointManager, state: State, step: int) -> State:
+    """The checkpoint of ``step``, laid out like ``state``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -172,8 +201,8 @@ class MetricsLog:
 
     def __init__(self, path: pathlib.Path, resume_step: int):
         self.path = path
-        kept = [line for line in self.read(path) if line["step"] <= resume_step]
-        path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        self.kept = [line for line in self.read(path) if line["step"] <= resume_step]
+        path.write_text("".join(json.dumps(line) + "\n" for line in self.kept))
 
     @staticmethod
     def read(path: pathlib.Path) -> list[dict]:
@@ -215,7 +244,11 @@ def _memory_bytes(compiled) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What a finished run reports (also in ``result.json``)."""
+    """What a finished run reports (also in ``result.json``).
+
+    ``steps_per_s`` and ``tokens_per_s`` leave out the first step after a (re)start (start-up);
+    they are None (NaN in older runs) when no other step ran.
+    """
 
     name: str
     variant: str
@@ -223,14 +256,20 @@ class RunResult:
     params: int
     final_eval: dict
     final_train: dict
-    steps_per_s: float
-    tokens_per_s: float
+    steps_per_s: float | None
+    tokens_per_s: float | None
     peak_memory_bytes: int | None
     masks_padding: bool
 
 
+def format_number(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "n/a" when it is missing (None or NaN)."""
+    return "n/a" if value is None or np.isnan(value) else format(value, spec)
+
+
 def write_summary(result: RunResult, config: ExperimentConfig, path: pathlib.Path) -> None:
     memory = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**20:.1f} MiB"
+    train_loss = result.final_train.get("loss")
     lines = [
         f"# {result.name}",
         "",
@@ -240,8 +279,9 @@ def write_summary(result: RunResult, config: ExperimentConfig, path: pathlib.Pat
         "| steps | params | eval loss | eval accuracy | train loss | steps/s | tokens/s | peak memory |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result.steps} | {result.params:,} | {result.final_eval['loss']:.4f} | "
-        f"{result.final_eval['accuracy']:.4f} | {result.final_train.get('loss', float('nan')):.4f} | "
-        f"{result.steps_per_s:.2f} | {result.tokens_per_s:,.0f} | {memory} |",
+        f"{result.final_eval['accuracy']:.4f} | {format_number(train_loss, '.4f')} | "
+        f"{format_number(result.steps_per_s, '.2f')} | {format_number(result.tokens_per_s, ',.0f')} | "
+        f"{memory} |",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -252,12 +292,34 @@ def write_summary(result: RunResult, config: ExperimentConfig, path: pathlib.Pat
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_run_dir(config: ExperimentConfig, run_dir: pathlib.Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_run_dir(config: ExperimentConfig, run_dir: pathlib.Path, checkpoint_step: int | None) -> None:
+    """Accept ``config`` for ``run_dir``, then save it as ``config.yaml``.
+
+    A run folder with a checkpoint resumes only as ``check_resumable`` allows. One without has
+    trained nothing to keep (the run failed or was stopped before its first checkpoint), so a new
+    config simply replaces the old one.
+    """
     saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        check_resumable(load_config(ExperimentConfig, saved_path), config)
+    if checkpoint_step is not None:
+        saved = load_config(ExperimentConfig, saved_path) if saved_path.exists() else config
+        check_resumable(saved, config, checkpoint_step)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, saved_path)
+
+
+def _finished_result(run_dir: pathlib.Path, step: int) -> RunResult | None:
+    """The stored result of the run folder's run if it finished at ``step``, else None."""
+    path = run_dir / "result.json"
+    if not path.exists():
+        return None
+    result = RunResult(**json.loads(path.read_text()))
+    return result if result.steps == step else None
+
+
+def _logged_train_metrics(records: list[dict], step: int) -> dict:
+    """Loss and accuracy of the training metrics logged at ``step``, or {} if none were."""
+    logged = [r for r in records if r["split"] == "train" and r["step"] == step]
+    return {k: logged[-1][k] for k in ("loss", "accuracy")} if logged else {}
 
 
 def _tokens_per_batch(batch: dict) -> int:
@@ -298,77 +360,80 @@ def _train(
     on_step: Sequence[Callable[[int, State, dict], None]],
 ) -> RunResult:
     task = build_task(config)
+    check_model(config, task)
     model = build_model(config, task.spec)
-    _prepare_run_dir(config, run_dir)
     tc = config.train
     fns = ModelFunctions.from_model(model, task.spec)
     tx = build_optimizer(config.optimizer, tc.steps)
     state = placement.place_state(init_state(fns, tx))
-    manager = _checkpoint_manager(run_dir)
-    if manager.latest_step() is not None:
-        state = _restore(manager, state, manager.latest_step())
-    start = int(state["step"])
-    finished = run_dir / "result.json"
-    if start >= tc.steps and finished.exists():  # nothing left to train: report the finished run
-        manager.close()
-        return RunResult(**json.loads(finished.read_text()))
-    log = MetricsLog(run_dir / "metrics.jsonl", start)
-    eval_on_mesh = make_eval_step(fns)
-    eval_step = lambda params, batch: eval_on_mesh(params, placement.shard(batch))  # noqa: E731
-    first_batch = placement.shard(task.batch("train", start, tc.batch_size))
-    compiled = make_train_step(fns, tx, tc.seed).lower(state, first_batch).compile()  # type: ignore[attr-defined]
-    memory = _memory_bytes(compiled)
+    with _checkpoint_manager(run_dir) as manager:
+        latest = manager.latest_step()
+        _prepare_run_dir(config, run_dir, latest)
+        if latest is not None:
+            state = _restore(manager, state, latest)
+        start = int(state["step"])
+        finished = _finished_result(run_dir, start) if start == tc.steps else None
+        if finished is not None:  # nothing left to train: report the finished run
+            return finished
+        log = MetricsLog(run_dir / "metrics.jsonl", start)
+        eval_on_mesh = make_eval_step(fns)
+        eval_step = lambda params, batch: eval_on_mesh(params, placement.shard(batch))  # noqa: E731
+        first_batch = placement.shard(task.batch("train", start, tc.batch_size))
+        compiled = make_train_step(fns, tx, tc.seed).lower(state, first_batch).compile()  # type: ignore[attr-defined]
+        memory = _memory_bytes(compiled)
+        tokens_per_batch = _tokens_per_batch(first_batch)
 
-    schedule = learning_rate_schedule(config.optimizer, tc.steps)
-    window: list[dict] = []
-    first_window = True  # includes start-up, so it stays out of the speed figures
-    train_time, timed_steps, tokens = 0.0, 0, 0
-    final_train: dict = {}
-    final_eval: dict = {}
-    if start >= tc.steps:  # already finished: report the stored state
-        final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
-    bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, desc=config.name, dynamic_ncols=True)
-    window_start = time.perf_counter()
-    for step in range(start, tc.steps):
-        batch = first_batch if step == start else placement.shard(task.batch("train", step, tc.batch_size))
-        state, sums = compiled(state, batch)
-        window.append(sums)
-        done = step + 1
-        for callback in on_step:
-            callback(done, state, sums)
-        if done % tc.log_every == 0 or done == tc.steps:
-            final_train = _summarize(window)
-            elapsed = time.perf_counter() - window_start
-            window_tokens = _tokens_per_batch(batch) * len(window)
-            if not first_window:
-                train_time += elapsed
-                timed_steps += len(window)
-                tokens += window_tokens
-            first_window = False
-            rate = window_tokens / max(elapsed, 1e-9)
-            log.write(
-                {
-                    "step": done,
-                    "split": "train",
-                    **final_train,
-                    "tokens_per_s": rate,
-                    "lr": float(schedule(done)),
-                }
-            )
-            bar.set_postfix(
-                loss=f"{final_train['loss']:.3f}", acc=f"{final_train['accuracy']:.3f}", tok_s=f"{rate:,.0f}"
-            )
-            window = []
-        if done % tc.eval_every == 0 or done == tc.steps:
+        schedule = learning_rate_schedule(config.optimizer, tc.steps)
+        window: list[dict] = []
+        untimed = 1  # the first step after a (re)start includes start-up: it stays out of the speeds
+        train_time, timed_steps = 0.0, 0
+        final_train: dict = {}
+        final_eval: dict = {}
+        if start == tc.steps:  # finished, but stopped before its result was written: report it
+            final_train = _logged_train_metrics(log.kept, start)
             final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
-            log.write({"step": done, "split": "val", **final_eval})
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            manager.save(done, args=ocp.args.StandardSave(state))
-        bar.update(1)
-        if not window:
-            window_start = time.perf_counter()
-    bar.close()
-    manager.close()
+        bar = tqdm(
+            total=tc.steps, initial=start, disable=not tc.progress, desc=config.name, dynamic_ncols=True
+        )
+        window_start = 0.0  # set once the first step has run
+        for step in range(start, tc.steps):
+            batch = (
+                first_batch if step == start else placement.shard(task.batch("train", step, tc.batch_size))
+            )
+            state, sums = compiled(state, batch)
+            if step == start:
+                jax.block_until_ready(sums)
+                window_start = time.perf_counter()
+            window.append(sums)
+            done = step + 1
+            for callback in on_step:
+                callback(done, state, sums)
+            if done % tc.log_every == 0 or done == tc.steps:
+                final_train = _summarize(window)
+                elapsed = time.perf_counter() - window_start
+                timed = len(window) - untimed
+                untimed = 0
+                train_time += elapsed
+                timed_steps += timed
+                rate = tokens_per_batch * timed / max(elapsed, 1e-9) if timed else None
+                # The update of step ``done`` (counting from 1) used the rate at count ``done - 1``.
+                lr = float(schedule(done - 1))
+                log.write({"step": done, "split": "train", **final_train, "tokens_per_s": rate, "lr": lr})
+                bar.set_postfix(
+                    loss=f"{final_train['loss']:.3f}",
+                    acc=f"{final_train['accuracy']:.3f}",
+                    tok_s=format_number(rate, ",.0f"),
+                )
+                window = []
+            if done % tc.eval_every == 0 or done == tc.steps:
+                final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
+                log.write({"step": done, "split": "val", **final_eval})
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                manager.save(done, args=ocp.args.StandardSave(state))
+            bar.update(1)
+            if not window:
+                window_start = time.perf_counter()
+        bar.close()
 
     result = RunResult(
         name=config.name,
@@ -377,8 +442,8 @@ def _train(
         params=param_count(model),
         final_eval=final_eval,
         final_train=final_train,
-        steps_per_s=timed_steps / train_time if train_time else float("nan"),
-        tokens_per_s=tokens / train_time if train_time else float("nan"),
+        steps_per_s=timed_steps / train_time if timed_steps else None,
+        tokens_per_s=tokens_per_batch * timed_steps / train_time if timed_steps else None,
         peak_memory_bytes=memory,
         masks_padding=bool(getattr(model, "masks_padding", True)),
     )
@@ -400,10 +465,15 @@ def load_run(
     model = build_model(config, task.spec)
     fns = ModelFunctions.from_model(model, task.spec)
     tx = build_optimizer(config.optimizer, config.train.steps)
-    manager = _checkpoint_manager(run_dir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} has no checkpoint yet")
-    state = _restore(manager, init_state(fns, tx), step)
-    manager.close()
+    with _checkpoint_manager(run_dir) as manager:
+        available = sorted(manager.all_steps())
+        if not available:
+            raise FileNotFoundError(f"run folder {str(run_dir)!r} has no checkpoint yet")
+        step = available[-1] if step is None else step
+        if step not in available:
+            raise FileNotFoundError(
+                f"run folder {str(run_dir)!r} has no checkpoint at step {step}; it has checkpoints at "
+                f"steps {available}"
+            )
+        state = _restore(manager, init_state(fns, tx), step)
     return config, fns.merge(state["params"]), step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import matplotlib
@@ -27,12 +28,14 @@ def plot_learning_curves(curves: dict[str, list[dict]], metric: str, path: pathl
     plt.close(fig)
 
 
-def plot_bars(values: dict[str, float], ylabel: str, path: pathlib.Path) -> None:
-    """One bar per run (final metric, time per step, ...)."""
+def plot_bars(values: dict[str, float | None], ylabel: str, path: pathlib.Path) -> None:
+    """One bar per run (final metric, time per step, ...); a missing value (None or NaN) is an
+    empty bar labelled "n/a"."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     labels = list(values)
-    bars = ax.bar(labels, [values[k] for k in labels], color="tab:blue")
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    known = {k: v for k, v in values.items() if v is not None and not math.isnan(v)}
+    bars = ax.bar(labels, [known.get(k, 0.0) for k in labels], color="tab:blue")
+    ax.bar_label(bars, labels=[f"{known[k]:.3g}" if k in known else "n/a" for k in labels], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)

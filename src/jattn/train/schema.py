@@ -160,6 +160,9 @@ class ExperimentConfig:
 
 
 # Keys a resumed run may change: they do not affect the state or the batches of earlier steps.
+# ``train.steps`` only as far as ``jattn.train.loop.check_resumable`` allows: not below the
+# checkpoint's step, and not when the learning-rate schedule of the steps already trained depends
+# on it (cosine and linear decays are spread over ``train.steps``).
 RESUMABLE_CHANGES = (
     "train.steps",
     "train.progress",
