@@ -79,6 +79,14 @@ def test_variant_and_task_errors_list_what_is_allowed():
     )
     with pytest.raises(ConfigError, match="model.max_len': the task's sequences need 64 positions"):
         build_model(config, build_task(config).spec)
+    config = from_dict(
+        ExperimentConfig,
+        {"task": {"name": "recall", "options": {"seq_len": 32}}, "attention": {"variant": "linformer"}},
+    )
+    with pytest.raises(
+        ConfigError, match=r"'attention.options': variant 'linformer' is meant for models of max_len >= 256"
+    ):
+        build_model(config, build_task(config).spec)
 
 
 def test_learning_rate_schedules():

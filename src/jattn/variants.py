@@ -44,6 +44,7 @@ class Variant:
       init_params: ``init_params(key, *, num_heads, num_kv_heads, head_dim, max_len) -> pytree``
         or None when the variant has no parameters of its own.
       max_len: the longest sequence it can take, or None for any.
+      min_len: the smallest model ``max_len`` it is meant for (Linformer's projected length), or None.
       options: the options it was built with (for tables and logs).
       mask: for exact variants, ``mask(causal) -> Mask | None``, the pattern's mask that ``fn``
         applies (the scaling study counts attended pairs from it); None for approximate variants.
@@ -54,6 +55,7 @@ class Variant:
     exact: bool
     init_params: Callable[..., Any] | None = None
     max_len: int | None = None
+    min_len: int | None = None
     options: dict = dataclasses.field(default_factory=dict)
     mask: Callable[[bool], masks_lib.Mask | None] | None = None
 
@@ -245,7 +247,9 @@ def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
             raise ValueError("linformer needs params=variant.init_params(...) (its projections)")
         return linear_lib.linformer_attention(q, k, v, params["proj_k"], params["proj_v"])
 
-    return Variant("linformer", fn, exact=False, init_params=init_params, max_len=max_len)
+    return Variant(
+        "linformer", fn, exact=False, init_params=init_params, max_len=max_len, min_len=projected_len
+    )
 
 
 register_variant("linear", _linear)

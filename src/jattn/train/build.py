@@ -75,6 +75,12 @@ def build_model(
             f"config key '{attention_key}.options': variant {variant.name!r} takes sequences up to "
             f"{variant.max_len}, the model needs {max_len}"
         )
+    if variant.min_len is not None and max_len < variant.min_len:
+        raise ConfigError(
+            f"config key '{attention_key}.options': variant {variant.name!r} is meant for models of "
+            f"max_len >= {variant.min_len} (it would not compress), this one's is {max_len}; set a "
+            "smaller projected length in its options or raise model.max_len"
+        )
     common = dict(
         max_len=max_len,
         width=m.width,
