@@ -18,6 +18,7 @@ import sys
 
 import jax
 
+from jattn.parallel.training import check_sequence_axis
 from jattn.train import ConfigError, ExperimentConfig, build_task, load_config, train, with_attention
 from jattn.train.build import check_model
 from jattn.train.loop import MetricsLog, RunResult, format_number
@@ -65,6 +66,10 @@ def check_entries(config: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")
     task = build_task(config)
     for i, entry in enumerate(config.compare):
+        try:
+            check_sequence_axis(config.parallel, entry.variant, entry.options, key=f"compare[{i}]")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         check_model(with_attention(config, entry), task, attention_key=f"compare[{i}]")
 
 

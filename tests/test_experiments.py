@@ -69,7 +69,13 @@ def test_compare_checks_every_entry_before_training_any(tmp_path, capsys):
     entries = "compare=[{variant: full}, {variant: full, label: f, options: {implementation: flahs}}]"
     assert compare.main([tiny, entries, "--out", str(tmp_path / "b")]) == 2
     assert "config key 'compare[1].options.implementation': unknown implementation" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    entries = "compare=[{variant: full}, {variant: ring}]"
+    assert compare.main([tiny, entries, "--out", str(tmp_path / "c")]) == 2
+    assert (
+        "config key 'compare[1].variant': 'ring' with options {} splits the sequence"
+        in capsys.readouterr().err
+    )
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_results_table_and_plot_say_n_a_for_what_a_run_could_not_measure(tmp_path):

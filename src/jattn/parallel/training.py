@@ -167,12 +167,13 @@ def _process_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index() * rows : (jax.process_index() + 1) * rows]
 
 
-def check_sequence_axis(config: ParallelConfig, variant: str, options: dict) -> None:
+def check_sequence_axis(config: ParallelConfig, variant: str, options: dict, key: str = "attention") -> None:
     """Ring attention in a training config (the ``ring`` variant, or an exact variant with
-    ``implementation: ring``) needs the ``seq`` axis in ``parallel.mesh``; raises ValueError."""
+    ``implementation: ring``) needs the ``seq`` axis in ``parallel.mesh``; raises ValueError naming
+    ``<key>.variant`` (``compare[2]`` for a compare entry)."""
     if (variant == "ring" or options.get("implementation") == "ring") and SEQUENCE_AXIS not in config.mesh:
         raise ValueError(
-            f"config key 'attention.variant': {variant!r} with options {options} splits the sequence over "
+            f"config key '{key}.variant': {variant!r} with options {options} splits the sequence over "
             f"the {SEQUENCE_AXIS!r} mesh axis, but parallel.mesh={config.mesh} has none; add it, e.g. "
             f"parallel.mesh={{{SEQUENCE_AXIS}: -1}}"
         )
