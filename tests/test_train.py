@@ -39,6 +39,10 @@ TINY = ROOT / "configs" / "tiny.yaml"
         ({"train": {"progress": "yes"}}, "config key 'train.progress': expected true or false"),
         ({"compare": [{"variant": "full", "opts": {}}]}, r"unknown config key\(s\) \['compare\[0\].opts'\]"),
         ({"model": {"width": 10, "num_heads": 4}}, "model.width must be a multiple of model.num_heads"),
+        (
+            {"train": {"log_every": 5, "checkpoint_every": 7}},
+            "train.checkpoint_every must be a multiple of train.log_every, got 7 and 5",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(data, match):
@@ -245,7 +249,7 @@ def test_logged_lr_is_the_rate_the_logged_steps_used(tmp_path):
 
 
 def test_speed_is_measured_when_the_run_has_one_logging_window(tmp_path):
-    result = train(_tiny("train.log_every=10"), tmp_path / "run")  # 3 steps, one window
+    result = train(_tiny("train.log_every=10", "train.checkpoint_every=10"), tmp_path / "run")  # one window
     assert result.steps_per_s is not None and result.steps_per_s > 0 and result.tokens_per_s > 0
 
 

@@ -122,7 +122,7 @@ class TrainConfig:
     steps: optimizer steps. batch_size: examples per step. seed: model initialisation and dropout.
     eval_every: evaluate every this many steps (and at the end). eval_batches: batches per eval.
     log_every: write training metrics every this many steps.
-    checkpoint_every: save a checkpoint every this many steps (and at the end).
+    checkpoint_every: save a checkpoint every this many steps (and at the end); a multiple of log_every.
     progress: show a progress bar.
     """
 
@@ -134,6 +134,13 @@ class TrainConfig:
     log_every: int = _field(10, min=1)
     checkpoint_every: int = _field(500, min=1)
     progress: bool = True
+
+    def __post_init__(self):
+        if self.checkpoint_every % self.log_every:  # a resumed run's first window starts at its checkpoint
+            raise ValueError(
+                f"train.checkpoint_every must be a multiple of train.log_every, got {self.checkpoint_every} "
+                f"and {self.log_every}, so that a resumed run logs the same windows as an uninterrupted one"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
