@@ -144,15 +144,20 @@ EXPORT_MASKS = {
 }
 
 
-def _exported_text(platform: str, head_dim: int, mask, gradient: bool) -> str:
-    def attend(q, k, v):
-        out = flash.flash_problem(make_problem(q, k, v, mask=mask), platform=platform, interpret=False)
+def _exported_text(platform: str, head_dim: int, mask, gradient: bool, bias_shape=None) -> str:
+    """The exported module of flash on bfloat16 inputs (4 query heads, 2 key/value heads), with a
+    bfloat16 bias of ``bias_shape`` if given (its gradient taken too)."""
+
+    def attend(q, k, v, bias=None):
+        problem = make_problem(q, k, v, mask=mask, bias=bias)
+        out = flash.flash_problem(problem, platform=platform, interpret=False)
         return out.astype(jnp.float32).sum() if gradient else out
 
-    fn = jax.grad(attend, argnums=(0, 1, 2)) if gradient else attend
     q = jax.ShapeDtypeStruct((2, 384, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 384, 2, head_dim), jnp.bfloat16)
-    return aot.export_for(fn, q, kv, kv, platform=platform).mlir_module()
+    args = (q, kv, kv) if bias_shape is None else (q, kv, kv, jax.ShapeDtypeStruct(bias_shape, jnp.bfloat16))
+    fn = jax.grad(attend, argnums=tuple(range(len(args)))) if gradient else attend
+    return aot.export_for(fn, *args, platform=platform).mlir_module()
 
 
 @pytest.mark.parametrize("gradient", [False, True], ids=["forward", "grad"])
@@ -166,16 +171,7 @@ def test_lowers_for_cuda_through_triton(head_dim, mask_name, gradient):
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_with_a_float32_bias_on_bfloat16_inputs(platform):
     """The bias stays float32 whatever the input dtype; both lowerings take its tiles, forward and grad."""
-
-    def loss(q, k, v, bias):
-        problem = make_problem(q, k, v, mask=masks.causal(), bias=bias)
-        return flash.flash_problem(problem, platform=platform, interpret=False).astype(jnp.float32).sum()
-
-    x = jax.ShapeDtypeStruct((2, 384, 4, 128), jnp.bfloat16)
-    bias = jax.ShapeDtypeStruct((4, 384, 384), jnp.bfloat16)
-    text = aot.export_for(
-        jax.grad(loss, argnums=(0, 1, 2, 3)), x, x, x, bias, platform=platform
-    ).mlir_module()
+    text = _exported_text(platform, 128, masks.causal(), gradient=True, bias_shape=(4, 384, 384))
     assert text.count(aot.TRITON_CALL if platform == "cuda" else "tpu_custom_call") == 3
 
 
