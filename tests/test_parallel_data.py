@@ -82,6 +82,11 @@ def test_bad_input_names_the_argument():
         make_mesh({"data": 2, "seq": 3}, devices=jax.devices()[:4])
     with pytest.raises(ValueError, match="at most one mesh axis may have size -1"):
         make_mesh({"data": -1, "seq": -1})
+    with pytest.raises(ValueError, match="devices must be distinct devices, at least one"):
+        make_mesh({"data": -1}, devices=[])
+    with pytest.raises(ValueError, match="devices must be distinct devices"):
+        make_mesh({"data": 2}, devices=[jax.devices()[0]] * 2)
+    assert make_mesh({"data": np.int64(2)}, devices=jax.devices()[:2]).shape == {"data": 2}
 
 
 def test_distributed_settings_from_config_and_environment():
@@ -133,9 +138,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_together_and_agree_on_the_loss():
-    """Two local processes, two CPU devices each, one 4-device data-parallel mesh."""
+def _run_two_processes(worker: str) -> list[str]:
+    """Run ``worker`` in two local processes with two CPU devices each; their standard outputs."""
     address = f"127.0.0.1:{_free_port()}"
     env = {
         **os.environ,
@@ -147,7 +151,7 @@ def test_two_processes_train_together_and_agree_on_the_loss():
     tests_dir = os.path.dirname(__file__)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, tests_dir],
+            [sys.executable, "-c", worker, tests_dir],
             env={**env, "JATTN_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -159,9 +163,57 @@ def test_two_processes_train_together_and_agree_on_the_loss():
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-3000:]
-        outputs.append([float(x) for x in stdout.split("LOSSES")[1].split()])
+        outputs.append(stdout)
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_agree_on_the_loss():
+    """Two local processes, two CPU devices each, one 4-device data-parallel mesh."""
+    outputs = [
+        [float(x) for x in stdout.split("LOSSES")[1].split()] for stdout in _run_two_processes(_WORKER)
+    ]
     assert outputs[0] == outputs[1]
     tx = optax.adam(1e-2)
     params = init_multi_head_attention(jax.random.key(0), 16, num_heads=2)
     single = _train({"params": params, "opt_state": tx.init(params)}, [_problem()] * 3, tx)
     np.testing.assert_allclose(outputs[0], single, rtol=1e-5)
+
+
+_BATCH_WORKER = textwrap.dedent(
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jattn.parallel import initialize, shard_batch
+    from jattn.parallel.training import ParallelConfig, Placement
+
+    initialize()
+    batch = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # the global batch, on every process
+    for mesh in ({"data": 2, "seq": 2}, {"seq": 2, "data": 2}):
+        placement = Placement.from_config(ParallelConfig(mesh=mesh), batch_size=8)
+        from_global = placement.shard({"x": batch})["x"]
+        # shard_batch takes this process's rows: those of the data positions its devices occupy.
+        data_axis = placement.mesh.axis_names.index("data")
+        positions = sorted({i[data_axis] for i, d in np.ndenumerate(placement.mesh.devices)
+                            if d.process_index == jax.process_index()})
+        share = np.concatenate([batch[4 * p : 4 * (p + 1)] for p in positions])
+        from_share = shard_batch({"x": share}, placement.mesh)["x"]
+        with placement.activate():
+            for name, x in (("global", from_global), ("share", from_share)):
+                rows = jax.jit(lambda a: a @ jnp.ones(3), out_shardings=jax.P())(x)
+                print("ROWS", list(mesh), name, x.shape, *np.asarray(rows).tolist())
+    """
+)
+
+
+@pytest.mark.slow
+def test_batches_keep_every_row_whichever_axis_spans_the_processes():
+    """With ``seq`` as the mesh's first axis each process spans ``data``; with ``data`` first each
+    holds half of it. Either way every process sees the whole global batch, in order."""
+    expected = np.arange(8 * 3, dtype=np.float32).reshape(8, 3).sum(axis=1).tolist()
+    for stdout in _run_two_processes(_BATCH_WORKER):
+        lines = [line.split(maxsplit=1)[1] for line in stdout.splitlines() if line.startswith("ROWS")]
+        assert len(lines) == 4, stdout
+        for line in lines:
+            assert line.endswith(f"(8, 3) {' '.join(map(str, expected))}"), line

@@ -223,3 +223,7 @@ def test_dense_array_mask_and_unknown_implementation_are_refused(mesh):
         ring_attention(q, k, v, mesh=mesh, axis_name="seq", implementation="magic")
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         ring_attention(q, k, v, mesh="seq", axis_name="seq")
+    with pytest.raises(TypeError, match="load_balance must be a bool or None.*load_balance='no'"):
+        ring_attention(q, k, v, mesh=mesh, axis_name="seq", load_balance="no")
+    with pytest.raises(TypeError, match="pad a bool.*pad=1"):
+        ring_attention(q, k, v, mesh=mesh, axis_name="seq", pad=1)

@@ -20,30 +20,74 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A value that every process holds in full, placed with ``sharding``.
+
+    In a multi-process run each process keeps the pieces its own devices address, wherever they
+    lie in the mesh.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _fed_axis_size(mesh: Mesh, axis_name: str) -> int:
+    """How many positions of mesh axis ``axis_name`` this process's devices occupy."""
+    axis = mesh.axis_names.index(axis_name)
+    return len(
+        {
+            index[axis]
+            for index, device in np.ndenumerate(mesh.devices)
+            if device.process_index == jax.process_index()
+        }
+    )
+
+
+def _check_batch_dim(path, x, size: int, axis_name: str, whose: str) -> None:
+    if x.ndim == 0 or x.shape[0] % size:
+        raise ValueError(
+            f"batch{_path_name(path)} has shape {x.shape}: its leading (batch) dim must be divisible "
+            f"by the {size} devices of mesh axis {axis_name!r} that {whose}"
+        )
+
+
 def shard_batch(batch: Any, mesh: Mesh, axis_name: str = "data") -> Any:
     """Put every array of ``batch`` on ``mesh``, its leading (batch) dim split over ``axis_name``.
 
     Args:
       batch: pytree of arrays ``[B, ...]``; in a multi-process run, this process's share of the
-        global batch (``B / process_count`` rows), as each host loads its own data.
+        global batch, as each host loads its own data: the rows of the ``axis_name`` positions its
+        devices occupy (``B / process_count`` rows when ``axis_name`` is split evenly over the
+        processes; the whole batch when every process spans the axis, e.g. a ``seq`` axis over
+        processes). ``shard_global_batch`` takes the global batch instead.
       mesh: the device mesh; axis_name: its data-parallel axis.
     Returns:
       The same pytree of global ``jax.Array``s ``[B_global, ...]`` sharded over ``axis_name``.
     """
-    size = check_axis(mesh, axis_name, "axis_name")
-    local_size = size // jax.process_count() if jax.process_count() > 1 else size
+    check_axis(mesh, axis_name, "axis_name")
+    fed = _fed_axis_size(mesh, axis_name)
+    sharding = NamedSharding(mesh, PartitionSpec(axis_name))
 
     def put(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.ndim == 0 or x.shape[0] % local_size:
-            raise ValueError(
-                f"batch{_path_name(path)} has shape {x.shape}: its leading (batch) dim must be divisible "
-                f"by the {local_size} devices of mesh axis {axis_name!r} that this process feeds"
-            )
-        sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+        _check_batch_dim(path, x, fed, axis_name, "this process feeds")
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def shard_global_batch(batch: Any, mesh: Mesh, axis_name: str = "data") -> Any:
+    """Like ``shard_batch``, from the global batch ``[B_global, ...]`` that every process holds
+    (e.g. generated from a seed): each process keeps the rows its devices need."""
+    size = check_axis(mesh, axis_name, "axis_name")
+    sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+
+    def put(path, x):
+        _check_batch_dim(path, np.asarray(x), size, axis_name, "split it")
+        return put_global(x, sharding)
 
     return jax.tree_util.tree_map_with_path(put, batch)
 
@@ -76,11 +120,7 @@ def place_state(
 
     def put(x):
         spec = PartitionSpec() if mode == "replicated" else _sharded_spec(np.shape(x), size, axis_name)
-        sharding = NamedSharding(mesh, spec)
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        # Every process holds the same full value (same seed): each keeps the pieces it addresses.
-        value = np.asarray(x)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        # Every process holds the same full value (same seed).
+        return put_global(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(put, state)

@@ -30,11 +30,14 @@ def make_mesh(axes: Mapping[str, int] | None = None, *, devices: Sequence[Any] |
     devices = list(jax.devices() if devices is None else devices)
     if not axes:
         raise ValueError("axes must name at least one mesh axis, got {}")
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct devices, at least one, got devices={devices}")
     for name, size in axes.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"mesh axis names must be non-empty strings, got {name!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
             raise ValueError(f"mesh axis {name!r} must have a positive size or -1, got {size!r}")
+        axes[name] = int(size)
     free = [name for name, size in axes.items() if size == -1]
     if len(free) > 1:
         raise ValueError(f"at most one mesh axis may have size -1, got {free} in axes={axes}")

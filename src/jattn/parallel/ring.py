@@ -556,7 +556,9 @@ def ring_attention(
             )
     scale = _check_positive_float("scale", scale)
     softcap = _check_positive_float("softcap", softcap)
-    zigzag = (mask is not None) if load_balance is None else bool(load_balance)
+    if not isinstance(load_balance, (bool, type(None))) or not isinstance(pad, bool):
+        raise TypeError(f"load_balance must be a bool or None and pad a bool, got {load_balance=}, {pad=}")
+    zigzag = (mask is not None) if load_balance is None else load_balance
     _check_lengths(q.shape[-3], k.shape[-3], num_devices, zigzag, axis_name, pad)
     _check_shardings(q, k, v, mesh, axis_name)
     return _ring_jit(

@@ -10,7 +10,7 @@
 
 ``Placement.from_config`` checks the section against the devices and the batch size (errors name
 the config key), and the training loop then puts the state with ``place_state``, every batch with
-``shard_batch``, and runs under ``jax.set_mesh(mesh)`` so that the ring variant finds the mesh.
+``shard_global_batch``, and runs under ``jax.set_mesh(mesh)`` so that the ring variant finds the mesh.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import dataclasses
 from typing import Any, Literal
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jattn.parallel.data import place_state, shard_batch
+from jattn.parallel.data import place_state, put_global, shard_global_batch
 from jattn.parallel.distributed import distributed_settings, initialize
 from jattn.parallel.mesh import make_mesh
 from jattn.parallel.ring import BATCH_AXIS, SEQUENCE_AXIS
@@ -151,20 +150,15 @@ class Placement:
     def shard(self, batch: dict) -> dict:
         """A global batch (numpy ``[B, ...]``, the same on every process) put on the mesh.
 
-        Split over ``data`` when the mesh has it (each process passes its own rows), else
-        replicated.
+        Split over ``data`` when the mesh has it (each process keeps the rows its devices need),
+        else replicated.
         """
         if self.mesh is None:
             return batch
         if BATCH_AXIS not in self.mesh.axis_names:
-            return jax.device_put(batch, NamedSharding(self.mesh, PartitionSpec()))
-        return shard_batch(jax.tree.map(_process_rows, batch), self.mesh, BATCH_AXIS)
-
-
-def _process_rows(x: np.ndarray) -> np.ndarray:
-    """This process's contiguous share of a global batch ``[B, ...]`` -> ``[B / processes, ...]``."""
-    rows = x.shape[0] // jax.process_count()
-    return x[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            return jax.tree.map(lambda x: put_global(x, replicated), batch)
+        return shard_global_batch(batch, self.mesh, BATCH_AXIS)
 
 
 def check_sequence_axis(config: ParallelConfig, variant: str, options: dict, key: str = "attention") -> None:
