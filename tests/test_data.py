@@ -1,21 +1,23 @@
 """Task generators: deterministic from the seed, and each task's answer is right."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from jattn.data import AssociativeRecall, CharLM, Copying, ListOps
 from jattn.data import listops as lo
+from jattn.data.base import check_positive
+
+TASKS = [
+    ListOps(min_len=20, max_len=60),
+    AssociativeRecall(vocab_size=20, seq_len=24, num_pairs=4),
+    Copying(),
+    CharLM(seq_len=32),
+]
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        ListOps(min_len=20, max_len=60),
-        AssociativeRecall(vocab_size=20, seq_len=24, num_pairs=4),
-        Copying(),
-        CharLM(seq_len=32),
-    ],
-)
+@pytest.mark.parametrize("task", TASKS)
 def test_batches_are_pure_functions_of_seed_split_index(task):
     a, b = task.batch("train", 3, 4), task.batch("train", 3, 4)
     for key in a:
@@ -23,6 +25,21 @@ def test_batches_are_pure_functions_of_seed_split_index(task):
     other = task.batch("train", 4, 4)
     assert not np.array_equal(a["inputs"], other["inputs"])
     assert not np.array_equal(a["inputs"], task.batch("val", 3, 4)["inputs"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bad_batch_size_index_and_seed_name_the_argument_and_numpy_integers_are_accepted(task):
+    for batch_size in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=f"batch_size must be an int >= 1, got batch_size={batch_size}"):
+            task.batch("train", 0, batch_size)
+    with pytest.raises(ValueError, match="index must be an int >= 0, got index=-1"):
+        task.batch("train", -1, 2)
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got seed=-1"):
+        dataclasses.replace(task, seed=-1)  # when the task is made, not at its first batch
+    numpy_ints = dataclasses.replace(task, seed=np.int64(task.seed)).batch("train", np.int64(1), np.int64(2))
+    for key, value in task.batch("train", 1, 2).items():
+        np.testing.assert_array_equal(numpy_ints[key], value)
+    assert check_positive("n", np.int64(4)) == 4 and type(check_positive("n", np.int64(4))) is int
 
 
 def test_listops_labels_lengths_and_brackets():
@@ -41,6 +58,28 @@ def test_listops_labels_lengths_and_brackets():
         lo.tokenize("( 1 )")
     with pytest.raises(ValueError, match="min_len must be <= max_len"):
         ListOps(min_len=10, max_len=5)
+
+
+def test_listops_rejects_a_min_len_longer_than_any_expression():
+    # max_depth=1 allows only a digit; max_depth=2, 2 arguments at most "[OP d d ]"; the LRA
+    # max_args=10 at max_depth=3 reaches 2 + 10 * (2 + 10) = 122 tokens.
+    for options, longest in [
+        ({"min_len": 5, "max_len": 50, "max_depth": 2, "max_args": 2}, 4),
+        ({"max_depth": 1}, 1),
+        ({"max_depth": 3}, 122),
+    ]:
+        with pytest.raises(ValueError, match=f"min_len must be <= {longest}, the longest expression"):
+            ListOps(**options)
+    # The bound is exact: the longest expression is drawn ([OP [OP d d ] [OP d d ] ]).
+    batch = ListOps(min_len=10, max_len=10, max_depth=3, max_args=2).batch("train", 0, 4)
+    assert (batch["lengths"] == 10).all()
+
+
+def test_listops_gives_up_on_lengths_too_rare_to_draw(monkeypatch):
+    monkeypatch.setattr(lo, "_MAX_DRAWS", 50)
+    task = ListOps(min_len=122, max_len=122, max_depth=3, max_args=10)  # reachable, p ~ 1e-17
+    with pytest.raises(ValueError, match="in 50 draws .*use a smaller min_len"):
+        task.batch("train", 0, 1)
 
 
 def test_recall_targets_are_the_values_that_followed_the_keys():
@@ -87,3 +126,16 @@ def test_char_lm_on_pydoc_topics_and_on_a_file(tmp_path):
         CharLM(text=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         CharLM(text=str(path), seq_len=100)
+
+
+def test_char_lm_draws_every_window_so_the_last_character_is_a_target(tmp_path):
+    path = tmp_path / "digits.txt"
+    path.write_text("0123456789")  # train "01234", validation "56789"; token id = digit
+    task = CharLM(text=str(path), seq_len=3, val_fraction=0.5)  # two windows of 4 per split
+    for split, last in (("train", 4), ("val", 9)):
+        targets = task.batch(split, 0, 64)["targets"]
+        assert (targets[:, -1] == last).any() and (targets[:, -1] == last - 1).any()
+    whole = CharLM(text=str(path), seq_len=4, val_fraction=0.5).batch("train", 0, 3)  # one window
+    np.testing.assert_array_equal(whole["targets"], [[1, 2, 3, 4]] * 3)
+    with pytest.raises(ValueError, match="has 5 characters, fewer than seq_len \\+ 1 = 6"):
+        CharLM(text=str(path), seq_len=5, val_fraction=0.5)

@@ -48,19 +48,22 @@ class Task(Protocol):
         ...
 
 
-def batch_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator for one batch: independent streams per (seed, split, index)."""
+def batch_rng(seed: int, split: str, index: int, batch_size: int) -> np.random.Generator:
+    """The generator for one batch of ``batch_size`` examples: independent streams per
+    (seed, split, index). Every ``Task.batch`` starts here, so its arguments are checked here."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    if index < 0:
-        raise ValueError(f"batch index must be >= 0, got {index}")
+    check_positive("index", index, minimum=0)
+    check_positive("batch_size", batch_size)
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
 def check_positive(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an ``int`` (NumPy integers accepted); a ValueError naming ``name`` unless it is an
+    integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
-    return value
+    return int(value)
 
 
 def as_sequence(prefixes: np.ndarray, answers: np.ndarray) -> dict[str, np.ndarray]:

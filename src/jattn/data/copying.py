@@ -33,6 +33,7 @@ class Copying:
     seed: int = 0
 
     def __post_init__(self):
+        check_positive("seed", self.seed, minimum=0)
         check_positive("vocab_size", self.vocab_size, minimum=3)
         check_positive("num_tokens", self.num_tokens)
         if self.selective:
@@ -51,7 +52,7 @@ class Copying:
         return TaskSpec("sequence", self.vocab_size, self._source_len + self.num_tokens, self.vocab_size)
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        rng = batch_rng(self.seed, split, index)
+        rng = batch_rng(self.seed, split, index, batch_size)
         answers = rng.integers(2, self.vocab_size, (batch_size, self.num_tokens)).astype(np.int32)
         if self.selective:
             sources = np.full((batch_size, self.seq_len), BLANK, np.int32)

@@ -24,6 +24,7 @@ VOCAB = ("<pad>", *[str(d) for d in range(10)], *OPERATORS, "]")
 TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
 NUM_CLASSES = 10
 _LEAF_PROBABILITY = 0.75
+_MAX_DRAWS = 10_000  # expressions ``ListOps.example`` draws before it gives up (LRA's settings: ~11)
 
 
 class _TooLong(Exception):
@@ -45,6 +46,15 @@ def _draw(rng: np.random.Generator, depth: int, max_depth: int, max_args: int, o
     ]
     out.append("]")
     return evaluate_op(op, args)
+
+
+def longest_expression(max_depth: int, max_args: int) -> int:
+    """The most tokens ``_draw`` can emit: every operator above ``max_depth`` takes ``max_args``
+    arguments, and an operator costs two tokens (``[OP`` and ``]``) besides its arguments."""
+    length = 1  # a leaf at max_depth
+    for _ in range(max_depth - 1):
+        length = 2 + max_args * length
+    return length
 
 
 def evaluate_op(op: str, args: list[int]) -> int:
@@ -102,6 +112,7 @@ class ListOps:
     seed: int = 0
 
     def __post_init__(self):
+        check_positive("seed", self.seed, minimum=0)
         check_positive("min_len", self.min_len)
         check_positive("max_len", self.max_len)
         check_positive("max_depth", self.max_depth)
@@ -110,14 +121,25 @@ class ListOps:
             raise ValueError(
                 f"min_len must be <= max_len, got min_len={self.min_len}, max_len={self.max_len}"
             )
+        longest = longest_expression(self.max_depth, self.max_args)
+        if self.min_len > longest:
+            raise ValueError(
+                f"min_len must be <= {longest}, the longest expression of max_depth={self.max_depth} and "
+                f"max_args={self.max_args}, got min_len={self.min_len}; lower min_len or raise max_depth "
+                "or max_args"
+            )
 
     @property
     def spec(self) -> TaskSpec:
         return TaskSpec("classification", len(VOCAB), self.max_len, NUM_CLASSES)
 
     def example(self, rng: np.random.Generator) -> tuple[list[str], int]:
-        """One expression with ``min_len <= len(tokens) <= max_len`` and its value."""
-        while True:
+        """One expression with ``min_len <= len(tokens) <= max_len`` and its value.
+
+        Raises:
+          ValueError: none of ``_MAX_DRAWS`` draws had a length in range (too rare to draw).
+        """
+        for _ in range(_MAX_DRAWS):
             tokens: list[str] = []
             try:
                 value = _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
@@ -125,9 +147,14 @@ class ListOps:
                 continue
             if self.min_len <= len(tokens) <= self.max_len:
                 return tokens, value
+        raise ValueError(
+            f"no ListOps expression of min_len={self.min_len} to max_len={self.max_len} tokens in "
+            f"{_MAX_DRAWS} draws (max_depth={self.max_depth}, max_args={self.max_args}): such lengths "
+            "are too rare; use a smaller min_len"
+        )
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        rng = batch_rng(self.seed, split, index)
+        rng = batch_rng(self.seed, split, index, batch_size)
         inputs = np.full((batch_size, self.max_len), PAD, np.int32)
         lengths = np.zeros(batch_size, np.int32)
         labels = np.zeros(batch_size, np.int32)

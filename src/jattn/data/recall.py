@@ -28,6 +28,7 @@ class AssociativeRecall:
     seed: int = 0
 
     def __post_init__(self):
+        check_positive("seed", self.seed, minimum=0)
         check_positive("num_pairs", self.num_pairs)
         check_positive("vocab_size", self.vocab_size, minimum=2 * self.num_pairs + 1)
         check_positive("seq_len", self.seq_len, minimum=3 * self.num_pairs)
@@ -37,7 +38,7 @@ class AssociativeRecall:
         return TaskSpec("sequence", self.vocab_size, self.seq_len, self.vocab_size)
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        rng = batch_rng(self.seed, split, index)
+        rng = batch_rng(self.seed, split, index, batch_size)
         half = (self.vocab_size - 1) // 2
         pairs, length = self.num_pairs, self.seq_len
         inputs = np.full((batch_size, length), BLANK, np.int32)

@@ -43,14 +43,15 @@ class CharLM:
     seed: int = 0
 
     def __post_init__(self):
+        check_positive("seed", self.seed, minimum=0)
         check_positive("seq_len", self.seq_len)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name, part in zip(("train", "validation"), self._splits(), strict=True):
-            if len(part) <= self.seq_len + 1:
+            if len(part) < self.seq_len + 1:
                 raise ValueError(
-                    f"the {name} split of {self.text!r} has {len(part)} characters, fewer than seq_len + 2 = "
-                    f"{self.seq_len + 2}; use a longer text or a shorter seq_len"
+                    f"the {name} split of {self.text!r} has {len(part)} characters, fewer than seq_len + 1 = "
+                    f"{self.seq_len + 1}; use a longer text or a shorter seq_len"
                 )
 
     @functools.cached_property
@@ -76,9 +77,9 @@ class CharLM:
         return TaskSpec("sequence", size, self.seq_len, size)
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        rng = batch_rng(self.seed, split, index)
+        rng = batch_rng(self.seed, split, index, batch_size)
         ids = self._splits()[0 if split == "train" else 1]
-        starts = rng.integers(0, len(ids) - self.seq_len - 1, batch_size)
+        starts = rng.integers(0, len(ids) - self.seq_len, batch_size)  # every window of seq_len + 1
         windows = np.stack([ids[s : s + self.seq_len + 1] for s in starts])  # [B, T + 1]
         return as_sequence(windows[:, :1], windows[:, 1:])
 
