@@ -94,6 +94,19 @@ def test_data_dependent_masks():
     np.testing.assert_array_equal(layout, [[PARTIAL, EMPTY], [PARTIAL, EMPTY]])  # no valid pair in (1, 1)
 
 
+def test_data_masks_must_cover_the_lengths_they_are_viewed_at():
+    """tile() clips positions past the data, so a short mask would repeat its last position."""
+    seg = masks.segments(np.array([[0, 0, 1, 1]]))
+    for view in (lambda m: m.dense(8, 8), lambda m: m.blocks(8, 8, 4, 4)):
+        with pytest.raises(
+            ValueError, match=r"q_segment_ids must have shape \[B\.\.\., 8\].*got shape \(1, 4\)"
+        ):
+            view(~(masks.causal() & seg))
+        with pytest.raises(ValueError, match=r"mask array must end in \[T, S\] = \[8, 8\].*\(2, 4, 4\)"):
+            view(masks.from_array(np.ones((2, 4, 4), bool)))
+    assert masks.from_array(np.ones((3, 1, 8), bool)).dense(8, 8).shape == (3, 8, 8)  # broadcasts
+
+
 def test_traced_data_masks_have_all_partial_layouts():
     def layout_under_jit(lengths):
         mask = masks.padding(lengths)

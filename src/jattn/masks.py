@@ -82,6 +82,7 @@ class Mask:
         """The boolean ``[..., T, S]`` matrix (NumPy for position-only masks)."""
         q_len = _check_positive_int("q_len", q_len)
         kv_len = _check_positive_int("kv_len", kv_len)
+        _check_data_lengths(self, q_len, kv_len)
         xp = np if self.position_only else jnp
         return self.for_lengths(q_len, kv_len).tile(xp.arange(q_len), xp.arange(kv_len))
 
@@ -100,6 +101,7 @@ class Mask:
         resolved = self.for_lengths(*args[:2])
         if resolved.position_only:
             return _cached_layout(resolved, *args)
+        _check_data_lengths(resolved, *args[:2])
         return resolved._layout(*args)
 
     def for_lengths(self, q_len: int, kv_len: int) -> Mask:
@@ -599,6 +601,30 @@ class ArrayMask(Mask):
         arr = jnp.asarray(self.array)
         arr = arr.reshape((1,) * (len(batch_shape) + 3 - arr.ndim) + arr.shape)  # [b..., n, t, s]
         return ArrayMask(_flatten_batch(arr, batch_shape, 3))
+
+
+def _check_data_lengths(mask: Mask, q_len: int, kv_len: int) -> None:
+    """Segment ids and boolean arrays must cover ``q_len`` queries and ``kv_len`` keys (or broadcast
+    from 1): ``tile`` clips positions beyond them, which would repeat the last one."""
+    parts = jax.tree.leaves(mask, is_leaf=lambda part: isinstance(part, (Segments, ArrayMask)))
+    for part in parts:
+        if isinstance(part, Segments):
+            for name, ids, length in (
+                ("q_segment_ids", part.q_segment_ids, q_len),
+                ("kv_segment_ids", part.kv_segment_ids, kv_len),
+            ):
+                if np.shape(ids)[-1] != length:
+                    raise ValueError(
+                        f"{name} must have shape [B..., {length}] for q_len={q_len}, kv_len={kv_len}, "
+                        f"got shape {np.shape(ids)}"
+                    )
+        elif isinstance(part, ArrayMask):
+            trailing = np.shape(part.array)[-2:]
+            if any(dim not in (1, length) for dim, length in zip(trailing, (q_len, kv_len), strict=True)):
+                raise ValueError(
+                    f"mask array must end in [T, S] = [{q_len}, {kv_len}] (or 1 to broadcast), got shape "
+                    f"{np.shape(part.array)}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

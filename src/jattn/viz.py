@@ -34,7 +34,8 @@ def plot_mask(
 
     Args:
       mask: any ``jattn.masks`` mask (a data-dependent one is drawn for its first batch element and
-        head).
+        head; its segment ids or boolean array must fit ``q_len`` and ``kv_len``, as in
+        ``jattn.attention``).
       q_len: T, rows. kv_len: S, columns.
       block: tile size of the layout panel (the tiles ``block_sparse`` and ``flash`` skip or visit).
       title: figure title; defaults to the mask's class name.
@@ -98,8 +99,8 @@ def plot_attention_heads(
       The matplotlib ``Figure``.
     """
     weights = np.asarray(weights, np.float32)
-    if weights.ndim != 3:
-        raise ValueError(f"weights must be [N, T, S], got shape {weights.shape}")
+    if weights.ndim != 3 or 0 in weights.shape:
+        raise ValueError(f"weights must be [N, T, S] with N, T, S >= 1, got shape {weights.shape}")
     num_heads, q_len, kv_len = weights.shape
     if len(q_labels) != q_len or len(kv_labels) != kv_len:
         raise ValueError(
@@ -132,13 +133,40 @@ def plot_attention_heads(
     return fig
 
 
+def _num_heads(summaries: dict[str, dict[str, np.ndarray]], keys: list[str]) -> int:
+    """N, checking that every ``summaries[layer][key]`` is ``[N]`` with the same N >= 1."""
+    first_layer = next(iter(summaries))
+    first = np.shape(summaries[first_layer][keys[0]])
+    for layer, summary in summaries.items():
+        for key in keys:
+            if key not in summary:
+                raise ValueError(
+                    f"summaries[{layer!r}] has no {key!r}; every layer needs the statistics {keys}"
+                )
+            shape = np.shape(summary[key])
+            if len(shape) != 1 or shape[0] == 0:
+                raise ValueError(
+                    f"summaries[{layer!r}][{key!r}] must be [N] with N >= 1, one value per head "
+                    f"(jattn.maps.summarize_heads of one example), got shape {shape}"
+                )
+            if shape != first:
+                raise ValueError(
+                    f"summaries[{layer!r}][{key!r}] has shape {shape} but summaries[{first_layer!r}]"
+                    f"[{keys[0]!r}] has shape {first}: every layer and statistic needs the same number "
+                    "of heads"
+                )
+    return first[0]
+
+
 def plot_head_statistics(
     summaries: dict[str, dict[str, np.ndarray]], *, title: str = "", path=None
 ) -> Figure:
     """Per-head entropy, mean attended distance and first-token mass, one bar group per layer.
 
     Args:
-      summaries: ``{layer name: jattn.maps.summarize_heads(...)}`` for one example, each value ``[N]``.
+      summaries: ``{layer name: jattn.maps.summarize_heads(...)}`` for one example, each value ``[N]``
+        with the same N everywhere. The statistics of the first layer are drawn (a Linformer summary
+        has only the entropy) and every layer must have them.
       title: figure title. path: if given, the figure is also written there as a PNG.
     Returns:
       The matplotlib ``Figure``.
@@ -146,14 +174,20 @@ def plot_head_statistics(
     if not summaries:
         raise ValueError("summaries must hold at least one layer")
     layers = list(summaries)
-    num_heads = len(np.atleast_1d(summaries[layers[0]]["entropy"]))
-    fig = Figure(figsize=(11, 3.4), layout="constrained")
-    axes = fig.subplots(1, len(_STATISTICS))
+    shown = [(key, label) for key, label in _STATISTICS if key in summaries[layers[0]]]
+    if not shown:
+        raise ValueError(
+            f"summaries[{layers[0]!r}] has none of the statistics {[key for key, _ in _STATISTICS]}; "
+            "pass jattn.maps.summarize_heads(...) per layer"
+        )
+    num_heads = _num_heads(summaries, [key for key, _ in shown])
+    fig = Figure(figsize=(3.7 * len(shown), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
     width = 0.8 / num_heads
     positions = np.arange(len(layers))
-    for ax, (key, label) in zip(axes, _STATISTICS, strict=True):
+    for ax, (key, label) in zip(axes, shown, strict=True):
         for head in range(num_heads):
-            values = [float(np.atleast_1d(summaries[layer][key])[head]) for layer in layers]
+            values = [float(summaries[layer][key][head]) for layer in layers]
             ax.bar(positions + (head - (num_heads - 1) / 2) * width, values, width, label=f"head {head}")
         ax.set_xticks(positions, labels=layers, fontsize=8)
         ax.set_ylabel(label)
