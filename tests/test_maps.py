@@ -199,6 +199,43 @@ def test_linformer_weights_over_projected_positions_and_mapped_back():
     np.testing.assert_allclose(_apply_per_head(on_keys, v), out, atol=1e-4, rtol=1e-4)
 
 
+def test_linformer_statistics_are_over_projected_slots_without_positions():
+    """Column p of Linformer's [T, P] weights is a projected slot, not key position p: the entropy is
+    over the slots, and distance and first-token mass are not defined (None, left out of summaries)."""
+    q, k, v = _qkv(6, (2,), 15, 15, 2, 2)
+    rng = np.random.default_rng(0)
+    params = {name: rng.normal(size=(24, 5)).astype(np.float32) / 3 for name in ("proj_k", "proj_v")}
+    linformer = variants.get_variant("linformer", projected_len=5)
+    stats = maps.variant_statistics(linformer, q, k, v, causal=False, params=params)
+    p = np.asarray(maps.linformer_attention_weights(q, k, v, params["proj_k"], params["proj_v"]), np.float64)
+    np.testing.assert_allclose(stats.entropy, -(p * np.log(p)).sum(-1), atol=1e-4, rtol=1e-4)
+    assert stats.distance is None and stats.first_token is None and np.asarray(stats.attends).all()
+    summary = maps.summarize_heads(stats)
+    assert list(summary) == ["entropy"] and summary["entropy"].shape == (2, 2)
+
+
+def test_linformer_model_captures_statistics():
+    model = nn.EncoderClassifier(
+        13,
+        3,
+        max_len=16,
+        width=16,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        variant=variants.get_variant("linformer", projected_len=4),
+        position="learned",
+        dropout_rate=0.0,
+        num_kv_heads=None,
+        dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
+    )
+    maps.set_capture(model, ("statistics",))
+    stats = maps.run_captured(model, jnp.arange(10)[None])[1]["blocks.0.attention"]["attention_statistics"]
+    assert stats.entropy.shape == (1, 2, 11) and stats.distance is None and stats.first_token is None
+    assert np.all(np.asarray(stats.entropy) <= np.log(4) + 1e-5)  # a distribution over 4 slots
+
+
 def test_variant_weights_apply_the_variant_pattern():
     q, k, v = _qkv(7, (1,), 24, 24, 2, 2)
     local = variants.get_variant("local", window=3)

@@ -9,7 +9,8 @@
   attended distance ``Σ_s p_ts |t - s|`` and the mass on the first key (the "attention sink"),
   computed in one streaming pass over key blocks like ``implementation="chunked"`` (online
   rescaling by the running max), so the ``[T, S]`` matrix never exists: any length, O(T + S) memory.
-  ``weight_statistics`` computes the same from materialized weights.
+  ``weight_statistics`` computes the same from materialized weights. Over Linformer's projected
+  slots only the entropy is defined: its distance and first-token mass are None.
 * ``variant_weights`` / ``variant_statistics``: both for a ``jattn.variants`` variant, as the NNX
   modules capture them (``set_capture``, ``run_captured``).
 """
@@ -49,8 +50,10 @@ class AttentionStatistics(NamedTuple):
 
     Attributes:
       entropy: ``-Σ_s p_ts log p_ts`` in nats, float32 ``[B..., N, T]``.
-      distance: mean attended distance ``Σ_s p_ts |t - s|`` in positions, float32 ``[B..., N, T]``.
-      first_token: ``p_t0``, the mass on key position 0 (attention sink), float32 ``[B..., N, T]``.
+      distance: mean attended distance ``Σ_s p_ts |t - s|`` in positions, float32 ``[B..., N, T]``;
+        None when the weights are not over key positions (Linformer's projected slots).
+      first_token: ``p_t0``, the mass on key position 0 (attention sink), float32 ``[B..., N, T]``;
+        None when the weights are not over key positions (Linformer's projected slots).
       attends: bool ``[B..., N, T]``, whether row t attends to anything (the others are zero).
     """
 
@@ -221,20 +224,26 @@ def attention_statistics(
     )
 
 
-def weight_statistics(weights) -> AttentionStatistics:
+def weight_statistics(weights, *, over_positions: bool = True) -> AttentionStatistics:
     """The statistics of ``attention_statistics`` from materialized weights (exact or implicit).
 
     Args:
-      weights: ``[..., T, S]`` with query t at position t and key s at position s; rows of
-        non-negative weights summing to one, or all zero for rows that attend to nothing.
+      weights: ``[..., T, S]``: rows of non-negative weights summing to one, or all zero for rows
+        that attend to nothing.
+      over_positions: whether query t is at position t and column s is key position s. False for
+        weights over slots that are not positions (Linformer's P projected keys): distance and
+        first-token mass are then undefined and left None.
     Returns:
-      ``AttentionStatistics`` of float32 ``[..., T]`` arrays.
+      ``AttentionStatistics`` of float32 ``[..., T]`` arrays (distance and first_token None unless
+      ``over_positions``).
     """
     p = jnp.asarray(weights, jnp.float32)
-    q_len, kv_len = p.shape[-2:]
-    gap = jnp.abs(jnp.arange(q_len)[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)  # [T, S]
     positive = p > 0
     entropy = -jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0).sum(-1)
+    if not over_positions:
+        return AttentionStatistics(entropy, None, None, positive.any(-1))
+    q_len, kv_len = p.shape[-2:]
+    gap = jnp.abs(jnp.arange(q_len)[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)  # [T, S]
     return AttentionStatistics(entropy, (p * gap).sum(-1), p[..., 0], positive.any(-1))
 
 
@@ -244,11 +253,12 @@ def summarize_heads(stats: AttentionStatistics) -> dict[str, np.ndarray]:
     Args:
       stats: ``AttentionStatistics`` of ``[..., N, T]`` arrays.
     Returns:
-      ``{"entropy", "distance", "first_token"}``, each float64 ``[..., N]``.
+      ``{"entropy", "distance", "first_token"}``, each float64 ``[..., N]``; a statistic that is None
+      (Linformer's distance and first-token mass) is left out.
     """
     attends = np.asarray(stats.attends, bool)
     rows = np.maximum(attends.sum(-1), 1)
-    names = ("entropy", "distance", "first_token")
+    names = [name for name in ("entropy", "distance", "first_token") if getattr(stats, name) is not None]
     return {
         name: np.where(attends, np.asarray(getattr(stats, name), np.float64), 0.0).sum(-1) / rows
         for name in names
@@ -421,10 +431,14 @@ def variant_statistics(
     variant: Variant | None, q, k, v, *, causal: bool, mask=None, params=None, key=None
 ) -> AttentionStatistics:
     """Per-row statistics of a variant's attention: streamed for exact variants (any length),
-    from the implicit weights for approximate ones (short inputs). Arguments as ``variant_weights``."""
+    from the implicit weights for approximate ones (short inputs). Arguments as ``variant_weights``.
+
+    Linformer's weights are over its P projected slots, not key positions: only its entropy (over
+    the slots) is defined, its distance and first_token are None."""
     if variant is None or variant.exact:
         return attention_statistics(q, k, v, mask=variant_mask(variant, causal=causal, mask=mask))
-    return weight_statistics(variant_weights(variant, q, k, v, causal=causal, params=params, key=key))
+    weights = variant_weights(variant, q, k, v, causal=causal, params=params, key=key)
+    return weight_statistics(weights, over_positions=variant.name != "linformer")
 
 
 def check_capture(capture: Sequence[str]) -> tuple[str, ...]:
