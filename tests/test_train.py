@@ -99,6 +99,8 @@ def test_learning_rate_schedules():
     assert float(lr(5)) == pytest.approx(0.5)
     assert float(lr(10)) == pytest.approx(1.0)
     assert float(lr(40)) == pytest.approx((10 / 40) ** 0.5)
+    # Python ints, as the training loop logs them: optax also evaluates the decay during warm-up.
+    assert [float(lr(step)) for step in (0, 1)] == pytest.approx([0.0, 0.1])
     cosine = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=0, end_fraction=0.1), 100)
     assert float(cosine(0)) == pytest.approx(1.0) and float(cosine(100)) == pytest.approx(0.1)
 
@@ -204,6 +206,9 @@ def test_train_steps_may_change_only_where_the_schedule_does_not_depend_on_them(
     for schedule in ("cosine", "linear"):
         with pytest.raises(ConfigError, match=rf"'train.steps': 10 -> 20 .*{schedule}.*spreads its decay"):
             resumable(schedule, 10, 20, 10)
+    # Rates that differ in the last digits are printed with enough of them to differ.
+    with pytest.raises(ConfigError, match=r"step \d+ took (\S+), it would take (?!\1\))\S+\)"):
+        resumable("cosine", 1000, 1001, 10)
         resumable(schedule, 10, 20, 4, warmup=5)  # only warm-up steps trained: their rates stay
         resumable(schedule, 10, 10, 10)
 

@@ -146,7 +146,8 @@ def learning_rate_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Sche
         decay = optax.linear_schedule(peak, peak * opt.end_fraction, decay_steps)
     elif opt.schedule == "rsqrt":
         start = max(warmup, 1)
-        decay = lambda step: peak * jnp.sqrt(start / (step + start))  # noqa: E731
+        # Clamped at 0: optax.join_schedules also evaluates the decay during warm-up, at negative steps.
+        decay = lambda step: peak * jnp.sqrt(start / (jnp.maximum(step, 0) + start))  # noqa: E731
     else:
         decay = optax.constant_schedule(peak)
     if warmup == 0:

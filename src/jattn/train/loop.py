@@ -179,7 +179,7 @@ def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int
         raise ConfigError(
             f"config key 'train.steps': {saved.train.steps} -> {steps} would change the learning rate "
             f"of steps already trained (optimizer.schedule {config.optimizer.schedule!r} spreads its "
-            f"decay over train.steps; step {s} took {before[s]:.4g}, it would take {after[s]:.4g}), so "
+            f"decay over train.steps; step {s} took {before[s]:.9g}, it would take {after[s]:.9g}), so "
             f"the run would match no uninterrupted one. Keep train.steps={saved.train.steps} or use a "
             "new run folder; a 'constant' or 'rsqrt' schedule can be extended."
         )
