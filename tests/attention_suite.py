@@ -231,6 +231,18 @@ class AttentionSuite:
         if self.supports_softcap:
             self.check_against_oracle(q * 4, k, v, d_out, mask=mask, softcap=2.0)
 
+    def test_nan_bias_where_masked_stays_out_of_softcap_gradients(self):
+        """The tanh's derivative at a masked NaN score would be NaN, and 0 · NaN is NaN."""
+        if not (self.supports_bias and self.supports_softcap and "causal" in self.supported_masks):
+            pytest.skip(f"{self.implementation} takes no causal mask with bias and softcap")
+        rng = np.random.default_rng(9)
+        q, k, v, d_out = make_inputs(rng, (1,), 24, 24, 2, 2, 8, 8, jnp.float32)
+        bias = jnp.asarray(np.where(np.tri(24, dtype=bool), 0.5, np.nan), jnp.float32)  # NaN above diagonal
+        _, grads = self.check_against_oracle(
+            q, k, v, d_out, mask=MASK_CASES["causal"](rng, (1,), 24, 24), bias=bias, softcap=2.0
+        )
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
     def test_additive_padding_bias(self):
         """A bias of -inf leaves keys out as a mask does, and a row of them gives zeros (the oracle's
         rule). float32's most negative number stays finite with bfloat16 inputs: the bias is kept at
@@ -243,8 +255,14 @@ class AttentionSuite:
         mask = MASK_CASES[self.supported_masks[0]](rng, (2,), 12, 12)
         q, k, v, d_out = make_inputs(rng, (2,), 12, 12, 2, 2, 8, 8, jnp.float32)
         minus_inf = jnp.asarray(np.where(allowed_pairs, 0.0, -np.inf), jnp.float32)
-        out, grads = self.check_against_oracle(q, k, v, d_out, mask=mask, bias=minus_inf)
-        assert np.all(np.asarray(out)[:, ~valid] == 0) and np.isfinite(np.asarray(grads[3])).all()
+        for softcap in (None, 2.0) if self.supports_softcap else (None,):
+            out, grads = self.check_against_oracle(q, k, v, d_out, mask=mask, bias=minus_inf, softcap=softcap)
+            assert np.all(np.asarray(out)[:, ~valid] == 0) and np.isfinite(np.asarray(grads[3])).all()
+        if self.supports_softcap and "none" in self.supported_masks:  # the cap keeps the additive mask
+            kept = np.flatnonzero(valid)
+            cut = self.attend(q[:, kept], k[:, kept], v[:, kept], mask=None, softcap=2.0)
+            full = self.attend(q, k, v, mask=None, bias=minus_inf, softcap=2.0)
+            np.testing.assert_allclose(np.asarray(full)[:, kept], cut, atol=1e-5, rtol=1e-5)
         if "bfloat16" in self.dtypes:
             q, k, v, d_out = make_inputs(rng, (2,), 12, 12, 2, 2, 8, 8, jnp.bfloat16)
             most_negative = jnp.asarray(np.where(allowed_pairs, 0.0, np.finfo(np.float32).min), jnp.float32)

@@ -6,8 +6,8 @@ grouped-query heads.
 
     s0 = scale · q kᵀ + bias                  (per head, [T, S])
     s  = softcap · tanh(s0 / softcap)         (only when softcap is given)
-    p  = softmax(s) over the keys the mask allows and s leaves in (s > MASKED_LOGIT: a bias of -inf or
-         float32's min leaves a key out); a row with no key left is all zeros
+    p  = softmax(s) over the keys the mask allows and s0 leaves in (s0 > MASKED_LOGIT: a bias of -inf
+         or float32's min leaves a key out, with or without softcap); a row with no key left is all zeros
     out = p v
 
 Products are taken only over allowed (query, key) pairs, so values at masked positions (even NaN)
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
-"""A logit at or below this leaves its key out, as the mask does: an additive mask of float32's most
-negative number (or -inf) then means the same in every dtype and implementation."""
+"""A logit at or below this (before the softcap) leaves its key out, as the mask does: an additive
+mask of float32's most negative number (or -inf) then means the same in every dtype and
+implementation, with or without softcap."""
 
 
 def _prepare(q, k, v, mask, bias, scale):
@@ -58,7 +59,7 @@ def _forward(qh, kh, vh, allowed, bias, scale, softcap):
     dots = _masked_dots(qh, kh, allowed)
     s0 = scale * dots + (0.0 if bias is None else np.where(allowed, bias, 0.0))
     s = s0 if softcap is None else softcap * np.tanh(s0 / softcap)
-    s = np.where(allowed & ~(s <= MASKED_LOGIT), s, -np.inf)  # NaN stays in
+    s = np.where(allowed & ~(s0 <= MASKED_LOGIT), s, -np.inf)  # NaN stays in
     row_max = s.max(-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     e = np.where(allowed, np.exp(s - row_max), 0.0)

@@ -40,14 +40,18 @@ def pre_ampere_reason(what: str) -> str | None:
     return f"{what} needs an NVIDIA GPU of compute capability 8.0 or newer, this {kind} is {major}.{minor}"
 
 
-def logits(q, k, bias, *, scale: float, softcap: float | None):
+def logits(q, k, bias, *, scale: float, softcap: float | None, allowed=None):
     """Scaled scores of one tile in float32, then bias, then tanh capping.
 
     The scale multiplies q ([T, H]) rather than the scores ([T, S]): one pass over T·H values instead
-    of T·S, and one [T, S] buffer fewer in XLA's dense forward.
+    of T·S, and one [T, S] buffer fewer in XLA's dense forward. A score the bias brings to
+    ``MASK_VALUE`` or below (an additive mask of -inf or float32's min) skips the cap, so it leaves
+    its key out with a softcap too (``reference.MASKED_LOGIT``).
 
     Args:
       q: ``[T, H]``. k: ``[S, H]``. bias: ``[T|1, S|1]`` or None.
+      allowed: bool ``[T, S]`` or None; with a softcap, scores outside it are zeroed before the
+        tanh, so a NaN bias there cannot reach a gradient through the tanh's derivative.
     Returns:
       ``(s [T, S] float32, tanh [T, S] | None)``; the tanh is kept for the softcap gradient.
     """
@@ -56,8 +60,12 @@ def logits(q, k, bias, *, scale: float, softcap: float | None):
         s = s + bias.astype(jnp.float32)
     if softcap is None:
         return s, None
+    if allowed is not None:
+        s = jnp.where(allowed, s, 0.0)
     capped = jnp.tanh(s / softcap)
-    return softcap * capped, capped
+    if bias is None:
+        return softcap * capped, capped
+    return jnp.where(s <= MASK_VALUE, s, softcap * capped), capped
 
 
 def zero_unattended(allowed, q, k, v):

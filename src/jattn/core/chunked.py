@@ -96,7 +96,7 @@ def _tile(q_blk, k_blk, v_blk, bias, mask, qi, kj, plan, cfg, apply_mask: bool):
         if mask is not None:
             allowed = allowed & mask.tile(q_idx, kv_idx)  # [bq, bkv]
         q_blk, k_blk, v_blk = zero_unattended(allowed, q_blk, k_blk, v_blk)
-    s, capped = logits(q_blk, k_blk, _bias_tile(bias, qi, kj, plan), **cfg)
+    s, capped = logits(q_blk, k_blk, _bias_tile(bias, qi, kj, plan), allowed=allowed, **cfg)
     if allowed is not None:
         s = jnp.where(allowed, s, MASK_VALUE)
     return s, capped, allowed, q_blk, k_blk, v_blk

@@ -23,7 +23,7 @@ def softmax_weights_one_head(q, k, allowed=None, bias=None, *, scale: float, sof
     Returns:
       float32 ``[T, S]``; zero where not allowed and on rows with nothing allowed.
     """
-    s, _ = logits(q, k, bias, scale=scale, softcap=softcap)  # [T, S] float32
+    s, _ = logits(q, k, bias, scale=scale, softcap=softcap, allowed=allowed)  # [T, S] float32
     if bias is not None:  # a bias of -inf or float32's min leaves a key out (reference.MASKED_LOGIT)
         kept = ~(s <= MASK_VALUE)  # NaN stays in, so it shows
         allowed = kept if allowed is None else allowed & kept

@@ -89,7 +89,7 @@ def sanitize(allowed, q, k, v, d_out=None):
 
 def masked_logits(q, k, bias, allowed, *, scale, softcap):
     """Logits of a tile in float32 with masked entries at MASK_VALUE: (s [bq, bkv], tanh | None)."""
-    s, capped = logits(q, k, bias, scale=scale, softcap=softcap)
+    s, capped = logits(q, k, bias, scale=scale, softcap=softcap, allowed=allowed)
     if allowed is not None:
         s = jnp.where(allowed, s, MASK_VALUE)
     return s, capped
