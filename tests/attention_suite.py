@@ -94,6 +94,7 @@ class AttentionSuite:
     supports_softcap: bool = True
     supports_gqa: bool = True
     supports_value_dim: bool = True  # Hv != H
+    second_order: bool = True  # plain autodiff; a hand-written backward raises a clear error instead
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
     head_dims: tuple[int, ...] = (8, 16)
     max_len: int = 70
@@ -230,6 +231,29 @@ class AttentionSuite:
             self.check_against_oracle(q, k, v, d_out, mask=mask, bias=alibi_like)
         if self.supports_softcap:
             self.check_against_oracle(q * 4, k, v, d_out, mask=mask, softcap=2.0)
+
+    def test_second_derivatives(self):
+        """Grad of grad equals that of "xla" (plain autodiff of the dense math), or, for a hand-written
+        backward, raises an error naming the implementation instead of failing inside JAX."""
+        rng = np.random.default_rng(10)
+        q, k, v, _ = make_inputs(rng, (1,), 24, 24, 2, 1, 8, 8, jnp.float32)
+        mask = MASK_CASES[self.supported_masks[-1]](rng, (1,), 24, 24)
+
+        def squared_grad(implementation):
+            def attend(x):
+                return jattn.attention(x, k, v, mask=mask, implementation=implementation).sum()
+
+            return lambda x: jnp.sum(jax.grad(attend)(x) ** 2)
+
+        if not self.second_order:
+            message = rf"implementation='{self.implementation}' has first-order gradients only"
+            with pytest.raises(NotImplementedError, match=message):
+                jax.grad(squared_grad(self.implementation))(q)
+            return
+        expected = jax.grad(squared_grad("xla"))(q)
+        np.testing.assert_allclose(
+            jax.grad(squared_grad(self.implementation))(q), expected, atol=1e-4, rtol=1e-4
+        )
 
     def test_nan_bias_where_masked_stays_out_of_softcap_gradients(self):
         """The tanh's derivative at a masked NaN score would be NaN, and 0 · NaN is NaN."""

@@ -28,6 +28,7 @@ from jattn.reference import attention_reference, attention_vjp_reference
 @pytest.mark.slow
 class TestFlashSuite(AttentionSuite):
     implementation = "flash"
+    second_order = False
     max_examples = 4
 
 
@@ -131,6 +132,64 @@ def test_public_function_and_registry_agree_in_low_precision():
         q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=masks.causal().dense(33, 33)
     )
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=3e-2)
+
+
+@pytest.mark.parametrize("batch_shape", [(0,), (2, 0)])
+def test_an_empty_batch_returns_an_empty_output_and_gradients(batch_shape):
+    """No kernel is launched for a batch of size 0 (a Pallas grid cannot have an empty axis)."""
+    x = jnp.zeros((*batch_shape, 16, 2, 16), jnp.float32)
+    assert jattn.flash_attention(x, x, x, mask=masks.causal()).shape == x.shape
+    assert jattn.attention(x, x, x, implementation="flash").shape == x.shape
+    grads = jax.grad(lambda q, k, v: jattn.flash_attention(q, k, v).sum(), argnums=(0, 1, 2))(x, x, x)
+    assert [g.shape for g in grads] == [x.shape] * 3
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_both_lowerings_run_with_x64_enabled(platform):
+    """Under ``jax_enable_x64`` a Python int is int64 while grid and loop indices stay int32: the
+    kernels' index arithmetic (GQA heads, backward steps) must not mix them."""
+    rng = np.random.default_rng(8)
+    block = 32 if platform == "gpu" else 128
+    q, k, v, d_out = make_inputs(rng, (1,), block + 9, block + 9, 4, 2, 16, 16, jnp.float32)
+    sizes = flash.BlockSizes(block, block, backward_q_step=16, backward_kv_step=16)
+    with jax.enable_x64(True):
+        check(q, k, v, d_out, mask=masks.causal(), platform=platform, sizes=sizes)
+
+
+def test_second_derivatives_raise_a_clear_error_and_first_derivatives_still_work():
+    """The backward is a kernel of its own, which Pallas cannot differentiate: grad of grad and
+    Hessians name the implementations that can, while grad, vmap(grad) and checkpoint still run."""
+    rng = np.random.default_rng(9)
+    q, k, v, _ = make_inputs(rng, (2,), 20, 20, 2, 1, 16, 16, jnp.float32)
+
+    def loss(q, k, v, implementation="flash"):
+        return jattn.attention(q, k, v, mask=masks.causal(), implementation=implementation).sum()
+
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+    expected = grad(functools.partial(loss, implementation="xla"))(q, k, v)
+    for first_order in (grad(loss), jax.vmap(grad(loss)), grad(jax.checkpoint(loss))):
+        for got, want in zip(first_order(q, k, v), expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    message = r"implementation='flash' has first-order gradients only.*use implementation='xla'"
+    with pytest.raises(NotImplementedError, match=message):
+        jax.grad(lambda x: jax.grad(loss)(x, k, v).sum())(q)
+    with pytest.raises(NotImplementedError, match=message):
+        jax.hessian(loss)(q, k, v)
+
+
+def test_table_masks_may_look_positions_up_in_data_of_the_true_lengths():
+    """A ``from_fn`` mask indexing a ``[T, S]`` table is evaluated at true positions only: padding
+    to whole tiles (T, S not multiples of the block) must not index past the table."""
+    rng = np.random.default_rng(10)
+    q_len, kv_len = 40, 35
+    table = rng.random((q_len, kv_len)) < 0.5
+    table[:, 0] = True  # every query attends something
+
+    def lookup(t, s):
+        return table[t, s] if isinstance(t, np.ndarray) else jnp.asarray(table)[t, s]
+
+    q, k, v, d_out = make_inputs(rng, (), q_len, kv_len, 2, 1, 16, 16, jnp.float32)
+    check(q, k, v, d_out, mask=masks.from_fn(lookup), platform="gpu", block_q=16, block_kv=16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,6 +215,17 @@ def test_mismatched_shardings_of_q_and_kv(mesh):
         ring_attention(q, k, v, mesh=mesh, axis_name="seq")
 
 
+def test_second_derivatives_raise_a_clear_error(mesh):
+    q, k, v, _ = _inputs(0, batch=1, q_len=32, kv_len=32, num_heads=1, num_kv_heads=1)
+
+    def squared_grad(x):
+        attend = lambda y: ring_attention(y, k, v, mesh=mesh, axis_name="seq", mask=masks.causal()).sum()  # noqa: E731
+        return jnp.sum(jax.grad(attend)(x) ** 2)
+
+    with pytest.raises(NotImplementedError, match="implementation='ring' has first-order gradients only"):
+        jax.grad(squared_grad)(q)
+
+
 def test_dense_array_mask_and_unknown_implementation_are_refused(mesh):
     q, k, v, _ = _inputs(0, batch=1, q_len=32, kv_len=32, num_heads=1, num_kv_heads=1)
     with pytest.raises(NotImplementedError, match="dense boolean array"):

@@ -11,6 +11,30 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 """The names ``jax.default_backend()`` gives a GPU."""
 
+
+def first_order_only(fn, implementation: str):
+    """``fn`` (the forward or backward of a hand-written VJP) with a clear error for second derivatives.
+
+    Grad of grad or a Hessian differentiates a custom_vjp's rules; loops with traced trip counts
+    (the tiles a mask leaves non-empty) and Pallas kernels cannot be differentiated, and fail deep
+    inside JAX. This raises first, naming the implementation that can.
+    """
+
+    @jax.custom_jvp
+    def once_differentiable(*args):
+        return fn(*args)
+
+    @once_differentiable.defjvp
+    def no_second_derivative(primals, tangents):
+        raise NotImplementedError(
+            f"implementation={implementation!r} has first-order gradients only (its backward pass is "
+            "hand-written, not differentiable itself): for grad of grad or Hessians use "
+            "implementation='xla'"
+        )
+
+    return once_differentiable
+
+
 AMPERE = (8, 0)
 """The oldest NVIDIA GPUs the fused kernels run on: asynchronous copies and bfloat16 tensor cores."""
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.core._batching import vmap_over_heads
-from jattn.core._common import MASK_VALUE, logits, zero_unattended
+from jattn.core._common import MASK_VALUE, first_order_only, logits, zero_unattended
 
 DEFAULT_BLOCK = 512
 
@@ -305,14 +305,19 @@ def _chunked_one_head_fn(plan: _Plan, scale: float, softcap: float | None):
     def attend(q, k, v, mask, bias):
         return attend_fwd(q, k, v, mask, bias)[0]
 
+    forward = first_order_only(
+        functools.partial(_forward_unpadded, plan=plan, cfg=cfg, empty_lse=0.0), "chunked"
+    )
+    backward = first_order_only(functools.partial(_backward_unpadded, plan=plan, cfg=cfg), "chunked")
+
     def attend_fwd(q, k, v, mask, bias):
-        out, lse = _forward_unpadded(q, k, v, mask, bias, plan, cfg, empty_lse=0.0)
+        out, lse = forward(q, k, v, mask, bias)
         out = out.astype(q.dtype)
         return out, (q, k, v, mask, bias, out, lse)
 
     def attend_bwd(res, d_out):
         q, k, v, mask, bias, out, lse = res
-        dq, dk, dv, dbias = _backward_unpadded(q, k, v, mask, bias, out, lse, d_out, plan, cfg)
+        dq, dk, dv, dbias = backward(q, k, v, mask, bias, out, lse, d_out)
         d_mask = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)
         return (
             dq.astype(q.dtype),

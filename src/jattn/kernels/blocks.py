@@ -8,6 +8,7 @@
   LM) and from per-position vectors (padding lengths, segment ids), combined with ``& | ~``.
 * ``tile_table``: any other mask (BigBird/random blocks, ``from_fn``, boolean arrays, global
   tokens...) as a compact ``[B|1, N|1, P, bq, bkv]`` table holding only its P partial tiles.
+* ``as_index``: a static int in the dtype of a kernel's grid or loop index.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def visited_tiles(schedule: Schedule) -> tuple[int, int]:
     return int(schedule.rows[:, 0].sum()), int(schedule.cols[:, 0].sum())
 
 
+def as_index(value: int, index):
+    """The static int ``value`` in the dtype of a grid or loop ``index`` (int32), for the kernels'
+    ``lax.div`` and ``lax.rem``, which take one dtype: under ``jax_enable_x64`` a Python int is
+    int64. (They truncate; ``//`` would lower to a floor division with selects.)"""
+    return jnp.asarray(value, jnp.result_type(index))
+
+
 # ---------------------------------------------------------------------------------------------
 # The in-kernel formula
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +187,13 @@ def mask_formula(mask: masks_lib.Mask | None, q_len: int, kv_len: int):
     return formula, as_int(vectors.q), as_int(vectors.kv)
 
 
+def _positions(padded: int, length: int, xp):
+    """``xp.arange(padded)`` with the padding at position ``length - 1``: a mask may look positions
+    up in data of the true length (as ``masks._layout_from_predicate`` evaluates it). The kernels
+    exclude keys past ``kv_len`` and the wrapper drops padded query rows, so their bits are unused."""
+    return xp.minimum(xp.arange(padded), length - 1)
+
+
 def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int):
     """The mask on the schedule's partial tiles: int8 ``[B|1, N|1, P, bq, bkv]`` (P >= 1).
 
@@ -193,12 +208,13 @@ def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int
     q_padded, kv_padded = schedule.num_q_blocks * bq, schedule.num_kv_blocks * bkv
     if mask.position_only:
         tiles = np.empty((len(partial), bq, bkv), np.int8)
-        kv_idx = np.arange(kv_padded)
+        q_pos = _positions(q_padded, q_len, np).reshape(-1, bq)  # [nq, bq]
+        kv_idx = _positions(kv_padded, kv_len, np)
         bands = np.unique(partial[:, 0])
         per_eval = max(1, _ELEMENTS_PER_EVAL // (bq * kv_padded))  # q tiles evaluated per call
         for start in range(0, len(bands), per_eval):
             chunk = bands[start : start + per_eval]
-            q_idx = (chunk[:, None] * bq + np.arange(bq)).reshape(-1)
+            q_idx = q_pos[chunk].reshape(-1)
             allowed = np.asarray(mask.tile(q_idx, kv_idx)).reshape(
                 len(chunk), bq, -1, bkv
             )  # [c, bq, nk, bkv]
@@ -206,7 +222,8 @@ def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int
             band_of_row = np.searchsorted(chunk, partial[rows, 0])
             tiles[rows] = allowed[band_of_row, :, partial[rows, 1]]
         return jnp.asarray(tiles[None, None])
-    dense = mask.tile(jnp.arange(q_padded), jnp.arange(kv_padded))  # [B|1, N|1, T', S']
+    q_idx, kv_idx = _positions(q_padded, q_len, jnp), _positions(kv_padded, kv_len, jnp)
+    dense = mask.tile(q_idx, kv_idx)  # [B|1, N|1, T', S']
     dense = jnp.broadcast_to(dense, (*dense.shape[:-2], q_padded, kv_padded))
     dense = dense.reshape(*dense.shape[:-2], q_padded // bq, bq, kv_padded // bkv, bkv)
     picked = dense[..., partial[:, 0], :, partial[:, 1], :]  # [P, B|1, N|1, bq, bkv]

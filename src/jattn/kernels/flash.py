@@ -26,7 +26,7 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
-from jattn.core._common import GPU_BACKENDS, MASK_VALUE, attached_gpu, pre_ampere_reason
+from jattn.core._common import GPU_BACKENDS, MASK_VALUE, attached_gpu, first_order_only, pre_ampere_reason
 from jattn.kernels import blocks, gpu, tpu
 from jattn.kernels._config import KernelAux, KernelConfig
 
@@ -194,21 +194,27 @@ def _row_statistic_layout(x):
     return jnp.moveaxis(x, 2, 1)[..., None].astype(jnp.float32)
 
 
+def _kernel(lowering: str, kernel: str, cfg: KernelConfig):
+    """``LOWERINGS[lowering].<kernel>`` ("forward" or "backward") with ``cfg``, as ``_flash``'s vjp
+    runs it: Pallas cannot differentiate a kernel, so a second derivative gets a clear error."""
+    return first_order_only(functools.partial(getattr(LOWERINGS[lowering], kernel), cfg), "flash")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(lowering: str, cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     return LOWERINGS[lowering].forward(cfg, q, k, v, bias, aux)[0]
 
 
 def _flash_fwd(lowering, cfg, q, k, v, bias, aux):
-    out, lse = LOWERINGS[lowering].forward(cfg, q, k, v, bias, aux)
+    out, lse = _kernel(lowering, "forward", cfg)(q, k, v, bias, aux)
     return out, (q, k, v, bias, aux, out, lse)
 
 
 def _flash_bwd(lowering, cfg, residuals, d_out):
     q, k, v, bias, aux, out, lse = residuals
     delta = jnp.einsum("btnh,btnh->btn", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, T', N]
-    dq, dk, dv, ds = LOWERINGS[lowering].backward(
-        cfg, q, k, v, bias, aux, lse, _row_statistic_layout(delta), d_out
+    dq, dk, dv, ds = _kernel(lowering, "backward", cfg)(
+        q, k, v, bias, aux, lse, _row_statistic_layout(delta), d_out
     )
     dbias = None
     if bias is not None:  # ds [B, N, T', S'] -> bias [B|1, N|1, T', S']
@@ -262,6 +268,8 @@ def flash_problem(
     process can lower for either with ``jax.export``. ``sizes`` (the autotuner's candidates)
     replaces the table lookup entirely.
     """
+    if problem.q.shape[0] == 0:  # an empty batch: a kernel grid cannot have a size-0 axis
+        return jnp.zeros((0, problem.q_len, problem.num_heads, problem.value_head_dim), problem.q.dtype)
     lowering = lowering_for(platform)
     if sizes is None:
         sizes = choose_block_sizes(lowering, problem, block_q, block_kv)

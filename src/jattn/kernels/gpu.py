@@ -35,6 +35,7 @@ except ImportError:
 
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
+from jattn.kernels.blocks import as_index
 
 MIN_BLOCK = 16
 
@@ -75,6 +76,11 @@ def _last_q_tile_first(specs, num_q_blocks: int):
         dataclasses.replace(spec, index_map=lambda r, b, n, f=spec.index_map: f(num_q_blocks - 1 - r, b, n))
         for spec in specs
     ]
+
+
+def _kv_head_map(group: int):
+    """The index map over grid ``(q tiles, B, N)`` of all of K (or V) of query head n's kv head."""
+    return lambda i, b, n: (b, 0, jax.lax.div(n, as_index(group, n)), 0)
 
 
 def _q_tile():
@@ -162,7 +168,8 @@ def _loop_full_then_masked(sched_ref, visit, init, steps_per_tile: int = 1):
     def one_step(masked: bool, i, carry):
         if steps_per_tile == 1:
             return visit(masked, i, 0, carry)
-        return visit(masked, jax.lax.div(i, steps_per_tile), jax.lax.rem(i, steps_per_tile), carry)
+        steps = as_index(steps_per_tile, i)
+        return visit(masked, jax.lax.div(i, steps), jax.lax.rem(i, steps), carry)
 
     carry = jax.lax.fori_loop(0, num_full * steps_per_tile, functools.partial(one_step, False), init)
     return jax.lax.fori_loop(
@@ -214,11 +221,12 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     kv_padded, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
     group = num_heads // num_kv_heads
     bq = cfg.block_q
+    kv_map = _kv_head_map(group)
     specs = [
         pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
-        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), kv_map),
+        pl.BlockSpec((None, kv_padded, None, value_dim), kv_map),
     ]
     operands = [aux.rows, q, k, v]
     extra_specs, extra = _optional_specs(aux, bias, 1, bq, kv_padded, lambda i, b, n: (b, n, i, 0))
@@ -355,11 +363,12 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     has_bias = bias is not None
 
     # dq (and dS for the bias): grid over q tiles, loops over their kv tiles.
+    kv_map = _kv_head_map(group)
     specs = [
         pl.BlockSpec((None, aux.rows.shape[1]), lambda i, b, n: (i, 0)),
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
-        pl.BlockSpec((None, kv_padded, None, head_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
-        pl.BlockSpec((None, kv_padded, None, value_dim), lambda i, b, n: (b, 0, jax.lax.div(n, group), 0)),
+        pl.BlockSpec((None, kv_padded, None, head_dim), kv_map),
+        pl.BlockSpec((None, kv_padded, None, value_dim), kv_map),
         pl.BlockSpec((None, bq, None, value_dim), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),
         pl.BlockSpec((None, None, bq, 1), lambda i, b, n: (b, n, i, 0)),

@@ -23,6 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, row_length, split_refs
+from jattn.kernels.blocks import as_index
 
 MIN_BLOCK = 128
 
@@ -179,7 +180,9 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
         kv_id, _, table_id = _entry(sched, i, width, j)
         return b, n, i, kv_id, table_id
 
-    kv_map = lambda b, n, i, j, sched: (b, jax.lax.div(n, group), index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+    def kv_map(b, n, i, j, sched):
+        return b, jax.lax.div(n, as_index(group, n)), index_of(b, n, i, j, sched)[3], 0
+
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), lambda b, n, i, j, sched: (b, n, i, 0)),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),
@@ -323,7 +326,10 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         return b, n, i, kv_id, table_id
 
     q_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
-    kv_map = lambda b, n, i, j, sched: (b, jax.lax.div(n, group), index_of(b, n, i, j, sched)[3], 0)  # noqa: E731
+
+    def kv_map(b, n, i, j, sched):
+        return b, jax.lax.div(n, as_index(group, n)), index_of(b, n, i, j, sched)[3], 0
+
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),

@@ -46,7 +46,7 @@ from jattn.attention import (
     register_implementation,
 )
 from jattn.core._batching import vmap_over_heads
-from jattn.core._common import MASK_VALUE
+from jattn.core._common import MASK_VALUE, first_order_only
 from jattn.core.chunked import (
     DEFAULT_BLOCK,
     _Plan,
@@ -298,14 +298,17 @@ def _ring_one_head_fn(ring: _Ring):
     def attend(q, k, v, mask):
         return attend_fwd(q, k, v, mask)[0]
 
+    forward = first_order_only(functools.partial(_ring_forward, ring), "ring")
+    backward = first_order_only(functools.partial(_ring_backward, ring), "ring")
+
     def attend_fwd(q, k, v, mask):
-        out, lse = _ring_forward(ring, q, k, v, mask)
+        out, lse = forward(q, k, v, mask)
         out = out.astype(q.dtype)
         return out, (q, k, v, mask, out, lse)
 
     def attend_bwd(residuals, d_out):
         q, k, v, mask, out, lse = residuals
-        dq, dk, dv = _ring_backward(ring, q, k, v, mask, out, lse, d_out)
+        dq, dk, dv = backward(q, k, v, mask, out, lse, d_out)
         d_mask = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), mask)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_mask
 
