@@ -217,35 +217,28 @@ def _canonical_bias(bias, batch_shape, num_heads, q_len, kv_len):
 
 
 def _check_mask_shapes(mask: masks_lib.Mask, batch_shape, num_heads, q_len, kv_len) -> None:
-    """Every data-dependent part of the mask must broadcast to [B..., N, T, S]."""
+    """Every data-dependent part of the mask must fit T and S and broadcast to [B..., N, T, S]."""
+    masks_lib._check_data_lengths(mask, q_len, kv_len)
     target = (*batch_shape, num_heads, q_len, kv_len)
-    if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-        for part in (mask.a, mask.b):
-            _check_mask_shapes(part, batch_shape, num_heads, q_len, kv_len)
-    elif isinstance(mask, masks_lib.Not):
-        _check_mask_shapes(mask.a, batch_shape, num_heads, q_len, kv_len)
-    elif isinstance(mask, masks_lib.ArrayMask):
-        if not _broadcasts(np.shape(mask.array), target):
-            raise ValueError(
-                f"mask must broadcast to [B..., N, T, S] = {target}, got shape {np.shape(mask.array)}"
-            )
-    elif isinstance(mask, masks_lib.Padding):
-        for name, x in (("q_lengths", mask.q_lengths), ("kv_lengths", mask.kv_lengths)):
-            if not _broadcasts(np.shape(x), batch_shape):
+    for part in masks_lib._data_parts(mask):
+        if isinstance(part, masks_lib.ArrayMask):
+            if not _broadcasts(np.shape(part.array), target):
                 raise ValueError(
-                    f"padding {name} must broadcast to the batch dims {batch_shape}, got shape {np.shape(x)}"
+                    f"mask must broadcast to [B..., N, T, S] = {target}, got shape {np.shape(part.array)}"
                 )
-    elif isinstance(mask, masks_lib.Segments):
-        for name, x, length in (
-            ("q_segment_ids", mask.q_segment_ids, q_len),
-            ("kv_segment_ids", mask.kv_segment_ids, kv_len),
-        ):
-            shape = np.shape(x)
-            if shape[-1] != length or not _broadcasts(shape[:-1], batch_shape):
-                raise ValueError(
-                    f"{name} must have shape [B..., {length}] with batch dims broadcasting to "
-                    f"{batch_shape}, got shape {shape}"
-                )
+        elif isinstance(part, masks_lib.Padding):
+            for name, x in (("q_lengths", part.q_lengths), ("kv_lengths", part.kv_lengths)):
+                if not _broadcasts(np.shape(x), batch_shape):
+                    raise ValueError(
+                        f"padding {name} must broadcast to the batch dims {batch_shape}, got shape "
+                        f"{np.shape(x)}"
+                    )
+        elif isinstance(part, masks_lib.Segments):  # [B..., T] and [B..., S]
+            for name, x in (("q_segment_ids", part.q_segment_ids), ("kv_segment_ids", part.kv_segment_ids)):
+                if not _broadcasts(np.shape(x)[:-1], batch_shape):
+                    raise ValueError(
+                        f"{name} must have batch dims broadcasting to {batch_shape}, got shape {np.shape(x)}"
+                    )
 
 
 def make_problem(q, k, v, *, mask=None, bias=None, scale=None, softcap=None) -> Problem:

@@ -603,11 +603,20 @@ class ArrayMask(Mask):
         return ArrayMask(_flatten_batch(arr, batch_shape, 3))
 
 
+def _data_parts(mask: Mask) -> list[Mask]:
+    """The parts of ``mask`` that hold arrays (lengths, segment ids, boolean arrays)."""
+    data = (Padding, Segments, ArrayMask)
+    return [
+        part
+        for part in jax.tree.leaves(mask, is_leaf=lambda x: isinstance(x, data))
+        if isinstance(part, data)
+    ]
+
+
 def _check_data_lengths(mask: Mask, q_len: int, kv_len: int) -> None:
     """Segment ids and boolean arrays must cover ``q_len`` queries and ``kv_len`` keys (or broadcast
     from 1): ``tile`` clips positions beyond them, which would repeat the last one."""
-    parts = jax.tree.leaves(mask, is_leaf=lambda part: isinstance(part, (Segments, ArrayMask)))
-    for part in parts:
+    for part in _data_parts(mask):
         if isinstance(part, Segments):
             for name, ids, length in (
                 ("q_segment_ids", part.q_segment_ids, q_len),
