@@ -2,11 +2,15 @@
 
 Run through ``bash benchmarks/gpu_check.sh`` (at most 5 minutes on an H100). Part 1 checks
 ``jattn.flash_attention`` against ``jattn.reference`` in bfloat16 and float32, forward and
-gradients, causal and a sparse (BigBird) mask. Part 2 prints Markdown tables of TFLOP/s for jattn
-flash, ``jax.nn.dot_product_attention`` (xla, cudnn) and JAX's Pallas kernel
-(``jax.experimental.pallas.ops.gpu.attention.mha``) in the FlashAttention setup (16384 tokens per
-batch, 16 heads, bfloat16), a sliding window of 1024 against dense causal at N = 16384, and the
-forward+backward temporary memory from XLA's compiled memory analysis.
+gradients, causal and a sparse (BigBird) mask, at head dims 64 and 128. Float32 is checked with
+``jax.default_matmul_precision("highest")`` (IEEE float32 matmuls) against the 1e-4 bar, and once
+at JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the kernel's
+included. Part 2, ordered so that what the bars need comes first when time runs short: a sliding
+window of 1024 against dense causal at N = 16384, the forward+backward temporary memory from
+XLA's compiled memory analysis, then TFLOP/s for JAX's Pallas kernel
+(``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN, jattn flash and XLA
+(``jax.nn.dot_product_attention``) in the FlashAttention setup (16384 tokens per batch, 16 heads,
+bfloat16), and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
 
 FLOPs as in the anchors file: forward = 4·B·heads·N²·D, halved when causal; forward+backward =
 3.5 × forward. Time: median of repeats of back-to-back calls after warm-up, ``block_until_ready``.
@@ -50,12 +54,15 @@ class Setup:
     repeats: int
     calls: int
     check_len: int
-    check_head_dim: int
+    check_head_dims: tuple[int, ...]
     bigbird_block: int
+    bar_len: int  # the ratio bars hold from this length on
 
 
-GPU = Setup(16384, 16, (64, 128), (1024, 4096, 16384), 1024, 16384, 5, 10, 300, 64, 64)
-CPU_TINY = Setup(64, 2, (16,), (32, 64), 16, 64, 1, 1, 40, 16, 16)
+GPU = Setup(16384, 16, (64, 128), (1024, 4096, 16384), 1024, 16384, 5, 10, 300, (64, 128), 64, 4096)
+CPU_TINY = Setup(64, 2, (16,), (32, 64), 16, 64, 1, 1, 40, (16,), 16, 64)
+WINDOW_BAR = 6.0  # sliding window 1024 at least this much faster than dense causal
+MEMORY_BAR_MIB = 256.0  # forward+backward temporaries of flash at N = 16384
 
 
 def _interpret() -> bool:
@@ -75,40 +82,58 @@ def relative_error(got, expected) -> float:
 def _failure(error: Exception) -> str:
     """A table cell for a call that failed; the full message goes to stderr (one GPU run is all
     a session may get, so a failure must say enough to fix it without a second run)."""
-    print(f"{type(error).__name__}: {str(error)[:2000]}", file=sys.stderr)
+    print(f"{type(error).__name__}: {str(error)[:1000]}", file=sys.stderr)
     return f"n/a ({type(error).__name__})"
 
 
+CHECKS = (  # (row label, dtype, matmul precision, bar)
+    ("bfloat16", "bfloat16", None, 1e-2),
+    ("float32", "float32", "highest", 1e-4),
+    ("float32, default precision (TF32 on GPU)", "float32", None, 1e-2),
+)
+
+
+def _check_one(setup: Setup, rng, dtype: str, head_dim: int, mask) -> list[float]:
+    """Relative errors of (out, dq, dk, dv) of flash against the oracle, GQA 4 heads over 2."""
+    length = setup.check_len
+    q, k, v, d_out = (
+        jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), dtype) for heads in (4, 2, 2, 4)
+    )
+    out, vjp = jax.vjp(functools.partial(jattn.flash_attention, mask=mask), q, k, v)
+    grads = vjp(d_out)
+    q64, k64, v64, do64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v, d_out))
+    dense = mask.dense(length, length)
+    expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
+    errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
+    return errors + [relative_error(g, expected[n]) for g, n in zip(grads, "qkv", strict=True)]
+
+
 def check_correctness(setup: Setup) -> bool:
-    """Flash vs the float64 oracle; the bar is 1e-2 (bfloat16) and 1e-4 (float32)."""
+    """Flash vs the float64 oracle; the bar is 1e-2 (bfloat16, TF32) and 1e-4 (IEEE float32)."""
     rng = np.random.default_rng(0)
-    length, dim = setup.check_len, setup.check_head_dim
     cases = {"causal": masks.causal(), "bigbird": masks.bigbird(setup.bigbird_block, num_random=1)}
     print("## Correctness against the float64 oracle (relative max error)\n")
-    print("| dtype | mask | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| dtype | head dim | mask | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|---|"
+    )
     all_ok = True
-    for dtype, bar in (("bfloat16", 1e-2), ("float32", 1e-4)):
-        draw = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731, B023
-        q, k, v = draw(2, length, 4, dim), draw(2, length, 2, dim), draw(2, length, 2, dim)
-        d_out = draw(2, length, 4, dim)
-        q64, k64, v64, do64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v, d_out))
-        for name, mask in cases.items():
-            attend = functools.partial(jattn.flash_attention, mask=mask)
-            try:
-                out, vjp = jax.vjp(attend, q, k, v)
-                grads = vjp(d_out)
-            except Exception as error:  # noqa: BLE001 - report it and go on to the other cells
-                all_ok = False
-                print(f"| {dtype} | {name} | {_failure(error)} | | | | {bar:.0e} | NO |")
-                continue
-            dense = mask.dense(length, length)
-            errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
-            expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
-            errors += [relative_error(g, expected[n]) for g, n in zip(grads, "qkv", strict=True)]
-            ok = max(errors) < bar
-            all_ok &= ok
-            cells = " | ".join(f"{e:.1e}" for e in errors)
-            print(f"| {dtype} | {name} | {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
+    for head_dim in setup.check_head_dims:
+        for label, dtype, precision, bar in CHECKS:
+            for name, mask in cases.items():
+                if precision is None and dtype == "float32" and name != "causal":
+                    continue  # the default-precision row is informative: one mask is enough
+                row = f"| {label} | {head_dim} | {name} |"
+                try:
+                    with jax.default_matmul_precision(precision):
+                        errors = _check_one(setup, rng, dtype, head_dim, mask)
+                except Exception as error:  # noqa: BLE001 - report it and go on to the other cells
+                    all_ok = False
+                    print(f"{row} {_failure(error)} | | | | {bar:.0e} | NO |")
+                    continue
+                ok = max(errors) < bar
+                all_ok &= ok
+                cells = " | ".join(f"{e:.1e}" for e in errors)
+                print(f"{row} {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
     print()
     return all_ok
 
@@ -136,22 +161,22 @@ def _pallas_mha():
 
 
 def implementations() -> dict:
-    """name -> attend(q, k, v, causal) for every peer available on this machine."""
-    impls = {
-        "jattn_flash": lambda q, k, v, causal: jattn.flash_attention(
-            q, k, v, mask=masks.causal() if causal else None
-        ),
-        "jax_xla": lambda q, k, v, causal: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="xla"
-        ),
-    }
+    """name -> attend(q, k, v, causal) for every peer available on this machine, in the order they
+    are measured: the peers the bars compare against first, XLA (no bar) last."""
+    impls = {}
+    mha = _pallas_mha()
+    if mha is not None:
+        impls["pallas_triton"] = mha
     if jax.default_backend() == "gpu":
         impls["jax_cudnn"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"
         )
-    mha = _pallas_mha()
-    if mha is not None:
-        impls["pallas_triton"] = mha
+    impls["jattn_flash"] = lambda q, k, v, causal: jattn.flash_attention(
+        q, k, v, mask=masks.causal() if causal else None
+    )
+    impls["jax_xla"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="xla"
+    )
     return impls
 
 
@@ -194,46 +219,96 @@ def _over_budget() -> bool:
     return time.perf_counter() - _START > TIME_BUDGET_S
 
 
-def throughput_tables(setup: Setup) -> None:
-    impls = implementations()
-    for head_dim in setup.head_dims:
-        header = " | ".join(f"N={n // 1024}k" if n >= 1024 else f"N={n}" for n in setup.lengths)
-        title = f"head_dim {head_dim}, {setup.heads} heads, bfloat16, {setup.tokens} tokens per batch"
-        print(f"## TFLOP/s, {title}\n")
-        print(f"| implementation | pass | causal | {header} |\n|---|---|---|" + "---|" * len(setup.lengths))
-        for name, attend in impls.items():
-            for backward in (False, True):
+PASSES = ((False, "fwd"), (True, "fwd_bwd"))
+
+
+def measure_throughput(setup: Setup) -> dict:
+    """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N)."""
+    results = {}
+    for name, attend in implementations().items():
+        for head_dim in setup.head_dims:
+            for backward, pass_name in PASSES:
                 for causal in (False, True):
-                    cells = []
                     for length in setup.lengths:
+                        cell = (name, head_dim, pass_name, causal, length)
                         if _over_budget():
-                            cells.append("skipped (time budget)")
+                            results[cell] = "skipped (time budget)"
                             continue
                         q, k, v = _inputs(setup, length, head_dim)
                         fn = _step(functools.partial(attend, causal=causal), backward)
                         try:
-                            seconds = time_call(fn, (q, k, v), setup)
+                            results[cell] = time_call(fn, (q, k, v), setup)
                         except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
-                            cells.append(_failure(error))
+                            results[cell] = _failure(error)
+                        # The tables print at the end: if the run is cut short, this is what remains.
+                        print(f"measured {cell}: {results[cell]}", file=sys.stderr)
+    return results
+
+
+def _length_label(length: int) -> str:
+    return f"N={length // 1024}k" if length >= 1024 else f"N={length}"
+
+
+def print_throughput(setup: Setup, results: dict) -> None:
+    names = list(dict.fromkeys(cell[0] for cell in results))
+    header = " | ".join(_length_label(n) for n in setup.lengths)
+    for head_dim in setup.head_dims:
+        title = f"head_dim {head_dim}, {setup.heads} heads, bfloat16, {setup.tokens} tokens per batch"
+        print(f"## TFLOP/s, {title}\n")
+        print(f"| implementation | pass | causal | {header} |\n|---|---|---|" + "---|" * len(setup.lengths))
+        for name in names:
+            for backward, pass_name in PASSES:
+                for causal in (False, True):
+                    cells = []
+                    for length in setup.lengths:
+                        seconds = results[(name, head_dim, pass_name, causal, length)]
+                        if isinstance(seconds, str):
+                            cells.append(seconds)
                             continue
-                        batch = setup.tokens // length
-                        work = flops(batch, setup.heads, length, head_dim, causal, backward)
+                        work = flops(setup.tokens // length, setup.heads, length, head_dim, causal, backward)
                         cells.append(f"{work / seconds / 1e12:.1f}")
-                    pass_name = "fwd_bwd" if backward else "fwd"
                     print(f"| {name} | {pass_name} | {'yes' if causal else 'no'} | {' | '.join(cells)} |")
         print()
+
+
+def print_ratios(setup: Setup, results: dict) -> None:
+    """jattn flash's speed against Pallas mha (bar: >= 1.0x from ``bar_len`` on) and cuDNN."""
+    peers = [peer for peer in ("pallas_triton", "jax_cudnn") if any(cell[0] == peer for cell in results)]
+    if not peers:
+        print("(no peer to compare with on this machine)\n")
+        return
+    lengths = [n for n in setup.lengths if n >= setup.bar_len]
+    print(f"## jattn flash speed / peer speed (Pallas bar: >= 1.0x for N >= {setup.bar_len})\n")
+    header = " | ".join(f"{_length_label(n)} / {peer}" for peer in peers for n in lengths)
+    print(f"| head dim | pass | causal | {header} |\n|---|---|---|" + "---|" * (len(peers) * len(lengths)))
+    for head_dim in setup.head_dims:
+        for _, pass_name in PASSES:
+            for causal in (False, True):
+                cells = []
+                for peer in peers:
+                    for length in lengths:
+                        ours = results[("jattn_flash", head_dim, pass_name, causal, length)]
+                        theirs = results[(peer, head_dim, pass_name, causal, length)]
+                        if isinstance(ours, str) or isinstance(theirs, str):
+                            cells.append("n/a")
+                            continue
+                        ratio = theirs / ours
+                        mark = (
+                            (" (bar met)" if ratio >= 1.0 else " (BAR MISSED)")
+                            if peer == "pallas_triton"
+                            else ""
+                        )
+                        cells.append(f"{ratio:.2f}x{mark}")
+                print(f"| {head_dim} | {pass_name} | {'yes' if causal else 'no'} | {' | '.join(cells)} |")
+    print()
 
 
 def sliding_window_vs_causal(setup: Setup) -> None:
     length, head_dim = setup.window_len, setup.head_dims[-1]
     q, k, v = _inputs(setup, length, head_dim)
     print(f"## Sliding window {setup.window} vs dense causal, flash, N={length}, head_dim {head_dim}\n")
-    print("| pass | causal ms | window ms | speedup |\n|---|---|---|---|")
-    for backward in (False, True):
-        if _over_budget():
-            print(f"| {'fwd_bwd' if backward else 'fwd'} | skipped (time budget) | | |")
-            continue
-        pass_name = "fwd_bwd" if backward else "fwd"
+    print(f"| pass | causal ms | window ms | speedup (bar: >= {WINDOW_BAR:.0f}x) |\n|---|---|---|---|")
+    for backward, pass_name in PASSES:
         try:
             steps = [
                 _step(functools.partial(jattn.flash_attention, mask=mask), backward)
@@ -243,7 +318,9 @@ def sliding_window_vs_causal(setup: Setup) -> None:
         except Exception as error:  # noqa: BLE001
             print(f"| {pass_name} | {_failure(error)} | | |")
             continue
-        print(f"| {pass_name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {times[0] / times[1]:.1f}x |")
+        speedup = times[0] / times[1]
+        verdict = "met" if speedup >= WINDOW_BAR else "MISSED"
+        print(f"| {pass_name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {speedup:.1f}x ({verdict}) |")
     print()
 
 
@@ -251,12 +328,15 @@ def temp_memory(setup: Setup) -> None:
     length, head_dim = setup.window_len, setup.head_dims[-1]
     q, k, v = _inputs(setup, length, head_dim)
     print(f"## Forward+backward temporary memory, N={length}, head_dim {head_dim}, causal\n")
-    print("| implementation | temp MiB |\n|---|---|")
+    print(f"| implementation | temp MiB (flash bar: <= {MEMORY_BAR_MIB:.0f}) |\n|---|---|")
     for name, attend in implementations().items():
         try:
             compiled = _step(functools.partial(attend, causal=True), True).lower(q, k, v).compile()
             analysis = compiled.memory_analysis()
-            cell = f"{analysis.temp_size_in_bytes / 2**20:.0f}" if analysis is not None else "n/a"
+            mib = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
+            cell = "n/a" if mib is None else f"{mib:.0f}"
+            if mib is not None and name == "jattn_flash":
+                cell += " (met)" if mib <= MEMORY_BAR_MIB else " (MISSED)"
         except Exception as error:  # noqa: BLE001
             cell = _failure(error)
         print(f"| {name} | {cell} |")
@@ -272,9 +352,11 @@ def main() -> int:
         print("no GPU: set JATTN_GPU_CHECK_TINY=1 for the CPU smoke test", file=sys.stderr)
         return 2
     correct = check_correctness(setup)
-    throughput_tables(setup)
     sliding_window_vs_causal(setup)
     temp_memory(setup)
+    results = measure_throughput(setup)
+    print_throughput(setup, results)
+    print_ratios(setup, results)
     print(f"total {time.perf_counter() - _START:.0f} s; correctness {'passed' if correct else 'FAILED'}")
     return 0 if correct else 1
 

@@ -6,8 +6,13 @@
 # jax.nn.dot_product_attention (xla, cudnn) and JAX's Pallas mha, the sliding-window speedup and the
 # forward+backward temporary memory. Paste the output into benchmarks/RESULTS.md.
 # CPU smoke test (tiny sizes, interpret mode): JATTN_GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh
+# On the device, keep both streams (stderr has every measured cell, should the run be cut short):
+#     bash benchmarks/gpu_check.sh > $OUT/gpu_check.md 2> $OUT/gpu_check.err
+# A hang cannot outlast JATTN_GPU_CHECK_TIMEOUT_S (default 330 s); output is unbuffered, so what was
+# printed before a timeout is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"
-exec "$PYTHON" benchmarks/gpu_bench.py "$@"
+exec timeout -k 10 "${JATTN_GPU_CHECK_TIMEOUT_S:-330}" "$PYTHON" benchmarks/gpu_bench.py "$@"

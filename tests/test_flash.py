@@ -317,6 +317,24 @@ def test_triton_loop_bodies_have_no_branch(monkeypatch, capsys):
         assert module.count("scf.for") >= 2 and "scf.if" not in module, module.split()[0]
 
 
+def test_float32_matmuls_follow_jax_matmul_precision(monkeypatch, capsys):
+    """JAX's default float32 matmul on NVIDIA GPUs is TF32, the kernel's too; under
+    ``jax.default_matmul_precision("highest")`` every matmul of the three kernels is IEEE float32,
+    which the GPU check uses for its 1e-4 float32 bar."""
+    monkeypatch.setattr(gpu.pl, "pallas_call", functools.partial(gpu.pl.pallas_call, debug=True))
+    x = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float32)
+
+    def loss(q, k, v):
+        problem = make_problem(q, k, v, mask=masks.causal())
+        return flash.flash_problem(problem, platform="cuda", interpret=False).sum()
+
+    for precision, tf32 in ((None, True), ("highest", False)):
+        with jax.default_matmul_precision(precision):
+            aot.export_for(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, platform="cuda")
+        dots = [line for line in capsys.readouterr().out.splitlines() if "tt.dot" in line]
+        assert len(dots) >= 5 and all(("tf32" in dot) == tf32 for dot in dots), (precision, dots)
+
+
 def test_interpreted_kernel_skips_empty_tiles():
     """A block-diagonal layout: garbage in the skipped tiles' K/V cannot change the output."""
     rng = np.random.default_rng(4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -38,6 +39,28 @@ def test_gpu_check_tiny_mode_prints_every_table():
         assert heading in out
     assert "| NO |" not in out and "correctness passed" in out
     assert "| jattn_flash | fwd_bwd | yes |" in out and "| jax_xla | fwd | no |" in out
+
+
+def test_gpu_check_marks_each_ratio_bar(monkeypatch, capsys):
+    """The ratio table states the Pallas bar per cell (>= 1.0x from ``bar_len`` on) and the distance
+    to cuDNN, and a cell that could not run reads n/a, so the one GPU run needs no arithmetic."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    setup = dataclasses.replace(bench.CPU_TINY, head_dims=(16,), lengths=(32, 64), bar_len=64)
+    seconds = {"jattn_flash": 1.0, "pallas_triton": 1.25, "jax_cudnn": 0.5}
+    results = {
+        (name, 16, pass_name, causal, length): time if length == 64 else 9.0
+        for name, time in seconds.items()
+        for _, pass_name in bench.PASSES
+        for causal in (False, True)
+        for length in (32, 64)
+    }
+    results[("pallas_triton", 16, "fwd_bwd", True, 64)] = 0.8
+    results[("jax_cudnn", 16, "fwd", False, 64)] = "n/a (RuntimeError)"
+    bench.print_ratios(setup, results)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
+    assert rows[0] == "| 16 | fwd | no | 1.25x (bar met) | n/a |"
+    assert rows[-1] == "| 16 | fwd_bwd | yes | 0.80x (BAR MISSED) | 0.50x |"
 
 
 def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path):
