@@ -168,13 +168,10 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
         lse_ref[...] = lse
 
 
-def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
-    """q ``[B, T', N, H]``, k/v ``[B, S', K, H]`` -> (out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``)."""
-    batch, q_padded, num_heads, head_dim = q.shape
-    num_kv_heads, value_dim = k.shape[2], v.shape[3]
-    group = num_heads // num_kv_heads
-    bq, bkv = cfg.block_q, cfg.block_kv
-    width = aux.row_width
+def _listed_tile_maps(width: int, group: int):
+    """Index maps over the grid ``(B, N, q tiles, listed kv tiles)`` with the schedule prefetched:
+    ``index_of`` gives ``(b, head, q tile, kv tile, table index)`` of step j of q tile i, and
+    ``kv_map`` the K (or V) block of query head n's kv head at that kv tile."""
 
     def index_of(b, n, i, j, sched):
         kv_id, _, table_id = _entry(sched, i, width, j)
@@ -183,6 +180,17 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
     def kv_map(b, n, i, j, sched):
         return b, jax.lax.div(n, as_index(group, n)), index_of(b, n, i, j, sched)[3], 0
 
+    return index_of, kv_map
+
+
+def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
+    """q ``[B, T', N, H]``, k/v ``[B, S', K, H]`` -> (out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``)."""
+    batch, q_padded, num_heads, head_dim = q.shape
+    num_kv_heads, value_dim = k.shape[2], v.shape[3]
+    group = num_heads // num_kv_heads
+    bq, bkv = cfg.block_q, cfg.block_kv
+    width = aux.row_width
+    index_of, kv_map = _listed_tile_maps(width, group)
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), lambda b, n, i, j, sched: (b, n, i, 0)),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),
@@ -320,16 +328,8 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
 
     # dq (and dS for the bias): grid (B, N, q tiles, listed kv tiles).
     width = aux.row_width
-
-    def index_of(b, n, i, j, sched):
-        kv_id, _, table_id = _entry(sched, i, width, j)
-        return b, n, i, kv_id, table_id
-
+    index_of, kv_map = _listed_tile_maps(width, group)
     q_map = lambda b, n, i, j, sched: (b, n, i, 0)  # noqa: E731
-
-    def kv_map(b, n, i, j, sched):
-        return b, jax.lax.div(n, as_index(group, n)), index_of(b, n, i, j, sched)[3], 0
-
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), q_map),
         pl.BlockSpec((None, None, bkv, head_dim), kv_map),
