@@ -198,7 +198,7 @@ def test_variants(name, options):
 
 def test_bad_input_names_the_argument():
     _, q, k, v, _ = inputs(6)
-    with pytest.raises(ValueError, match="num_features must be > 0"):
+    with pytest.raises(ValueError, match="num_features must be an int >= 1"):
         jattn.performer_attention(q, k, v, key=None, num_features=0)
     with pytest.raises(TypeError, match="num_features must be an int"):
         jattn.performer_attention(q, k, v, key=None, num_features=2.5)
@@ -210,7 +210,7 @@ def test_bad_input_names_the_argument():
         jattn.linformer_attention(q, k, v, jnp.zeros((10, 4)), jnp.zeros((10, 4)))
     with pytest.raises(ValueError, match="same length"):
         jattn.linformer_attention(q, k, v, jnp.zeros((20, 4)), jnp.zeros((20, 5)))
-    with pytest.raises(ValueError, match="projected_len must be > 0"):
+    with pytest.raises(ValueError, match="projected_len must be an int >= 1"):
         get_variant("linformer", projected_len=0)
     with pytest.raises(ValueError, match="projected_len=64 exceeds max_len=32"):
         get_variant("linformer", projected_len=64).init_params(

@@ -28,5 +28,5 @@ def test_bias_is_negative_distance_and_works_as_attention_bias():
 
 @pytest.mark.parametrize("args", [(0, 4), (2, -1), (2, 4, 0)])
 def test_bad_sizes(args):
-    with pytest.raises(ValueError, match="must be a positive int"):
+    with pytest.raises(ValueError, match="must be an int >= 1"):
         jattn.alibi_bias(*args)

@@ -93,7 +93,7 @@ def test_variant_as_attention_fn_matches_masked_call():
             lambda p, x: jattn.multi_head_attention(p, x, num_heads=3),
             r"params\['query'\]\['kernel'\] must be",
         ),
-        (lambda p, x: jattn.multi_head_attention(p, x, num_heads=0), "num_heads must be a positive int"),
+        (lambda p, x: jattn.multi_head_attention(p, x, num_heads=0), "num_heads must be an int >= 1"),
         (lambda p, x: jattn.multi_head_attention({"query": {}}, x, num_heads=2), "params must hold"),
         (lambda p, x: jattn.multi_head_attention(p, x[0, 0], num_heads=2), "x_q must be"),
         (

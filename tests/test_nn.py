@@ -174,7 +174,7 @@ def _seq2seq(source_vocab_size=9, target_vocab_size=7):
     ],
 )
 def test_sizes_must_be_positive(build, name):
-    with pytest.raises(ValueError, match=f"{name} must be > 0, got {name}=0"):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {name}=0"):
         build()
 
 

@@ -23,9 +23,9 @@ def test_plot_mask_draws_the_first_example_of_a_data_mask():
 
 
 def test_plot_mask_bad_input():
-    with pytest.raises(ValueError, match="block must be > 0"):
+    with pytest.raises(ValueError, match="block must be an int >= 1"):
         viz.plot_mask(masks.causal(), 8, 8, block=0)
-    with pytest.raises(ValueError, match="q_len must be > 0"):
+    with pytest.raises(ValueError, match="q_len must be an int >= 1"):
         viz.plot_mask(masks.causal(), 0, 8)
     with pytest.raises(TypeError, match="mask must be a jattn.masks.Mask"):
         viz.plot_mask(np.ones((8, 8), bool), 8, 8)

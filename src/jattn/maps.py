@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jattn import masks as masks_lib
+from jattn._checks import check_int
 from jattn.attention import Problem, make_problem
 from jattn.core._batching import vmap_over_heads
 from jattn.core._common import MASK_VALUE, zero_unattended
@@ -211,14 +212,8 @@ def attention_statistics(
     if mask is not None:
         mask = masks_lib._as_mask(mask, "mask")
     problem = make_problem(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
-    block_q = (
-        default_block(problem.q_len) if block_q is None else masks_lib._check_positive_int("block_q", block_q)
-    )
-    block_kv = (
-        default_block(problem.kv_len)
-        if block_kv is None
-        else masks_lib._check_positive_int("block_kv", block_kv)
-    )
+    block_q = default_block(problem.q_len) if block_q is None else check_int("block_q", block_q)
+    block_kv = default_block(problem.kv_len) if block_kv is None else check_int("block_kv", block_kv)
     return _attention_statistics_jit(
         q, k, v, mask, bias, scale=problem.scale, softcap=problem.softcap, block_q=block_q, block_kv=block_kv
     )

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jattn._checks import check_int
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile classes in a block layout: nothing attended / some attended / everything attended."""
 
@@ -45,15 +47,6 @@ _ROWS_PER_EVAL = 1 << 22  # elements evaluated at once when a layout is computed
 
 def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def _check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {name}={value}")
-    return int(value)
 
 
 class Mask:
@@ -80,8 +73,8 @@ class Mask:
     # -- public views -------------------------------------------------------------------------
     def dense(self, q_len: int, kv_len: int):
         """The boolean ``[..., T, S]`` matrix (NumPy for position-only masks)."""
-        q_len = _check_positive_int("q_len", q_len)
-        kv_len = _check_positive_int("kv_len", kv_len)
+        q_len = check_int("q_len", q_len)
+        kv_len = check_int("kv_len", kv_len)
         _check_data_lengths(self, q_len, kv_len)
         xp = np if self.position_only else jnp
         return self.for_lengths(q_len, kv_len).tile(xp.arange(q_len), xp.arange(kv_len))
@@ -93,10 +86,10 @@ class Mask:
         empty (full) for all of them.
         """
         args = (
-            _check_positive_int("q_len", q_len),
-            _check_positive_int("kv_len", kv_len),
-            _check_positive_int("block_q", block_q),
-            _check_positive_int("block_kv", block_kv),
+            check_int("q_len", q_len),
+            check_int("kv_len", kv_len),
+            check_int("block_q", block_q),
+            check_int("block_kv", block_kv),
         )
         resolved = self.for_lengths(*args[:2])
         if resolved.position_only:
@@ -658,8 +651,8 @@ def sliding_window(left: int, right: int = 0) -> Mask:
     ``sliding_window(w, w)`` is the symmetric window of an encoder (Longformer's local part).
     """
     return SlidingWindow(
-        _check_positive_int("left", left, allow_zero=True),
-        _check_positive_int("right", right, allow_zero=True),
+        check_int("left", left, minimum=0),
+        check_int("right", right, minimum=0),
     )
 
 
@@ -696,18 +689,18 @@ def segments(q_segment_ids: Any, kv_segment_ids: Any | None = None) -> Mask:
 
 def prefix_lm(prefix: int) -> Mask:
     """Prefix language model: full attention over the first ``prefix`` positions, causal after."""
-    return PrefixLM(_check_positive_int("prefix", prefix, allow_zero=True))
+    return PrefixLM(check_int("prefix", prefix, minimum=0))
 
 
 def strided(stride: int, *, causal: bool = True) -> Mask:
     """Sparse Transformer strided attention (Child et al. 2019)."""
-    return Strided(_check_positive_int("stride", stride), bool(causal))
+    return Strided(check_int("stride", stride), bool(causal))
 
 
 def fixed(block: int, summary: int = 1, *, causal: bool = True) -> Mask:
     """Sparse Transformer fixed attention (Child et al. 2019)."""
-    block = _check_positive_int("block", block)
-    summary = _check_positive_int("summary", summary)
+    block = check_int("block", block)
+    summary = check_int("summary", summary)
     if summary > block:
         raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
     return Fixed(block, summary, bool(causal))
@@ -728,9 +721,9 @@ def random_blocks(block: int, num_random: int, seed: int = 0) -> Mask:
     used with (fixed by ``for_lengths``), so every row has ``num_random`` random blocks at any length.
     """
     return RandomBlocks(
-        _check_positive_int("block", block),
-        _check_positive_int("num_random", num_random, allow_zero=True),
-        _check_positive_int("seed", seed, allow_zero=True),
+        check_int("block", block),
+        check_int("num_random", num_random, minimum=0),
+        check_int("seed", seed, minimum=0),
     )
 
 
@@ -753,8 +746,8 @@ def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
     arr = np.asarray(layout)
     if arr.ndim != 2:
         raise ValueError(f"layout must be 2-D [num_q_blocks, num_kv_blocks], got shape {arr.shape}")
-    block_q = _check_positive_int("block_q", block_q)
-    block_kv = block_q if block_kv is None else _check_positive_int("block_kv", block_kv)
+    block_q = check_int("block_q", block_q)
+    block_kv = block_q if block_kv is None else check_int("block_kv", block_kv)
     return BlockLayout(tuple(map(tuple, arr.astype(bool).tolist())), block_q, block_kv)
 
 
@@ -796,14 +789,14 @@ def bigbird(
     """BigBird (Zaheer et al. 2020) at block granularity: a window of ``num_window_blocks`` blocks
     centred on the query's block (so an odd number: ``num_window_blocks // 2`` on each side), the
     first ``num_global_blocks`` blocks global, ``num_random`` random blocks per query block."""
-    block = _check_positive_int("block", block)
-    w = _check_positive_int("num_window_blocks", num_window_blocks)
+    block = check_int("block", block)
+    w = check_int("num_window_blocks", num_window_blocks)
     if w % 2 == 0:
         raise ValueError(
             "num_window_blocks must be odd (the window is centred on the query's block), "
             f"got num_window_blocks={w}"
         )
-    g = _check_positive_int("num_global_blocks", num_global_blocks, allow_zero=True)
+    g = check_int("num_global_blocks", num_global_blocks, minimum=0)
     pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
     if g:
         pattern = pattern | global_tokens(range(g * block))

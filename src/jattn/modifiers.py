@@ -10,12 +10,13 @@ import math
 
 import jax.numpy as jnp
 
+from jattn._checks import check_int
+
 
 def alibi_slopes(num_heads: int):
     """Per-head slopes ``[N]``: the geometric sequence 2^(-8/n), 2^(-16/n), ... of the paper, with the
     paper's interleaving when ``num_heads`` is not a power of two."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads)
 
     def geometric(n: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)
@@ -35,9 +36,7 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int | None = None, *, offset:
       num_heads: N. q_len: T. kv_len: S (defaults to T).
       offset: position of the first query among the keys (e.g. ``S - T`` when decoding with a cache).
     """
-    kv_len = q_len if kv_len is None else kv_len
-    for name, value in (("q_len", q_len), ("kv_len", kv_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    q_len = check_int("q_len", q_len)
+    kv_len = q_len if kv_len is None else check_int("kv_len", kv_len)
     distance = jnp.abs(jnp.arange(q_len)[:, None] + offset - jnp.arange(kv_len)[None, :])  # [T, S]
     return -alibi_slopes(num_heads)[:, None, None] * distance.astype(jnp.float32)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import masks as masks_lib
+from jattn._checks import check_int
 from jattn.attention import attention
 from jattn.core import linear as linear_lib
 from jattn.parallel import ring as ring_lib
@@ -139,7 +140,7 @@ def _full(implementation: str | None = None) -> Variant:
 
 def _local(window: int = 128, implementation: str | None = None) -> Variant:
     """Sliding-window (local) attention: ``window`` positions on each side, left only if causal."""
-    window = masks_lib._check_positive_int("window", window, allow_zero=True)
+    window = check_int("window", window, minimum=0)
     return softmax_variant(
         lambda causal: masks_lib.sliding_window(window, 0 if causal else window), implementation
     )
@@ -221,13 +222,13 @@ def _performer(num_features: int = 256, orthogonal: bool = True) -> Variant:
 def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
     """Linformer, keys and values projected along the sequence to ``projected_len`` (Wang et al.
     2020); learned projections for sequences up to ``max_len`` (default: the model's)."""
-    projected_len = masks_lib._check_positive_int("projected_len", projected_len)
+    projected_len = check_int("projected_len", projected_len)
     if max_len is not None:
-        max_len = masks_lib._check_positive_int("max_len", max_len)
+        max_len = check_int("max_len", max_len)
 
     def init_params(key, *, num_heads, num_kv_heads, head_dim, max_len):
         del num_heads, num_kv_heads, head_dim  # one projection pair shared by all heads
-        max_len = masks_lib._check_positive_int("max_len", max_len)
+        max_len = check_int("max_len", max_len)
         if projected_len > max_len:
             raise ValueError(
                 f"linformer projected_len={projected_len} exceeds max_len={max_len}: it would not compress"

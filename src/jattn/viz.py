@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from jattn import masks as masks_lib
+from jattn._checks import check_int
 
 _TILES = (  # (class, color, legend)
     (masks_lib.EMPTY, "#ffffff", "empty (skipped)"),
@@ -45,7 +46,7 @@ def plot_mask(
     """
     if not isinstance(mask, masks_lib.Mask):
         raise TypeError(f"mask must be a jattn.masks.Mask, got {type(mask).__name__}")
-    block = masks_lib._check_positive_int("block", block)
+    block = check_int("block", block)
     allowed = _first_example(mask.dense(q_len, kv_len), q_len, kv_len)  # [T, S]
     layout = mask.blocks(q_len, kv_len, block, block)  # [nq, nk]
 
@@ -107,7 +108,7 @@ def plot_attention_heads(
             f"need {q_len} query labels and {kv_len} key labels for weights of shape {weights.shape}, got "
             f"{len(q_labels)} and {len(kv_labels)}"
         )
-    max_columns = masks_lib._check_positive_int("max_columns", max_columns)
+    max_columns = check_int("max_columns", max_columns)
     columns = min(num_heads, max_columns)
     rows = -(-num_heads // columns)
     cell = max(3.0, 0.15 * max(q_len, kv_len))  # inches per head, so every label stays legible

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jattn._checks import check_int
 from jattn.attention import Problem, _check_array, attention, make_problem
 from jattn.core._batching import vmap_over_heads
-from jattn.masks import _check_positive_int
 
 FEATURE_MAPS: dict[str, Callable] = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020
@@ -220,8 +220,8 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
       orthogonal: rows drawn in blocks of H mutually orthogonal directions (Choromanski et al.
         2021, lower variance), each scaled to the norm of an independent Gaussian vector.
     """
-    num_features = _check_positive_int("num_features", num_features)
-    head_dim = _check_positive_int("head_dim", head_dim)
+    num_features = check_int("num_features", num_features)
+    head_dim = check_int("head_dim", head_dim)
     key = jax.random.key(0) if key is None else _check_prng_key(key)
     gauss_key, norm_key = jax.random.split(key)
     if not orthogonal:

@@ -24,17 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jattn._checks import check_int
 from jattn.attention import attention
 
 Params = dict[str, dict[str, Any]]
 AttentionFn = Callable[[Any, Any, Any], Any]
 """``fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv]) -> [B, T, N, Hv]``."""
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    return value
 
 
 def init_multi_head_attention(
@@ -66,9 +61,9 @@ def init_multi_head_attention(
     Returns:
       The parameter pytree described in the module docstring.
     """
-    in_features = _check_positive("in_features", in_features)
-    num_heads = _check_positive("num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else _check_positive("num_kv_heads", num_kv_heads)
+    in_features = check_int("in_features", in_features)
+    num_heads = check_int("num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
         raise ValueError(
             f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
@@ -81,12 +76,10 @@ def init_multi_head_attention(
                 f"in_features={in_features}, num_heads={num_heads}"
             )
         head_dim = in_features // num_heads
-    head_dim = _check_positive("head_dim", head_dim)
-    value_head_dim = _check_positive("value_head_dim", head_dim if value_head_dim is None else value_head_dim)
-    in_kv_features = (
-        in_features if in_kv_features is None else _check_positive("in_kv_features", in_kv_features)
-    )
-    out_features = in_features if out_features is None else _check_positive("out_features", out_features)
+    head_dim = check_int("head_dim", head_dim)
+    value_head_dim = check_int("value_head_dim", head_dim if value_head_dim is None else value_head_dim)
+    in_kv_features = in_features if in_kv_features is None else check_int("in_kv_features", in_kv_features)
+    out_features = in_features if out_features is None else check_int("out_features", out_features)
 
     shapes = {
         "query": ((in_features, num_heads, head_dim), in_features),
@@ -222,8 +215,8 @@ def multi_head_attention(
     Returns:
       ``[B..., T, Dout]`` in ``x_q``'s dtype (projections accumulate in float32).
     """
-    num_heads = _check_positive("num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else _check_positive("num_kv_heads", num_kv_heads)
+    num_heads = check_int("num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
     x_kv = x_q if x_kv is None else x_kv
     for name, x in (("x_q", x_q), ("x_kv", x_kv)):
         if getattr(x, "ndim", 0) < 2:

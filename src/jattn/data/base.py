@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from jattn._checks import check_int
+
 FORMATS = ("classification", "sequence", "seq2seq")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -53,17 +55,9 @@ def batch_rng(seed: int, split: str, index: int, batch_size: int) -> np.random.G
     (seed, split, index). Every ``Task.batch`` starts here, so its arguments are checked here."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    check_positive("index", index, minimum=0)
-    check_positive("batch_size", batch_size)
+    check_int("index", index, minimum=0)
+    check_int("batch_size", batch_size)
     return np.random.default_rng([seed, SPLITS[split], index])
-
-
-def check_positive(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an ``int`` (NumPy integers accepted); a ValueError naming ``name`` unless it is an
-    integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {name}={value!r}")
-    return int(value)
 
 
 def as_sequence(prefixes: np.ndarray, answers: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ import dataclasses
 
 import numpy as np
 
-from jattn.data.base import TaskSpec, as_seq2seq, as_sequence, batch_rng, check_positive
+from jattn._checks import check_int
+from jattn.data.base import TaskSpec, as_seq2seq, as_sequence, batch_rng
 
 BLANK, SEPARATOR = 0, 1
 
@@ -33,11 +34,11 @@ class Copying:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive("seed", self.seed, minimum=0)
-        check_positive("vocab_size", self.vocab_size, minimum=3)
-        check_positive("num_tokens", self.num_tokens)
+        check_int("seed", self.seed, minimum=0)
+        check_int("vocab_size", self.vocab_size, minimum=3)
+        check_int("num_tokens", self.num_tokens)
         if self.selective:
-            check_positive("seq_len", self.seq_len, minimum=self.num_tokens)
+            check_int("seq_len", self.seq_len, minimum=self.num_tokens)
         if self.format not in ("sequence", "seq2seq"):
             raise ValueError(f"format must be 'sequence' or 'seq2seq', got {self.format!r}")
 

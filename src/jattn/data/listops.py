@@ -16,7 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from jattn.data.base import TaskSpec, batch_rng, check_positive
+from jattn._checks import check_int
+from jattn.data.base import TaskSpec, batch_rng
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 PAD = 0
@@ -112,11 +113,11 @@ class ListOps:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive("seed", self.seed, minimum=0)
-        check_positive("min_len", self.min_len)
-        check_positive("max_len", self.max_len)
-        check_positive("max_depth", self.max_depth)
-        check_positive("max_args", self.max_args, minimum=2)
+        check_int("seed", self.seed, minimum=0)
+        check_int("min_len", self.min_len)
+        check_int("max_len", self.max_len)
+        check_int("max_depth", self.max_depth)
+        check_int("max_args", self.max_args, minimum=2)
         if self.min_len > self.max_len:
             raise ValueError(
                 f"min_len must be <= max_len, got min_len={self.min_len}, max_len={self.max_len}"

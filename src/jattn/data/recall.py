@@ -12,7 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from jattn.data.base import TaskSpec, batch_rng, check_positive
+from jattn._checks import check_int
+from jattn.data.base import TaskSpec, batch_rng
 
 BLANK = 0
 
@@ -28,10 +29,10 @@ class AssociativeRecall:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive("seed", self.seed, minimum=0)
-        check_positive("num_pairs", self.num_pairs)
-        check_positive("vocab_size", self.vocab_size, minimum=2 * self.num_pairs + 1)
-        check_positive("seq_len", self.seq_len, minimum=3 * self.num_pairs)
+        check_int("seed", self.seed, minimum=0)
+        check_int("num_pairs", self.num_pairs)
+        check_int("vocab_size", self.vocab_size, minimum=2 * self.num_pairs + 1)
+        check_int("seq_len", self.seq_len, minimum=3 * self.num_pairs)
 
     @property
     def spec(self) -> TaskSpec:

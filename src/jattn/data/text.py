@@ -13,7 +13,8 @@ import pathlib
 
 import numpy as np
 
-from jattn.data.base import TaskSpec, as_sequence, batch_rng, check_positive
+from jattn._checks import check_int
+from jattn.data.base import TaskSpec, as_sequence, batch_rng
 
 PYDOC_TOPICS = "pydoc_data"
 
@@ -43,8 +44,8 @@ class CharLM:
     seed: int = 0
 
     def __post_init__(self):
-        check_positive("seed", self.seed, minimum=0)
-        check_positive("seq_len", self.seq_len)
+        check_int("seed", self.seed, minimum=0)
+        check_int("seq_len", self.seq_len)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name, part in zip(("train", "validation"), self._splits(), strict=True):

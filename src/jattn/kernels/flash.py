@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import masks as masks_lib
+from jattn._checks import check_int
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
 from jattn.core._common import GPU_BACKENDS, MASK_VALUE, attached_gpu, first_order_only, pre_ampere_reason
 from jattn.kernels import blocks, gpu, tpu
@@ -66,8 +67,8 @@ class BlockSizes:
             value = getattr(self, name)
             if name.startswith("backward") and value is None:
                 object.__setattr__(self, name, getattr(self, name.removeprefix("backward_")))
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+            else:
+                object.__setattr__(self, name, check_int(name, value))
         for name, tile in (("backward_q_step", "block_q"), ("backward_kv_step", "block_kv")):
             value = getattr(self, name)
             if value is None:

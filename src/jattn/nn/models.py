@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jattn import masks as masks_lib
-from jattn.masks import _check_positive_int, _is_concrete
+from jattn._checks import check_int
+from jattn.masks import _is_concrete
 from jattn.nn.attention import MultiHeadAttention, takes_mask
 from jattn.nn.positions import POSITION_KINDS, sinusoidal_table
 from jattn.variants import Variant
@@ -100,8 +101,8 @@ class TransformerBlock(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        width = _check_positive_int("width", width)
-        mlp_dim = _check_positive_int("mlp_dim", mlp_dim)
+        width = check_int("width", width)
+        mlp_dim = check_int("mlp_dim", mlp_dim)
         self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.norm_attention = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.attention = MultiHeadAttention(
@@ -141,9 +142,9 @@ class Embedder(nnx.Module):
     def __init__(self, vocab_size: int, width: int, *, max_len: int, position: str, dtype, rngs: nnx.Rngs):
         if position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {position!r}")
-        vocab_size = _check_positive_int("vocab_size", vocab_size)
-        width = _check_positive_int("width", width)
-        max_len = _check_positive_int("max_len", max_len)
+        vocab_size = check_int("vocab_size", vocab_size)
+        width = check_int("width", width)
+        max_len = check_int("max_len", max_len)
         self.vocab_size = vocab_size
         self.max_len = max_len
         self.position = position
@@ -234,7 +235,7 @@ class _Transformer(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
-        depth = _check_positive_int("depth", depth)
+        depth = check_int("depth", depth)
         self.variant = variant
         self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.embed = Embedder(vocab_size, width, max_len=max_len, position=position, dtype=dtype, rngs=rngs)
@@ -275,7 +276,7 @@ class EncoderClassifier(_Transformer):
     def __init__(self, vocab_size: int, num_classes: int, *, pooling: str = "cls", **kwargs):
         if pooling not in POOLING_KINDS:
             raise ValueError(f"pooling must be one of {POOLING_KINDS}, got {pooling!r}")
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int("num_classes", num_classes)
         rngs = kwargs["rngs"]
         super().__init__(vocab_size, causal=False, cross=False, **kwargs)
         self.pooling = pooling
@@ -332,8 +333,8 @@ class EncoderDecoder(nnx.Module):
     """
 
     def __init__(self, source_vocab_size: int, target_vocab_size: int, **kwargs):
-        source_vocab_size = _check_positive_int("source_vocab_size", source_vocab_size)
-        target_vocab_size = _check_positive_int("target_vocab_size", target_vocab_size)
+        source_vocab_size = check_int("source_vocab_size", source_vocab_size)
+        target_vocab_size = check_int("target_vocab_size", target_vocab_size)
         rngs = kwargs["rngs"]
         self.encoder = _Transformer(source_vocab_size, causal=False, cross=False, **kwargs)
         self.decoder = _Transformer(target_vocab_size, causal=True, cross=True, **kwargs)
