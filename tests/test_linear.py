@@ -76,6 +76,26 @@ def test_performer_matches_oracle_with_the_same_features(causal, orthogonal):
     )
 
 
+@pytest.mark.parametrize("position", [0, 9])  # the first query's only key; one key among several
+def test_causal_performer_row_survives_a_long_key_early_in_its_chunk(position):
+    """A key of large norm has FAVOR+ exponents far below its chunk's largest, so on the chunk's shared
+    scale its features underflow in float32. The queries that see it before any larger key must still
+    read it on a scale of their own, not return a row of zeros."""
+    _, q, k, v, d_out = inputs(2, q_len=40, kv_len=40)
+    k = k.at[:, position, :, 0].set(30.0)  # exponents about -450 against about 0 for the others
+    key = jax.random.key(1)
+    features = np.asarray(performer_features(key, 16, 8))
+    options = {"key": key, "num_features": 16, "causal": True}
+    check(
+        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
+        (q, k, v),
+        d_out,
+        reference.performer_attention_reference(q, k, v, features, causal=True),
+        reference.performer_attention_vjp_reference(q, k, v, d_out, features, causal=True),
+        "qkv",
+    )
+
+
 def test_performer_error_shrinks_with_more_features():
     shapes = {"batch": (), "q_len": 64, "kv_len": 64, "num_heads": 2, "num_kv_heads": 2, "head_dim": 16}
     _, q, k, v, _ = inputs(2, **shapes, value_dim=16)

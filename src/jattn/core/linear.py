@@ -14,7 +14,8 @@ heads shared without copies, as in ``jattn.attention``):
 * ``linformer_attention`` (Wang et al. 2020): keys and values projected along the sequence axis to
   a fixed length k, then exact softmax attention over the k projected positions: O(T·k).
 
-A row whose normalizer is zero (possible only with the "relu" feature map) returns zeros.
+A row whose normalizer is zero returns zeros: with the "relu" feature map, a query whose features
+miss every key's; with FAVOR+, only where float32 underflows for every key the query sees.
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ def _rescale_sums(sums, phi_k, shift):
     """Put the running sums ``(Σ φk vᵀ [F, Hv], Σ φk [F], log-scale m)`` and a chunk's key features
     on one scale.
 
-    ``phi_k`` ``[c, F]`` are the key features divided by ``exp(shift)``; the sums are kept divided
-    by ``exp(m)``, m the largest shift so far (the online-softmax trick: a common factor cancels
-    in ``num / den``). Returns the sums and ``phi_k``, both divided by ``exp(max(m, shift))``.
+    ``phi_k`` ``[c, F]`` are the key features divided by ``exp(shift)`` (``shift`` a scalar or one
+    per key, ``[c, 1]``); the sums are kept divided by ``exp(m)``, m the largest shift so far (the
+    online-softmax trick: a common factor cancels in ``num / den``). Returns the sums and ``phi_k``,
+    both divided by ``exp(max(m, shift))``.
     """
     kv, normalizer, log_scale = sums
-    new_scale = jnp.maximum(log_scale, shift)
+    new_scale = jnp.maximum(log_scale, jnp.max(shift))
     decay = jnp.exp(log_scale - new_scale)
     return (kv * decay, normalizer * decay, new_scale), phi_k * jnp.exp(shift - new_scale)
 
@@ -114,7 +116,7 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
       q: ``[T, H]``. k: ``[S, H]``. v: ``[S, Hv]``.
       phi_q: ``[c, H] -> [c, F]`` float32 query features.
       phi_k: ``[c, H] -> ([c, F], shift)``: float32 key features divided by ``exp(shift)``, a
-        scalar without gradient (0 for maps that need no stabilizing).
+        scalar or one per key ``[c, 1]``, without gradient (0 for maps that need no stabilizing).
       causal: needs T == S.
     Returns:
       ``[T, Hv]`` float32.
@@ -143,11 +145,22 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
     def causal_step(state, rows):
         q_c, k_c, v_c = rows  # [c, H], [c, H], [c, Hv]
         phi = phi_q(q_c)  # [c, F]
-        earlier, phi_k_c = _rescale_sums(state, *phi_k(k_c))  # sums over the earlier chunks
-        kv, normalizer, _ = earlier
-        local = jnp.tril(phi @ phi_k_c.T)  # [c, c]: this chunk's keys s <= t
-        num = phi @ kv + jnp.einsum("ts,sh->th", local, v_c, preferred_element_type=jnp.float32)
-        return _add_keys(earlier, phi_k_c, v_c), _safe_divide(num, phi @ normalizer + local.sum(-1))
+        phi_k_c, key_shift = phi_k(k_c)  # [c, F] divided by exp(key_shift), scalar or [c, 1]
+        kv, normalizer, log_scale = state  # sums over the earlier chunks, divided by exp(log_scale)
+        # Each query's own scale, the largest shift among the keys it sees: a larger key later in the
+        # chunk must not underflow the features of the keys before it (a row of zeros).
+        key_shift = jnp.broadcast_to(key_shift, (k_c.shape[0], 1))[:, 0]  # [c]
+        row_scale = jnp.maximum(log_scale, jax.lax.cummax(key_shift))  # [c]
+        seen = jnp.tril(jnp.ones((q_c.shape[0], k_c.shape[0]), bool))  # [c, c]: keys s <= t
+        key_weight = jnp.exp(jnp.where(seen, key_shift[None, :] - row_scale[:, None], -jnp.inf))
+        local = (phi @ phi_k_c.T) * key_weight  # [c, c]
+        earlier_weight = jnp.exp(log_scale - row_scale)[:, None]  # [c, 1]
+        num = earlier_weight * (phi @ kv) + jnp.einsum(
+            "ts,sh->th", local, v_c, preferred_element_type=jnp.float32
+        )
+        den = earlier_weight[:, 0] * (phi @ normalizer) + local.sum(-1)
+        later, phi_k_c = _rescale_sums(state, phi_k_c, key_shift[:, None])
+        return _add_keys(later, phi_k_c, v_c), _safe_divide(num, den)
 
     return _scan_rows(causal_step, sums, (q, k, v), CAUSAL_CHUNK)[1]
 
@@ -283,7 +296,7 @@ def performer_attention(
     phi_q = functools.partial(
         positive_random_features, features=features, scale=problem.scale, stabilizer="row"
     )
-    phi_k = functools.partial(_favor_features, features=features, scale=problem.scale, per_row=False)
+    phi_k = functools.partial(_favor_features, features=features, scale=problem.scale, per_row=causal)
 
     def per_head(q_h, k_h, v_h):
         return normalized_kernel_attention(q_h, k_h, v_h, phi_q=phi_q, phi_k=phi_k, causal=causal)
