@@ -3,7 +3,8 @@
     python experiments/scaling.py configs/scaling/cpu.yaml [key=value ...]
 
 Measures every (variant, length, pass) of the config that ``out_dir/scaling.csv`` does not hold yet
-(an interrupted run continues where it stopped), then writes ``scaling.md`` and the log-log plots
+(an interrupted run continues where it stopped; errors, and rows decided by a budget or ``max_length``
+since raised, are measured again), then writes ``scaling.md`` and the log-log plots
 next to it. Overrides: ``lengths=[256,512] repeats=3 variants.0.options.implementation=chunked``
 (an integer indexes a list: ``variants.0`` is the first entry).
 """
@@ -24,9 +25,11 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     try:
         config = scaling.load_config(argv[0], argv[1:])
-        scaling.build_variants(config)  # a misconfigured entry is an error before anything is counted
+        # A misconfigured entry, an out_dir that cannot be made, a CSV of another setup: an error
+        # before anything is counted or measured.
+        rows = scaling.check_sweep(config)
         points = len(scaling.plan(config))
-        todo = len(scaling.pending(config, scaling.sweep_rows(config)))
+        todo = len(scaling.pending(config, rows))
         csv_path = Path(config.out_dir) / "scaling.csv"
         print(
             f"scaling: {todo} of {points} measurements to run, {points - todo} already in {csv_path}; "

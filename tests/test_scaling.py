@@ -2,6 +2,7 @@
 (time-out, memory budget, out of memory, unsupported lengths), resuming an interrupted sweep, and a
 tiny end-to-end sweep with its report."""
 
+import csv
 import dataclasses
 import math
 import re
@@ -81,6 +82,7 @@ register_variant(
     lambda: _failing_variant(32, jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")),
 )
 register_variant("_test_unsupported", lambda: _failing_variant(32, NotImplementedError("no such mask")))
+register_variant("_test_bug", lambda: _failing_variant(32, TypeError("unsupported operand type(s) for +")))
 register_variant("_test_max_len", lambda: _failing_variant(10**9, RuntimeError("never"), max_len=32))
 register_variant("_test_interrupt", lambda: _failing_variant(64, KeyboardInterrupt()))
 
@@ -135,11 +137,40 @@ def test_crossover_needs_a_win_at_every_longer_length():
 
 
 def test_crossover_counts_a_failed_baseline_as_a_win():
-    full = {64: 1.0, 128: 2.0, 256: None, 512: None}
+    full = {64: 1.0, 128: 2.0, 256: math.inf, 512: math.inf}  # inf: failed for its cost
     assert scaling.crossover(full, {64: 3.0, 128: 4.0, 256: 5.0, 512: 6.0}) == 256
     # Where both failed there is no information: the last informative length decides.
-    assert scaling.crossover(full, {64: 3.0, 128: 1.0, 256: None, 512: None}) == 128
+    assert scaling.crossover(full, {64: 3.0, 128: 1.0, 256: math.inf, 512: None}) == 128
     assert scaling.crossover({64: 1.0, 128: 2.0}, {64: 3.0, 128: None}) is None
+
+
+def test_crossover_does_not_count_a_baseline_that_did_not_run_as_a_win():
+    # None: the baseline did not run (unsupported, error, skipped), which says nothing of its cost.
+    assert scaling.crossover({64: 2.0, 128: None}, {64: 1.0, 128: 1.0}) is None
+    assert scaling.crossover({64: 2.0, 128: None, 256: 8.0}, {64: 1.0, 128: 1.0, 256: 2.0}) == 256
+
+
+@pytest.mark.parametrize(
+    "status, detail, wins_from",
+    [
+        (scaling.TIMEOUT, "first call took 9 s", 32),
+        (scaling.OOM, "skipped: out of memory at length 16", 32),
+        (scaling.UNSUPPORTED, "NotImplementedError: no", None),
+        (scaling.ERROR, "RuntimeError: bug", None),
+        (scaling.SKIPPED, "above the entry's max_length=16", None),
+    ],
+)
+def test_summarize_counts_only_a_baseline_failed_for_its_cost_as_a_win(tmp_path, status, detail, wins_from):
+    full, linear = entry("full"), entry("linear", "linear")
+    cfg = config(tmp_path, [full, linear], lengths=(16, 32))
+    rows = [
+        csv_row(full, 16, time_s=1.0, memory_bytes=10.0),
+        csv_row(full, 32, status=status, detail=detail),
+        csv_row(linear, 16, time_s=2.0, memory_bytes=20.0),
+        csv_row(linear, 32, time_s=2.0, memory_bytes=20.0),
+    ]
+    (summary,) = [s for s in scaling.summarize(rows, cfg) if s.name == "linear"]
+    assert summary.faster_from == summary.smaller_from == summary.wins_from == wins_from
 
 
 def test_summarize_on_synthetic_rows(tmp_path):
@@ -254,16 +285,18 @@ def test_analytic_flops_agree_with_xla_for_full_attention(tmp_path):
         assert step.analytic_flops == pytest.approx(xla, rel=0.35)
 
 
-def test_guards_record_failures_and_skip_longer_lengths(tmp_path):
+def test_guards_record_failures_and_skip_longer_lengths(tmp_path, capsys):
     variants = [
         entry("full", implementation="xla"),
         entry("oom", "_test_oom"),
         entry("unsupported", "_test_unsupported"),
         entry("max_len", "_test_max_len"),
         scaling.VariantEntry("capped", "full", {"implementation": "xla"}, max_length=16),
+        entry("bug", "_test_bug"),
+        entry("linformer", "linformer", projected_len=32),
     ]
     rows = by_point(scaling.run_sweep(config(tmp_path, variants), progress=False))
-    assert len(rows) == 15
+    assert len(rows) == 21
     assert [rows[("capped", "forward", n)]["status"] for n in (16, 32, 64)] == [scaling.OK] + [
         scaling.SKIPPED
     ] * 2
@@ -280,6 +313,18 @@ def test_guards_record_failures_and_skip_longer_lengths(tmp_path):
     ]
     assert rows[("max_len", "forward", 32)]["status"] == scaling.OK
     assert "max_len=32" in rows[("max_len", "forward", 64)]["detail"]
+    # A TypeError is a bug, not a limit of the variant: an error, measured at the longer lengths too.
+    assert [rows[("bug", "forward", n)]["status"] for n in (16, 32, 64)] == [scaling.OK] + [scaling.ERROR] * 2
+    assert "TypeError: unsupported operand" in rows[("bug", "forward", 32)]["detail"]
+    # Linformer needs at least projected_len positions (its min_len): unsupported below, by the check.
+    below = rows[("linformer", "forward", 16)]
+    assert below["status"] == scaling.UNSUPPORTED and "below the variant's min_len=32" in below["detail"]
+    assert rows[("linformer", "forward", 32)]["status"] == scaling.OK
+    # The sweep prints every failure, unsupported ones included, but not the skips they cause.
+    out = capsys.readouterr().out
+    assert "unsupported forward L=32: unsupported (NotImplementedError: no such mask)" in out
+    assert "bug forward L=64: error (TypeError" in out and "linformer forward L=16: unsupported" in out
+    assert "oom forward L=32: oom" in out and "L=64: oom" not in out and "capped" not in out
 
 
 def test_time_and_memory_budgets(tmp_path):
@@ -330,6 +375,120 @@ def test_resuming_another_setup_is_refused(tmp_path):
     assert len(scaling.run_sweep(fresh, progress=False)) == 1
 
 
+def test_an_unfinished_last_row_is_cut_off_and_measured_again(tmp_path, capsys):
+    cfg = config(tmp_path, [entry("full", implementation="xla")], lengths=(16, 32))
+    scaling.run_sweep(cfg, progress=False)
+    path = tmp_path / "scaling.csv"
+    # Killed while writing the second row: its last fields and the newline never reached the disk.
+    text = path.read_text()
+    path.write_text(text[: len(text) - 12])
+    assert [row["length"] for row in scaling.read_rows(path)] == [16]  # not a finished row with cut digits
+    assert len(scaling.pending(cfg, scaling.read_rows(path))) == 1
+    rows = scaling.run_sweep(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: {path}: cut off an unfinished last row" in err and "op,full," in err
+    assert [(row["length"], row["status"]) for row in rows] == [(16, scaling.OK), (32, scaling.OK)]
+    with path.open(newline="") as f:
+        assert [len(fields) for fields in csv.reader(f)] == [len(scaling.ROW_FIELDS)] * 3
+
+
+def test_read_rows_leaves_out_malformed_rows(tmp_path, capsys):
+    path = tmp_path / "scaling.csv"
+    full = entry("full")
+    for length in (16, 32, 64):
+        scaling.append_row(path, csv_row(full, length, time_s=0.5))
+    lines = path.read_text().splitlines()
+    # Row 16 cut off and run into row 32 (what an appended row did after a kill), row 64 lost its status.
+    joined = lines[1][:-5] + lines[2]
+    no_status = lines[3].replace(",ok,", ",,")
+    path.write_text("\n".join([lines[0], joined, no_status, lines[1], ""]))
+    assert [row["length"] for row in scaling.read_rows(path)] == [16]
+    scaling.repair_csv(path)
+    assert f"warning: {path}: malformed rows left out (field count or status): lines [2, 3]" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "status, recorded, now, again",
+    [
+        (scaling.TIMEOUT, dict(time_budget_s=1.0), dict(time_budget_s=30.0), True),
+        (scaling.TIMEOUT, dict(time_budget_s=30.0), dict(time_budget_s=30.0), False),
+        (scaling.TIMEOUT, dict(time_budget_s=None), dict(time_budget_s=30.0), False),  # not recorded
+        (scaling.OVER_MEMORY, dict(memory_budget_gb=1.0), dict(memory_budget_gb=2.0), True),
+        (
+            scaling.OVER_MEMORY,
+            dict(memory_budget_gb=1.0, time_budget_s=1.0),
+            dict(memory_budget_gb=1.0, time_budget_s=9.0),
+            False,
+        ),
+        (scaling.SKIPPED, {}, dict(max_length=None), True),
+        (scaling.SKIPPED, {}, dict(max_length=16), False),
+        (scaling.ERROR, {}, {}, True),
+        (scaling.OOM, {}, {}, False),
+        (scaling.UNSUPPORTED, {}, {}, False),
+        (scaling.OK, dict(time_budget_s=1.0), dict(time_budget_s=30.0), False),
+    ],
+)
+def test_rows_decided_by_a_raised_limit_or_an_error_are_pending(tmp_path, status, recorded, now, again):
+    max_length = now.pop("max_length", None)
+    full = scaling.VariantEntry("full", "full", max_length=max_length)
+    cfg = config(tmp_path, [full], lengths=(16, 32), **now)
+    rows = [csv_row(full, 16), csv_row(full, 32, status=status, detail="skipped: whatever", **recorded)]
+    assert [point.length for point in scaling.pending(cfg, rows)] == ([32] if again else [])
+    assert sum(scaling.redone(cfg, rows).values()) == int(again)
+
+
+def test_a_raised_budget_measures_its_timeouts_again_and_the_new_rows_count(tmp_path, capsys):
+    tight = config(tmp_path, [entry("full", implementation="xla")], lengths=(16, 32), time_budget_s=1e-9)
+    assert [row["status"] for row in scaling.run_sweep(tight, progress=False)] == [scaling.TIMEOUT] * 2
+    rows = scaling.run_sweep(dataclasses.replace(tight, time_budget_s=30.0), progress=False)
+    assert "measuring 2 row(s) of" in capsys.readouterr().out
+    assert [(row["length"], row["status"], row["time_budget_s"]) for row in rows] == [
+        (16, scaling.OK, 30.0),
+        (32, scaling.OK, 30.0),
+    ]
+    assert len((tmp_path / "scaling.csv").read_text().splitlines()) == 1 + 4  # appended; the latest count
+
+
+def test_resuming_another_vocabulary_is_refused(tmp_path):
+    model_level = dict(levels=("model",), vocab_size=64)
+    cfg = config(tmp_path, [entry("full")], **model_level)
+    path = tmp_path / "scaling.csv"
+    setup = cfg.setup("model")
+    scaling.append_row(path, csv_row(entry("full"), 16, level="model", **setup | {"vocab_size": "32"}))
+    with pytest.raises(ConfigError, match="vocab_size: 32 there, 64 here"):
+        scaling.check_sweep(cfg)
+    # Model-level rows of a CSV begun before the column existed do not record it: not compared.
+    path.unlink()
+    old_fields = [field for field in scaling.ROW_FIELDS if field != "vocab_size"]
+    path.write_text(",".join(old_fields) + "\n")
+    scaling.append_row(path, csv_row(entry("full"), 16, level="model", **setup))
+    assert len(scaling.check_sweep(cfg)) == 1
+
+
+def test_adding_a_level_resumes_the_rows_of_the_other(tmp_path):
+    full = entry("full")
+    op_only = config(tmp_path, [full], lengths=(16,))
+    path = tmp_path / "scaling.csv"
+    scaling.append_row(path, csv_row(full, 16, **op_only.setup("op")))
+    both = config(tmp_path, [full], lengths=(16,), levels=("op", "model"))
+    assert [point.level for point in scaling.pending(both, scaling.check_sweep(both))] == ["model"]
+    # The model's settings are compared between model-level rows only.
+    scaling.append_row(path, csv_row(full, 16, level="model", **both.setup("model")))
+    wider = dataclasses.replace(both, model=ModelConfig(width=32))
+    with pytest.raises(ConfigError, match='model: .*"width": 64.* there, .*"width": 32'):
+        scaling.check_sweep(wider)
+
+
+def test_linformer_projections_are_built_for_the_measured_length(tmp_path):
+    cfg = config(tmp_path, [entry("full")])
+    variant = get_variant("linformer", projected_len=8, max_len=4096)
+    step = scaling._op_step(variant, cfg, 64, "forward")
+    params = step.args[3]
+    assert params["proj_k"].shape == params["proj_v"].shape == (64, 8)  # not (max_len, 8)
+
+
 def test_a_new_entry_under_an_old_name_is_not_guarded_by_the_old_rows(tmp_path):
     scaling.run_sweep(
         config(tmp_path, [entry("full", implementation="xla"), entry("x", "_test_oom")]), progress=False
@@ -354,9 +513,16 @@ def test_unknown_variant_lists_the_known_ones():
         scaling.VariantEntry("fast", "no_such_variant")
 
 
-def test_bad_option_is_reported_before_the_sweep(tmp_path):
-    cfg = config(tmp_path, [entry("full"), entry("local", "local", width=3)])
-    with pytest.raises(ValueError, match=r"variants\[local\].*takes no option"):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(width=3), r"variants\[local\].*takes no option"),
+        (dict(implementation="nope"), r"variants\[local\]: unknown implementation='nope'; known: \[.*'xla'"),
+    ],
+)
+def test_bad_option_is_reported_before_the_sweep(tmp_path, options, message):
+    cfg = config(tmp_path, [entry("full"), entry("local", "local", **options)])
+    with pytest.raises(ConfigError, match=message):
         scaling.run_sweep(cfg, progress=False)
     assert not (tmp_path / "scaling.csv").exists()
 
@@ -576,6 +742,10 @@ def script_main():
             r"variants\[full\]\.variant must be a registered",
         ),
         (["configs/scaling/cpu.yaml", "variants.0.options.width=3"], r"variants\[full\]: .*takes no option"),
+        (
+            ["configs/scaling/cpu.yaml", "variants.1.options.implementation=nope"],
+            r"variants\[chunked\]: unknown implementation='nope'",
+        ),
         (["configs/scaling/cpu.yaml", "variants.9.name=x"], "index 9 is out of range for 'variants'"),
         (["configs/scaling/no_such.yaml"], "config file 'configs/scaling/no_such.yaml' does not exist"),
     ],
@@ -586,6 +756,25 @@ def test_command_line_config_errors_exit_2_naming_the_key(args, message, tmp_pat
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err + out
     assert not list(tmp_path.iterdir())
+
+
+def test_command_line_out_dir_that_cannot_be_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "afile").write_text("")
+    assert script_main()(["configs/scaling/cpu.yaml", f"out_dir={tmp_path}/afile/sub"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: scaling config: out_dir='{tmp_path}/afile/sub' cannot be created")
+    assert "Traceback" not in err + out and "measurements to run" not in out
+
+
+def test_command_line_checks_the_setup_before_counting(tmp_path, capsys):
+    cfg = REPO / "configs" / "scaling" / "cpu.yaml"
+    setup = scaling.load_config(cfg).setup("op") | {"head_dim": "8"}
+    scaling.append_row(tmp_path / "scaling.csv", csv_row(entry("full"), 256, **setup))
+    assert script_main()([str(cfg), f"out_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert "holds results of another setup (head_dim: 8 there, 64 here" in err
+    assert "measurements to run" not in out
 
 
 def test_command_line_counts_what_remains_to_measure(tmp_path, capsys):
@@ -639,7 +828,8 @@ def test_a_csv_begun_by_an_older_version_keeps_its_header(tmp_path):
     old_fields = [field for field in scaling.ROW_FIELDS if field != "matmul_flops"]
     path.write_text(",".join(old_fields) + "\n")
     scaling.append_row(
-        path, {"level": "op", "name": "full", "length": 16, "matmul_flops": 7.0, "time_s": 0.5}
+        path,
+        {"level": "op", "name": "full", "length": 16, "status": "ok", "matmul_flops": 7.0, "time_s": 0.5},
     )
     (row,) = scaling.read_rows(path)
     assert row["time_s"] == 0.5 and row["matmul_flops"] is None and path.read_text().count("\n") == 2

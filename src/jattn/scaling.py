@@ -14,10 +14,11 @@ the step once and records:
 Guards keep a sweep going: a measurement whose compiled memory is over the memory budget is not run
 (``over_memory``); one whose first call, or whose prediction from the shorter lengths, is over the time
 budget is recorded as ``timeout`` and the longer lengths of that variant are skipped; a runtime
-out-of-memory is ``oom``; a length the variant cannot take (above Linformer's ``max_len``, an
-implementation that does not support the mask) is ``unsupported``. Each row is appended to
-``scaling.csv`` as soon as it is measured, so an interrupted sweep keeps its rows and a rerun
-continues where it stopped.
+out-of-memory is ``oom``; a length the variant cannot take (outside its ``max_len``/``min_len``) or a
+``NotImplementedError`` (an implementation that does not support the mask) is ``unsupported``; anything
+else is an ``error``. Each row is appended to ``scaling.csv`` as soon as it is measured, so an
+interrupted sweep keeps its rows and a rerun continues where it stopped (measuring again the errors and
+the rows decided by a budget or ``max_length`` it has raised: ``redo_reason``).
 
 The analysis fits ``log(y) = p · log(L) + c`` per variant over the lengths past the
 overhead-dominated regime (``fit_min_length``) and finds the *crossover*: the length from which a
@@ -33,11 +34,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import statistics
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ import numpy as np
 
 from jattn import flops
 from jattn import masks as masks_lib
+from jattn.attention import implementations
 from jattn.data import TaskSpec
 from jattn.train import config as config_lib
 from jattn.train.build import build_model, build_optimizer
@@ -63,14 +68,26 @@ OK = "ok"
 TIMEOUT = "timeout"  # a call over the time budget, measured or predicted
 OVER_MEMORY = "over_memory"  # the compiled step needs more than the memory budget; not run
 OOM = "oom"  # the device ran out of memory at run time
-UNSUPPORTED = "unsupported"  # the variant cannot take this length or input
-ERROR = "error"  # anything else, with the message in ``detail``
+UNSUPPORTED = "unsupported"  # NotImplementedError, or a length outside the variant's max_len/min_len
+ERROR = "error"  # anything else, with the message in ``detail``; measured again on resume
 SKIPPED = "skipped"  # above the entry's ``max_length``: not measured by choice
 _BLOCKING = (TIMEOUT, OVER_MEMORY, OOM)  # a longer length of the same curve would fail the same way
 _COUNT_BLOCK = 512  # tile size at which attended pairs are counted
 
 # Columns that identify the measured setup: rows of another setup cannot be resumed into one table.
-SETUP_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "dtype", "causal", "model", "backend")
+# The model level's own (_MODEL_SETUP_FIELDS) are empty in op-level rows and compared only between
+# model-level rows. ``vocab_size`` was added after the first results: a CSV begun before lacks it.
+_MODEL_SETUP_FIELDS = ("model", "vocab_size")
+SETUP_FIELDS = (
+    "batch",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    *_MODEL_SETUP_FIELDS,
+    "backend",
+)
 _ID_FIELDS = ("level", "name", "variant", "options", "pass", "length")
 _RUN_FIELDS = ("device_kind", "jax_version", "status", "detail", "repeats")
 _TIME_FIELDS = ("time_s", "time_min_s", "cpu_time_s", "compile_s", "tokens_per_s")
@@ -89,7 +106,7 @@ _MEASURED_FIELDS = _TIME_FIELDS + _COST_FIELDS + _LOAD_FIELDS  # numeric columns
 # Added after the first results: a CSV begun before them lacks these columns (None when read).
 _SETTING_FIELDS = ("warmup", "max_repeats", "time_budget_s", "memory_budget_gb")
 _MACHINE_FIELDS = ("machine", "cpu_cores")
-_NUMERIC_FIELDS = _MEASURED_FIELDS + _SETTING_FIELDS + ("cpu_cores",)
+_NUMERIC_FIELDS = _MEASURED_FIELDS + _SETTING_FIELDS + ("repeats", "cpu_cores")
 ROW_FIELDS = _ID_FIELDS + SETUP_FIELDS + _RUN_FIELDS + _MEASURED_FIELDS + _SETTING_FIELDS + _MACHINE_FIELDS
 
 
@@ -105,6 +122,13 @@ def _require(ok: bool, key: str, expected: str, got: Any) -> None:
 
 def _is_positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _check_implementation(name: Any) -> None:
+    """An ``implementation`` option must be None (``jattn.attention`` picks) or a registered name."""
+    known = sorted(implementations())
+    if name is not None and name not in known:
+        raise ValueError(f"unknown implementation={name!r}; known: {known}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +170,11 @@ class VariantEntry:
         )
 
     def build(self) -> Variant:
-        """The configured variant (raises ValueError naming an option the variant does not take)."""
+        """The configured variant; raises ``ConfigError`` naming an option the variant does not take
+        or a bad option value, ``implementation`` included (which ``jattn.attention`` checks only
+        when it is called)."""
         try:
+            _check_implementation(self.options.get("implementation"))
             return get_variant(self.variant, **self.options)
         except (TypeError, ValueError) as err:
             raise config_lib.ConfigError(f"scaling config: variants[{self.name}]: {err}") from None
@@ -249,8 +276,10 @@ class ScalingConfig:
     def memory_budget_bytes(self) -> int:
         return int(self.memory_budget_gb * 2**30)
 
-    def setup(self) -> dict[str, str]:
-        """The SETUP_FIELDS of this config's rows, as they are written to the CSV."""
+    def setup(self, level: str) -> dict[str, str]:
+        """The SETUP_FIELDS of this config's rows of ``level``, as they are written to the CSV (the
+        model and its vocabulary only in model-level rows)."""
+        is_model = level == "model"
         return {
             "batch": str(self.batch),
             "num_heads": str(self.num_heads),
@@ -258,9 +287,8 @@ class ScalingConfig:
             "head_dim": str(self.head_dim),
             "dtype": self.dtype,
             "causal": str(self.causal),
-            "model": json.dumps(config_lib.to_dict(self.model), sort_keys=True)
-            if "model" in self.levels
-            else "",
+            "model": json.dumps(config_lib.to_dict(self.model), sort_keys=True) if is_model else "",
+            "vocab_size": str(self.vocab_size) if is_model else "",
             "backend": jax.default_backend(),
         }
 
@@ -388,13 +416,13 @@ def _op_step(variant: Variant, config: ScalingConfig, length: int, pass_name: st
         keys[2], (config.batch, length, config.kv_heads, config.head_dim), dtype
     )  # [B, S, K, H]
     params = None
-    if variant.init_params is not None:
+    if variant.init_params is not None:  # built for this length, as a model of max_len=length would be
         params = variant.init_params(
             keys[3],
             num_heads=config.num_heads,
             num_kv_heads=config.kv_heads,
             head_dim=config.head_dim,
-            max_len=variant.max_len or length,
+            max_len=length,
         )
     causal = config.causal
 
@@ -583,9 +611,12 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _failure_status(err: Exception) -> str:
+    """OOM for a device out of memory, UNSUPPORTED for what the variant says it cannot run
+    (NotImplementedError: a mask an implementation cannot take, a causal Linformer), ERROR for
+    anything else: a ValueError or TypeError is a bug or a bad input, not a limit of the variant."""
     if _is_oom(err):
         return OOM
-    if isinstance(err, (NotImplementedError, ValueError, TypeError)):
+    if isinstance(err, NotImplementedError):
         return UNSUPPORTED
     return ERROR
 
@@ -652,7 +683,7 @@ def measure(step: Step, config: ScalingConfig, predicted_s: float | None = None)
 
 
 # ---------------------------------------------------------------------------------------------
-# The sweep
+# The plan: points, their rows, what remains to measure
 # ---------------------------------------------------------------------------------------------
 
 
@@ -670,12 +701,34 @@ class Point:
         """The curve this point belongs to: its lengths share guards and a fit."""
         return (self.level, self.entry.name, self.pass_name)
 
+    @property
+    def above_max_length(self) -> bool:
+        """Longer than its entry's ``max_length``: skipped by choice."""
+        return self.entry.max_length is not None and self.length > self.entry.max_length
+
+    def columns(self) -> dict[str, Any]:
+        """The _ID_FIELDS of this point's row."""
+        return {
+            "level": self.level,
+            "name": self.entry.name,
+            "variant": self.entry.variant,
+            "options": self.entry.options_json,
+            "pass": self.pass_name,
+            "length": self.length,
+        }
+
     def key(self) -> tuple[str, ...]:
-        return (*self.track, self.entry.variant, self.entry.options_json, str(self.length))
+        return _row_key(self.columns())
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
-    return (row["level"], row["name"], row["pass"], row["variant"], row["options"], str(row["length"]))
+    """The measurement a row holds: its _ID_FIELDS (of several rows of one, the latest counts)."""
+    return tuple(str(row[key]) for key in _ID_FIELDS)
+
+
+def _track(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The curve a row belongs to (``Point.track``)."""
+    return (row["level"], row["name"], row["pass"])
 
 
 def plan(config: ScalingConfig) -> list[Point]:
@@ -703,10 +756,48 @@ def current_rows(rows: Iterable[Mapping[str, Any]], config: ScalingConfig) -> li
     return [row for row in rows if _row_key(row) in keys]
 
 
+def _raised(recorded: float | None, current: float) -> bool:
+    """The config's budget is above the one a row recorded (never where the row records none)."""
+    return recorded is not None and current > recorded
+
+
+def redo_reason(row: Mapping[str, Any], point: Point, config: ScalingConfig) -> str | None:
+    """Why a resumed sweep measures ``point`` again although ``row`` holds it, or None.
+
+    A row that ended in an ``error``, and one decided by a limit that ``config`` has since raised: a
+    ``timeout`` (``over_memory``) recorded under a smaller ``time_budget_s`` (``memory_budget_gb``),
+    a ``skipped`` row the entry's ``max_length`` now allows. The rows a shorter length's failure
+    skipped carry its status and budgets, so they are measured again with it. Rows that do not record
+    their budgets (a CSV begun before those columns) are kept.
+    """
+    status = row["status"]
+    if status == ERROR:
+        return "ended in an error"
+    if status == SKIPPED and not point.above_max_length:
+        return "skipped above a smaller max_length"
+    if status == TIMEOUT and _raised(row["time_budget_s"], config.time_budget_s):
+        return "over a smaller time_budget_s"
+    if status == OVER_MEMORY and _raised(row["memory_budget_gb"], config.memory_budget_gb):
+        return "over a smaller memory_budget_gb"
+    return None
+
+
+def _held(config: ScalingConfig, rows: Iterable[Mapping[str, Any]]) -> list[tuple[Point, Mapping | None]]:
+    """Every point of ``config``'s plan with its latest row in ``rows`` (None: not measured yet)."""
+    latest = {_row_key(row): row for row in rows}
+    return [(point, latest.get(point.key())) for point in plan(config)]
+
+
 def pending(config: ScalingConfig, rows: Iterable[Mapping[str, Any]]) -> list[Point]:
-    """The points of ``config``'s plan that ``rows`` do not hold yet, in plan order."""
-    done = {_row_key(row) for row in rows}
-    return [point for point in plan(config) if point.key() not in done]
+    """The points of ``config``'s plan that ``rows`` do not hold yet, or hold as a row to measure
+    again (``redo_reason``), in plan order."""
+    return [point for point, row in _held(config, rows) if row is None or redo_reason(row, point, config)]
+
+
+def redone(config: ScalingConfig, rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many of the rows ``rows`` hold a resumed sweep measures again, by ``redo_reason``."""
+    reasons = [redo_reason(row, point, config) for point, row in _held(config, rows) if row is not None]
+    return dict(Counter(reason for reason in reasons if reason))
 
 
 @dataclasses.dataclass
@@ -731,29 +822,92 @@ def _skipped(blocked_by: tuple[str, int]) -> dict[str, Any]:
     return {"status": status, "detail": f"skipped: {reason} at length {length}"}
 
 
+def is_reported_failure(row: Mapping[str, Any]) -> bool:
+    """A measurement that did not run to the end, which the sweep prints and the report lists; not
+    one skipped by choice (``max_length``) or because a shorter length failed."""
+    return row["status"] not in (OK, SKIPPED) and not str(row["detail"]).startswith("skipped")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CSV
+# ---------------------------------------------------------------------------------------------
+
+
 def _parse_float(text: str | None) -> float | None:
     return None if text in (None, "", "None") else float(text)
 
 
+def _split_unfinished(data: bytes) -> tuple[bytes, bytes]:
+    """(the complete lines, the unfinished last line without its newline): a row a sweep was
+    stopped while writing."""
+    end = data.rfind(b"\n") + 1
+    return data[:end], data[end:]
+
+
+def _parse_row(raw: Mapping[str | None, str | None]) -> dict[str, Any] | None:
+    """A ``csv.DictReader`` row with its columns parsed, or None if it is malformed: a field count other
+    than the header's (a row cut off, or run into the next one) or no status."""
+    if None in raw or None in raw.values() or not raw.get("status"):
+        return None
+    row: dict[str, Any] = {key: None for key in ROW_FIELDS} | dict(raw)
+    try:
+        row["length"] = int(row["length"])
+        row.update({key: _parse_float(row[key]) for key in _NUMERIC_FIELDS})
+    except ValueError:
+        return None
+    return row
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every complete row of a ``scaling.csv`` in file order, and the line numbers of malformed ones."""
+    if not path.exists():
+        return [], []
+    complete, _ = _split_unfinished(path.read_bytes())
+    reader = csv.DictReader(io.StringIO(complete.decode(errors="replace"), newline=""))
+    rows, malformed = [], []
+    for raw in reader:
+        row = _parse_row(raw)
+        if row is None:
+            malformed.append(reader.line_num)
+        else:
+            rows.append(row)
+    return rows, malformed
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a ``scaling.csv``, numeric columns as floats (None where empty), length as int;
-    a column the CSV lacks (begun by an older version) is None."""
+    a column the CSV lacks (begun by an older version) is None.
+
+    Where the CSV holds several rows of one measurement (measured again on resume, ``redo_reason``),
+    the latest counts. Left out: an unfinished last line (a sweep stopped while writing it) and
+    malformed rows (``_parse_row``); ``run_sweep`` warns of both.
+    """
+    rows, _ = _read_csv(Path(path))
+    latest = {_row_key(row): row for row in rows}
+    return [row for row in rows if latest[_row_key(row)] is row]
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def repair_csv(path: str | os.PathLike) -> None:
+    """Cut an unfinished last line off the CSV (the next row would run into it), and warn of it and
+    of malformed rows (which ``read_rows`` leaves out), naming the file."""
     path = Path(path)
     if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        rows: list[dict[str, Any]] = list(csv.DictReader(f))
-    for row in rows:
-        row["length"] = int(row["length"])
-        row.update({key: None for key in ROW_FIELDS if key not in row})
-        for key in _NUMERIC_FIELDS:
-            row[key] = _parse_float(row[key])
-    return rows
-
-
-def sweep_rows(config: ScalingConfig) -> list[dict[str, Any]]:
-    """The rows of ``out_dir/scaling.csv`` that a sweep of ``config`` keeps: none with ``resume=false``."""
-    return read_rows(Path(config.out_dir) / "scaling.csv") if config.resume else []
+        return
+    complete, unfinished = _split_unfinished(path.read_bytes())
+    if unfinished:
+        os.truncate(path, len(complete))
+        text = unfinished.decode(errors="replace")
+        _warn(
+            f"{path}: cut off an unfinished last row (a sweep stopped while writing it; measured again): "
+            f"{text[:120]!r}{'...' if len(text) > 120 else ''}"
+        )
+    _, malformed = _read_csv(path)
+    if malformed:
+        _warn(f"{path}: malformed rows left out (field count or status): lines {malformed}")
 
 
 def _header(path: Path) -> list[str]:
@@ -776,10 +930,24 @@ def append_row(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+# ---------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_differences(row: Mapping[str, Any], config: ScalingConfig) -> dict[str, tuple[Any, str]]:
+    """The setup columns in which ``row`` differs from ``config``'s rows of its level: the model's
+    only between model-level rows; a column the row does not record (an older CSV) is not compared."""
+    setup = config.setup(row["level"])
+    fields = [key for key in SETUP_FIELDS if row["level"] == "model" or key not in _MODEL_SETUP_FIELDS]
+    return {
+        key: (row[key], setup[key]) for key in fields if row[key] is not None and str(row[key]) != setup[key]
+    }
+
+
 def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, path: Path) -> None:
-    setup = config.setup()
     for row in rows:
-        differing = {key: (row[key], setup[key]) for key in SETUP_FIELDS if str(row[key]) != setup[key]}
+        differing = _setup_differences(row, config)
         if differing:
             described = ", ".join(
                 f"{key}: {there} there, {here} here" for key, (there, here) in differing.items()
@@ -790,49 +958,72 @@ def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, p
             )
 
 
+def sweep_rows(config: ScalingConfig) -> list[dict[str, Any]]:
+    """The rows of ``out_dir/scaling.csv`` that a sweep of ``config`` keeps: none with ``resume=false``.
+    Raises ``ConfigError`` if they are of another setup."""
+    if not config.resume:
+        return []
+    path = Path(config.out_dir) / "scaling.csv"
+    rows = read_rows(path)
+    _check_resumable(rows, config, path)
+    return rows
+
+
+def make_out_dir(config: ScalingConfig) -> Path:
+    """The run folder, created if needed; ``ConfigError`` naming ``out_dir`` if it cannot be."""
+    out_dir = Path(config.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise config_lib.ConfigError(
+            f"scaling config: out_dir={config.out_dir!r} cannot be created ({type(err).__name__}: {err})"
+        ) from None
+    return out_dir
+
+
+def check_sweep(config: ScalingConfig) -> list[dict[str, Any]]:
+    """What a sweep checks before it measures or changes anything: every entry's variant, the run
+    folder, the setup of the CSV's rows. Returns the rows it keeps (``sweep_rows``); raises
+    ``ConfigError``."""
+    build_variants(config)
+    make_out_dir(config)
+    return sweep_rows(config)
+
+
 def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Measure every missing point of the config, appending rows to ``out_dir/scaling.csv``.
+    """Measure every pending point of the config (``pending``), appending rows to ``out_dir/scaling.csv``.
 
     Returns all rows of the CSV (earlier and new, other configs' included: ``current_rows`` selects
     this config's). Raises ``ConfigError`` before measuring anything if a variant entry is
-    misconfigured or the CSV holds another setup.
+    misconfigured, ``out_dir`` cannot be created or the CSV holds another setup.
     """
     from tqdm.auto import tqdm
 
+    existing = check_sweep(config)
     variants = build_variants(config)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "scaling.csv"
-    existing = sweep_rows(config)
-    _check_resumable(existing, config, csv_path)
-    if not config.resume and csv_path.exists():
-        csv_path.unlink()
+    csv_path = Path(config.out_dir) / "scaling.csv"
+    if not config.resume:
+        csv_path.unlink(missing_ok=True)
+    repair_csv(csv_path)
+    todo = pending(config, existing)
+    for reason, count in redone(config, existing).items():
+        print(f"scaling: measuring {count} row(s) of {csv_path} again: {reason}")
+    again = {point.key() for point in todo}
     tracks: dict[tuple[str, str, str], _Track] = {}
     for row in sorted(current_rows(existing, config), key=lambda r: r["length"]):
-        tracks.setdefault((row["level"], row["name"], row["pass"]), _Track()).record(
-            row["length"], row["status"], row["time_s"]
-        )
-    todo = pending(config, existing)
-    fixed_columns = config.setup() | config.settings() | machine_columns()
+        if _row_key(row) not in again:
+            tracks.setdefault(_track(row), _Track()).record(row["length"], row["status"], row["time_s"])
+    settings = config.settings() | machine_columns()
     bar = tqdm(todo, desc="scaling", unit="pt", disable=not progress)
     for point in bar:
         bar.set_postfix_str(f"{point.level} {point.entry.name} {point.pass_name} L={point.length}")
         track = tracks.setdefault(point.track, _Track())
         result = _measure_point(point, variants[point.entry.name], config, track)
-        row = {
-            "level": point.level,
-            "name": point.entry.name,
-            "variant": point.entry.variant,
-            "options": point.entry.options_json,
-            "pass": point.pass_name,
-            "length": point.length,
-            **fixed_columns,
-            **result,
-            "load_avg": os.getloadavg()[0],
-        }
+        row = point.columns() | config.setup(point.level) | settings | result
+        row["load_avg"] = os.getloadavg()[0]
         append_row(csv_path, row)
         track.record(point.length, row["status"], row.get("time_s"))
-        if row["status"] not in (OK, UNSUPPORTED, SKIPPED) and not row["detail"].startswith("skipped"):
+        if is_reported_failure(row):
             bar.write(
                 f"{point.entry.name} {point.pass_name} L={point.length}: {row['status']} ({row['detail']})"
             )
@@ -843,12 +1034,17 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
 def _measure_point(point: Point, variant: Variant, config: ScalingConfig, track: _Track) -> dict[str, Any]:
     if track.blocked_by is not None and track.blocked_by[1] < point.length:
         return _skipped(track.blocked_by)
-    if point.entry.max_length is not None and point.length > point.entry.max_length:
+    if point.above_max_length:
         return {"status": SKIPPED, "detail": f"above the entry's max_length={point.entry.max_length}"}
     if variant.max_len is not None and point.length > variant.max_len:
         return {
             "status": UNSUPPORTED,
             "detail": f"length {point.length} is above the variant's max_len={variant.max_len}",
+        }
+    if variant.min_len is not None and point.length < variant.min_len:
+        return {
+            "status": UNSUPPORTED,
+            "detail": f"length {point.length} is below the variant's min_len={variant.min_len}",
         }
     try:
         step = _LEVEL_BUILDERS[point.level](variant, config, point.length, point.pass_name)
@@ -906,26 +1102,30 @@ def fit_exponent(points: Mapping[int, float | None], min_length: int) -> Fit | N
 def crossover(baseline: Mapping[int, float | None], other: Mapping[int, float | None]) -> int | None:
     """The shortest length from which ``other`` is below ``baseline`` at every longer length.
 
-    A missing value (failed: timeout, out of memory) counts as infinitely large, so a variant that
-    runs where the baseline failed wins there; lengths where both failed carry no information and
-    are skipped. None if ``other`` does not win at the longest informative length.
+    Values: a measured figure; ``math.inf`` where the curve failed for its cost (timeout, over the
+    memory budget, out of memory), so a variant that runs where the baseline failed wins there; None
+    (or absent) where it did not run for another reason (unsupported, error, skipped), which is no
+    win. Lengths where neither curve has a measured figure carry no information and are skipped.
+    None if ``other`` does not win at the longest informative length.
     """
-    inf = math.inf
     informative = sorted(
         length
         for length in set(baseline) | set(other)
-        if baseline.get(length) is not None or other.get(length) is not None
+        if any(_is_measured(series.get(length)) for series in (baseline, other))
     )
     start = None
     for length in informative:
-        base = baseline.get(length)
-        value = other.get(length)
-        wins = (inf if value is None else value) < (inf if base is None else base)
+        base, value = baseline.get(length), other.get(length)
+        wins = base is not None and _is_measured(value) and value < base
         if not wins:
             start = None
         elif start is None:
             start = length
     return start
+
+
+def _is_measured(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -952,8 +1152,16 @@ class Summary:
     wins_from: int | None
 
 
-def _series(rows: Iterable[Mapping[str, Any]], column: str) -> dict[int, float | None]:
-    return {row["length"]: (row[column] if row["status"] == OK else None) for row in rows}
+def _series(rows: Iterable[Mapping[str, Any]], column: str) -> dict[int, float]:
+    """A curve's measured figures by length (the fits')."""
+    return {row["length"]: row[column] for row in rows if row["status"] == OK and row[column] is not None}
+
+
+def _versus(rows: Iterable[Mapping[str, Any]], column: str) -> dict[int, float]:
+    """A curve's figures for ``crossover``: the measured ones, ``math.inf`` where it failed for its cost
+    (timeout, over the memory budget, out of memory, and the longer lengths those skipped)."""
+    failed = {row["length"]: math.inf for row in rows if row["status"] in _BLOCKING}
+    return failed | _series(rows, column)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], config: ScalingConfig) -> list[Summary]:
@@ -961,20 +1169,20 @@ def summarize(rows: Sequence[Mapping[str, Any]], config: ScalingConfig) -> list[
     options under an entry's name, and other lengths, are left out)."""
     by_track: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for row in current_rows(rows, config):
-        by_track.setdefault((row["level"], row["name"], row["pass"]), []).append(row)
+        by_track.setdefault(_track(row), []).append(row)
     summaries = []
     for level in config.levels:
         for pass_name in config.passes:
             base_rows = by_track.get((level, config.baseline, pass_name), [])
-            base_time, base_memory = _series(base_rows, "time_s"), _series(base_rows, "memory_bytes")
+            base_time, base_memory = _versus(base_rows, "time_s"), _versus(base_rows, "memory_bytes")
             for entry in config.variants:
                 track_rows = by_track.get((level, entry.name, pass_name))
                 if not track_rows:
                     continue
                 times, memory = _series(track_rows, "time_s"), _series(track_rows, "memory_bytes")
                 is_base = entry.name == config.baseline
-                faster = None if is_base else crossover(base_time, times)
-                smaller = None if is_base else crossover(base_memory, memory)
+                faster = None if is_base else crossover(base_time, _versus(track_rows, "time_s"))
+                smaller = None if is_base else crossover(base_memory, _versus(track_rows, "memory_bytes"))
                 both = None if faster is None or smaller is None else max(faster, smaller)
                 summaries.append(
                     Summary(
@@ -1095,7 +1303,7 @@ def _recorded(rows: Sequence[Mapping[str, Any]], describe: Callable[[Mapping[str
 
 def _timed_calls(rows: Sequence[Mapping[str, Any]]) -> str:
     """The range of the ``repeats`` column: the timed calls each median is of."""
-    counts = sorted({int(float(row["repeats"])) for row in rows if row["repeats"] not in (None, "")})
+    counts = sorted({int(row["repeats"]) for row in rows if row["repeats"] is not None})
     if not counts:
         return "none"
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
@@ -1156,9 +1364,10 @@ def markdown_report(
         f"Exponent p of `y ∝ L^p`, fitted on log-log axes over the lengths ≥ {config.fit_min_length} "
         "(the range in brackets). Crossover: the length from which the variant is faster (smaller, both) "
         f"than `{config.baseline}` at every longer measured length; a length where `{config.baseline}` "
-        "failed counts as a win. The CPU-time exponent fits the CPU seconds this process spent per call, "
-        "which other processes competing for the cores do not inflate; where it disagrees with the "
-        "wall-time exponent, the machine was contended.",
+        "failed for its cost (timeout, over the memory budget, out of memory) counts as a win, one where it "
+        "did not run for another reason (unsupported, error, skipped) does not. The CPU-time exponent "
+        "fits the CPU seconds this process spent per call, which other processes competing for the "
+        "cores do not inflate; where it disagrees with the wall-time exponent, the machine was contended.",
         "",
         "| level | pass | variant | time exponent | memory exponent | CPU-time exponent | faster from | "
         "smaller from | faster and smaller from |",
@@ -1183,11 +1392,7 @@ def markdown_report(
             lines += _length_table(track_rows, config, "time_s", 1e-3)
             lines += ["", f"## {title}: memory (MiB)", ""]
             lines += _length_table(track_rows, config, "memory_bytes", 2**20)
-    failures = [
-        row
-        for row in rows
-        if row["status"] not in (OK, SKIPPED) and not str(row["detail"]).startswith("skipped")
-    ]
+    failures = [row for row in rows if is_reported_failure(row)]
     if failures:
         lines += ["", "## Measurements that did not run to the end", ""]
         lines += [
@@ -1224,9 +1429,9 @@ def plot_scaling(
     machine = machines.pop() if len(machines) == 1 else "several machines, see scaling.md"
     written = []
     for level in config.levels:
-        for column, label, scale, stem in (
-            ("time_s", "time per call (s)", 1.0, "time"),
-            ("memory_bytes", "memory per call (MiB)", 2**20, "memory"),
+        for column, title, label, scale, stem in (
+            ("time_s", "time", "time per call (s)", 1.0, "time"),
+            ("memory_bytes", "memory", "memory per call (MiB)", 2**20, "memory"),
         ):
             fig, axes = plt.subplots(
                 1, len(config.passes), figsize=(6.5 * len(config.passes), 5), squeeze=False
@@ -1236,7 +1441,7 @@ def plot_scaling(
                 ax.set_title(f"{level}: {_PASS_TITLES[pass_name]}")
                 ax.set_xlabel("sequence length L")
                 ax.set_ylabel(label)
-            fig.suptitle(f"{label.split(' (')[0]} against sequence length ({machine})", fontsize=10)
+            fig.suptitle(f"{title} against sequence length ({machine})", fontsize=10)
             fig.tight_layout()
             path = Path(out_dir) / f"{stem}_{level}.png"
             fig.savefig(path, dpi=110)
@@ -1254,9 +1459,7 @@ def _plot_panel(
         points = sorted(
             (row["length"], row[column] / scale)
             for row in rows
-            if (row["level"], row["name"], row["pass"]) == (level, entry.name, pass_name)
-            and row["status"] == OK
-            and row[column]
+            if _track(row) == (level, entry.name, pass_name) and row["status"] == OK and row[column]
         )
         if not points:
             continue
