@@ -39,6 +39,20 @@ def check(fn, args, d_out, expected, expected_grads, names):
         np.testing.assert_allclose(np.asarray(got), expected_grad, atol=GRAD_TOL, rtol=GRAD_TOL, err_msg=name)
 
 
+def check_performer(q, k, v, d_out, *, key, num_features, causal, orthogonal=True):
+    """Performer attention against its float64 oracle with the same random features."""
+    features = np.asarray(performer_features(key, num_features, q.shape[-1], orthogonal=orthogonal))
+    options = {"key": key, "num_features": num_features, "causal": causal, "orthogonal": orthogonal}
+    check(
+        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
+        (q, k, v),
+        d_out,
+        reference.performer_attention_reference(q, k, v, features, causal=causal),
+        reference.performer_attention_vjp_reference(q, k, v, d_out, features, causal=causal),
+        "qkv",
+    )
+
+
 @settings(max_examples=4, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -63,17 +77,7 @@ def test_linear_attention_matches_oracle(seed, causal, feature_map, length):
 def test_performer_matches_oracle_with_the_same_features(causal, orthogonal):
     _, q, k, v, d_out = inputs(1, q_len=70, kv_len=70)
     key = jax.random.key(7)
-    features = np.asarray(performer_features(key, 24, 8, orthogonal=orthogonal))
-    kwargs = {"causal": causal}
-    options = {"key": key, "num_features": 24, "orthogonal": orthogonal, **kwargs}
-    check(
-        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
-        (q, k, v),
-        d_out,
-        reference.performer_attention_reference(q, k, v, features, **kwargs),
-        reference.performer_attention_vjp_reference(q, k, v, d_out, features, **kwargs),
-        "qkv",
-    )
+    check_performer(q, k, v, d_out, key=key, num_features=24, causal=causal, orthogonal=orthogonal)
 
 
 @pytest.mark.parametrize("position", [0, 9])  # the first query's only key; one key among several
@@ -83,17 +87,7 @@ def test_causal_performer_row_survives_a_long_key_early_in_its_chunk(position):
     read it on a scale of their own, not return a row of zeros."""
     _, q, k, v, d_out = inputs(2, q_len=40, kv_len=40)
     k = k.at[:, position, :, 0].set(30.0)  # exponents about -450 against about 0 for the others
-    key = jax.random.key(1)
-    features = np.asarray(performer_features(key, 16, 8))
-    options = {"key": key, "num_features": 16, "causal": True}
-    check(
-        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
-        (q, k, v),
-        d_out,
-        reference.performer_attention_reference(q, k, v, features, causal=True),
-        reference.performer_attention_vjp_reference(q, k, v, d_out, features, causal=True),
-        "qkv",
-    )
+    check_performer(q, k, v, d_out, key=jax.random.key(1), num_features=16, causal=True)
 
 
 def test_performer_error_shrinks_with_more_features():
@@ -143,17 +137,7 @@ def test_streaming_chunks_and_rescaled_key_sums_match_the_oracle(monkeypatch, ca
     jax.clear_caches()  # both functions are jitted: retrace with the small chunks
     _, q, k, v, d_out = inputs(6, q_len=70, kv_len=70)
     k = k * jnp.linspace(0.2, 3.0, 70)[None, :, None, None]
-    key = jax.random.key(8)
-    features = np.asarray(performer_features(key, 24, 8))
-    options = {"key": key, "num_features": 24, "causal": causal}
-    check(
-        lambda q, k, v: jattn.performer_attention(q, k, v, **options),
-        (q, k, v),
-        d_out,
-        reference.performer_attention_reference(q, k, v, features, causal=causal),
-        reference.performer_attention_vjp_reference(q, k, v, d_out, features, causal=causal),
-        "qkv",
-    )
+    check_performer(q, k, v, d_out, key=jax.random.key(8), num_features=24, causal=causal)
     check(
         lambda q, k, v: jattn.linear_attention(q, k, v, causal=causal),
         (q, k, v),
