@@ -6,6 +6,11 @@ Every variant sees the same task, data, model size, optimizer and seed. Writes, 
 ``<output_dir>/<name>`` (or ``--out``): one run folder per variant, ``results.md`` (final accuracy
 and loss, steps/s, peak memory, parameters), ``learning_curves.png``, ``final_<metric>.png`` and
 ``time_per_step.png``; prints the table at the end. Re-running resumes unfinished runs.
+
+Every entry is checked first (variant, model, label, and that an existing run folder can resume
+with this config). An entry whose training diverges is reported (an ``error:`` line, a "diverged"
+row in the table) and the others still train; the exit status is then 1 (2: a config error,
+nothing trained).
 """
 
 from __future__ import annotations
@@ -14,15 +19,36 @@ import argparse
 import json
 import pathlib
 import platform
+import re
 import sys
+from typing import NamedTuple
 
 import jax
 
 from jattn.parallel.training import check_sequence_axis
-from jattn.train import ConfigError, ExperimentConfig, build_task, load_config, train, with_attention
+from jattn.train import (
+    ConfigError,
+    ExperimentConfig,
+    RunError,
+    TrainingDiverged,
+    build_task,
+    load_config,
+    train,
+    with_attention,
+)
 from jattn.train.build import check_model
-from jattn.train.loop import MetricsLog, RunResult, format_number
+from jattn.train.loop import MetricsLog, RunResult, check_run_folder, format_number
 from jattn.train.plots import plot_bars, plot_learning_curves
+
+# A label names its run folder: one path component, no spaces, not hidden (so not ``.`` or ``..``).
+_LABEL = re.compile(r"\w[\w.+=-]*")
+
+
+class Diverged(NamedTuple):
+    """An entry whose training diverged (``TrainingDiverged``), for the results table."""
+
+    variant: str
+    error: TrainingDiverged
 
 
 def ms_per_step(result: RunResult) -> float | None:
@@ -31,10 +57,11 @@ def ms_per_step(result: RunResult) -> float | None:
     return None if speed is None or not speed > 0 else 1000 / speed
 
 
-def results_table(results: list[RunResult], *, padded: bool) -> str:
+def results_table(results: list[RunResult | Diverged], *, padded: bool) -> str:
     """Markdown table; ``padded`` adds whether each variant masks padding (padded batches only).
 
-    A figure a run could not measure (speed with no timed step) reads "n/a".
+    A figure a run could not measure (speed with no timed step) reads "n/a"; a diverged entry's row
+    says at which step it diverged.
     """
     header = (
         "| variant | eval accuracy | eval loss | train loss | steps/s | ms/step | peak memory (MiB) "
@@ -43,6 +70,10 @@ def results_table(results: list[RunResult], *, padded: bool) -> str:
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
     lines = [header + (" padding masked |" if padded else ""), rule + (":---:|" if padded else "")]
     for r in results:
+        if isinstance(r, Diverged):
+            dashes = " - |" * (7 if padded else 6)
+            lines.append(f"| {r.variant} | diverged at step {r.error.first_step} |{dashes}")
+            continue
         memory = "n/a" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}"
         row = (
             f"| {r.variant} | {r.final_eval['accuracy']:.4f} | {r.final_eval['loss']:.4f} | "
@@ -53,14 +84,23 @@ def results_table(results: list[RunResult], *, padded: bool) -> str:
     return "\n".join(lines)
 
 
-def check_entries(config: ExperimentConfig) -> None:
-    """Every ``compare`` entry's variant and model, checked before anything is trained.
+def check_entries(config: ExperimentConfig, out_dir: pathlib.Path | None = None) -> None:
+    """Every ``compare`` entry's label, variant and model, and (with ``out_dir``) that its existing
+    run folder can resume with this config, checked before anything is written or trained.
 
     Raises:
       ConfigError: naming the entry (``compare[2].variant``) and what is wrong with it.
     """
     if not config.compare:
         raise ConfigError("config key 'compare': list at least one attention entry to compare")
+    for i, entry in enumerate(config.compare):
+        if not _LABEL.fullmatch(entry.display_name):
+            key = f"compare[{i}].label" if entry.label is not None else f"compare[{i}].variant"
+            raise ConfigError(
+                f"config key {key!r}: {entry.display_name!r} names the entry's run folder, so it must be "
+                "letters, digits, '_', '.', '+', '=' or '-' (no spaces or slashes), starting with a letter, "
+                "digit or '_'"
+            )
     labels = [entry.display_name for entry in config.compare]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")
@@ -71,6 +111,11 @@ def check_entries(config: ExperimentConfig) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         check_model(with_attention(config, entry), task, attention_key=f"compare[{i}]")
+        if out_dir is not None:
+            try:
+                check_run_folder(with_attention(config, entry), out_dir / entry.display_name)
+            except ConfigError as err:
+                raise ConfigError(f"compare[{i}] ({entry.display_name!r}): {err}") from None
 
 
 def machine() -> str:
@@ -81,15 +126,23 @@ def machine() -> str:
     )
 
 
-def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> list[RunResult]:
-    check_entries(config)
-    results, curves = [], {}
-    for entry in config.compare:
+def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> list[RunResult | Diverged]:
+    """Train every entry (a diverged one is reported on stderr and the rest go on) and write the
+    results; returns one ``RunResult`` or ``Diverged`` per entry."""
+    check_entries(config, out_dir)
+    results: list[RunResult | Diverged] = []
+    curves = {}
+    for i, entry in enumerate(config.compare):
         run_config = with_attention(config, entry)
         run_dir = out_dir / entry.display_name
         print(f"== {entry.display_name}: {entry.variant} {entry.options}", flush=True)
-        results.append(train(run_config, run_dir))
+        try:
+            results.append(train(run_config, run_dir))
+        except TrainingDiverged as err:
+            print(f"error: compare[{i}] ({entry.display_name!r}): {err}", file=sys.stderr, flush=True)
+            results.append(Diverged(entry.display_name, err))
         curves[entry.display_name] = MetricsLog.read(run_dir / "metrics.jsonl")
+    finished = [r for r in results if isinstance(r, RunResult)]
 
     table = results_table(results, padded=config.task.name == "listops")
     t = config.train
@@ -104,7 +157,13 @@ def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> li
         "",
         "Peak memory is the device's peak where it reports one, else XLA's compiled estimate for one "
         "train step. Steps/s leaves out the first step after each start or resume (start-up); n/a: no "
-        "other step ran.",
+        "other step ran."
+        + (
+            " A diverged entry stopped at the first step whose loss or gradient norm "
+            "was not finite; its learning curve shows the steps before."
+            if len(finished) < len(results)
+            else ""
+        ),
         "",
         table,
         "",
@@ -115,12 +174,12 @@ def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> li
     (out_dir / "results.md").write_text("\n".join(header))
     plot_learning_curves(curves, "accuracy", out_dir / "learning_curves.png")
     plot_bars(
-        {r.variant: r.final_eval["accuracy"] for r in results},
+        {r.variant: r.final_eval["accuracy"] for r in finished},
         "final eval accuracy",
         out_dir / "final_accuracy.png",
     )
     plot_bars(
-        {r.variant: ms_per_step(r) for r in results}, "ms per train step", out_dir / "time_per_step.png"
+        {r.variant: ms_per_step(r) for r in finished}, "ms per train step", out_dir / "time_per_step.png"
     )
     print(table)
     return results
@@ -135,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python experiments/compare.py", args.config, *args.overrides])
     try:
         config = load_config(ExperimentConfig, args.config, args.overrides)
-        compare(config, pathlib.Path(args.out or pathlib.Path(config.output_dir) / config.name), command)
+        results = compare(
+            config, pathlib.Path(args.out or pathlib.Path(config.output_dir) / config.name), command
+        )
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except RunError as err:  # a checkpoint or metrics file that cannot be read
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 1 if any(isinstance(r, Diverged) for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 The run folder (default ``<output_dir>/<name>``) gets the resolved config, metrics.jsonl, Orbax
 checkpoints, result.json and summary.md. Running the same command again resumes from the last
 checkpoint (and refuses a config that would change what was trained so far).
+
+Exit status: 0 done, 2 a config error (nothing trained), 1 the run stopped: it diverged (a loss
+or gradient norm that is not finite) or a checkpoint could not be read. Errors are one ``error:``
+line on stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import argparse
 import pathlib
 import sys
 
-from jattn.train import ConfigError, ExperimentConfig, load_config, train
+from jattn.train import ConfigError, ExperimentConfig, RunError, load_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # diverged, or a checkpoint or metrics file that cannot be read
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print((run_dir / "summary.md").read_text())
     del result
     return 0

@@ -2,11 +2,12 @@
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
 
 import pytest
 
-from jattn.train import ExperimentConfig, build_task, build_variant, load_config
+from jattn.train import ExperimentConfig, TrainingDiverged, build_task, build_variant, load_config
 from jattn.train.build import model_max_len
 from jattn.train.loop import RunResult
 from jattn.train.plots import plot_bars
@@ -84,12 +85,58 @@ def test_results_table_and_plot_say_n_a_for_what_a_run_could_not_measure(tmp_pat
         "a", "full", 3, 10, {"loss": 1.0, "accuracy": 0.5}, {"loss": 1.1}, 4.0, 40.0, None, True
     )
     unmeasured = dataclasses.replace(measured, variant="local", final_train={}, steps_per_s=None)
-    older = dataclasses.replace(measured, variant="linear", steps_per_s=float("nan"))  # result.json before
-    table = compare.results_table([measured, unmeasured, older], padded=False)
+    older = RunResult.from_json(  # result.json of older runs: NaN for a speed not measured
+        json.dumps(
+            dataclasses.asdict(dataclasses.replace(measured, variant="linear", steps_per_s=float("nan")))
+        )
+    )
+    diverged = compare.Diverged("performer", TrainingDiverged(tmp_path, [7, 8], 6, "the training loss"))
+    table = compare.results_table([measured, unmeasured, older, diverged], padded=False)
     assert "| full | 0.5000 | 1.0000 | 1.1000 | 4.00 | 250.0 | n/a | 10 |" in table
     assert "| local | 0.5000 | 1.0000 | n/a | n/a | n/a | n/a | 10 |" in table
     assert "| linear | 0.5000 | 1.0000 | 1.1000 | n/a | n/a | n/a | 10 |" in table
+    assert "| performer | diverged at step 7 | - | - | - | - | - | - |" in table
     plot_bars(
         {r.variant: compare.ms_per_step(r) for r in (measured, unmeasured, older)}, "ms", tmp_path / "t.png"
     )
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_compare_checks_run_folders_and_labels_before_training_any(tmp_path, capsys):
+    compare = _script("compare")
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    out = ["--out", str(tmp_path)]
+    assert compare.main([tiny, "compare=[{variant: full}]", *out]) == 0  # 3 steps, cosine
+    capsys.readouterr()
+    # A new first entry, and 5 steps the finished 'full' run cannot be extended to: refused before
+    # the new entry trains.
+    assert compare.main([tiny, "compare=[{variant: linear}, {variant: full}]", "train.steps=5", *out]) == 2
+    err = capsys.readouterr().err
+    assert "error: compare[1] ('full'): config key 'train.steps': 3 -> 5 would change" in err
+    assert not (tmp_path / "linear").exists()
+    for label in ("local w/2", "..", "a/b"):
+        entries = f"compare=[{{variant: full}}, {{variant: local, options: {{window: 2}}, label: '{label}'}}]"
+        assert compare.main([tiny, entries, "--out", str(tmp_path / "labels")]) == 2
+        assert (
+            f"config key 'compare[1].label': {label!r} names the entry's run folder"
+            in capsys.readouterr().err
+        )
+    assert not (tmp_path / "labels").exists()
+
+
+def test_compare_reports_a_diverged_entry_and_trains_the_others(tmp_path, capsys, monkeypatch):
+    compare = _script("compare")
+    real_train = compare.train
+
+    def train(config, run_dir):  # linear diverges (a real divergence: tests/test_train.py)
+        if config.name == "linear":
+            raise TrainingDiverged(run_dir, [2], None, "the training loss or gradient norm")
+        return real_train(config, run_dir)
+
+    monkeypatch.setattr(compare, "train", train)
+    entries = "compare=[{variant: linear}, {variant: local, options: {window: 2}}]"
+    assert compare.main([str(ROOT / "configs" / "tiny.yaml"), entries, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: compare[0] ('linear'): training diverged in run folder" in err
+    results = (tmp_path / "results.md").read_text()
+    assert "| linear | diverged at step 2 |" in results and "| local | " in results

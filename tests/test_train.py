@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +13,17 @@ import pytest
 from jattn.train import (
     ConfigError,
     ExperimentConfig,
+    RunError,
+    TrainingDiverged,
     build_task,
     build_variant,
     from_dict,
     load_config,
     train,
 )
-from jattn.train.build import build_model, learning_rate_schedule
+from jattn.train import build as build_module
+from jattn.train import loop as loop_module
+from jattn.train.build import build_model, check_model, learning_rate_schedule
 from jattn.train.config import apply_overrides, save_config
 from jattn.train.loop import check_resumable, load_run
 from jattn.train.schema import OptimizerConfig
@@ -39,6 +44,26 @@ TINY = ROOT / "configs" / "tiny.yaml"
         ({"train": {"progress": "yes"}}, "config key 'train.progress': expected true or false"),
         ({"compare": [{"variant": "full", "opts": {}}]}, r"unknown config key\(s\) \['compare\[0\].opts'\]"),
         ({"model": {"width": 10, "num_heads": 4}}, "model.width must be a multiple of model.num_heads"),
+        (
+            {"model": {"width": 6, "num_heads": 2, "position": "rotary"}},
+            r"config model: model.position 'rotary' .* even head dim \(model.width / model.num_heads\)",
+        ),
+        (
+            {"model": {"dropout": float("nan")}},
+            "config key 'model.dropout': expected a finite number, got nan",
+        ),
+        (
+            {"optimizer": {"learning_rate": float("inf")}},
+            "'optimizer.learning_rate': expected a finite number",
+        ),
+        ({"optimizer": {"learning_rate": "1e999"}}, "'optimizer.learning_rate': expected a finite number"),
+        ({"optimizer": {"b1": 1.0}}, r"config key 'optimizer.b1': must be >= 0.0 and < 1.0, got 1.0"),
+        ({"optimizer": {"b2": 1.0}}, r"config key 'optimizer.b2': must be >= 0.0 and < 1.0, got 1.0"),
+        ({"train": {"steps": "1.5e0"}}, "config key 'train.steps': expected an int, got '1.5e0'"),
+        (
+            {"train": {"steps": "12"}},
+            "config key 'train.steps': expected an int, got '12'",
+        ),  # quoted: a string
         (
             {"train": {"log_every": 5, "checkpoint_every": 7}},
             "train.checkpoint_every must be a multiple of train.log_every, got 7 and 5",
@@ -67,6 +92,29 @@ def test_overrides_files_and_round_trip(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(ExperimentConfig, tmp_path / "list.yaml")
+
+
+def test_scientific_notation_reads_as_a_number(tmp_path):
+    # PyYAML (YAML 1.1) leaves 1e-3 a string, in files and in overrides alike.
+    (tmp_path / "c.yaml").write_text(
+        "optimizer: {learning_rate: 1e-3, weight_decay: 2.5E-2}\ntrain: {steps: 1e3}\n"
+    )
+    config = load_config(ExperimentConfig, tmp_path / "c.yaml", ["optimizer.end_fraction=5e-2"])
+    assert config.optimizer.learning_rate == 1e-3 and config.optimizer.weight_decay == 0.025
+    assert config.optimizer.end_fraction == 0.05 and config.train.steps == 1000
+    assert isinstance(config.train.steps, int)
+    assert load_config(ExperimentConfig, None, ["name=1e3"]).name == "1e3"  # a string field keeps it
+
+
+def test_check_model_turns_a_model_value_error_into_a_config_error(monkeypatch):
+    config = _tiny()
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(build_module, "build_model", refuse)
+    with pytest.raises(ConfigError, match=r"config keys 'model' and 'attention' .*: no such model"):
+        check_model(config, build_task(config))
 
 
 def test_variant_and_task_errors_list_what_is_allowed():
@@ -213,13 +261,22 @@ def test_train_steps_may_change_only_where_the_schedule_does_not_depend_on_them(
         resumable(schedule, 10, 10, 10)
 
 
+def _train_windows(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(x["step"], x["window"]) for x in lines if x["split"] == "train"]
+
+
 def test_extending_a_constant_schedule_matches_an_uninterrupted_run(tmp_path):
-    constant = ("optimizer.schedule=constant", "train.eval_every=1")
-    train(_tiny(*constant, "train.steps=2"), tmp_path / "extended")
+    constant = ("optimizer.schedule=constant", "train.eval_every=1", "train.log_every=2")
+    train(_tiny(*constant, "train.steps=3"), tmp_path / "extended")
     extended = train(_tiny(*constant, "train.steps=4"), tmp_path / "extended")
     straight = train(_tiny(*constant, "train.steps=4"), tmp_path / "straight")
     assert _val_lines(tmp_path / "extended") == _val_lines(tmp_path / "straight")
     assert extended.final_eval == straight.final_eval and extended.steps == 4
+    # The parameters match; the logging windows cannot: the finished run logged its last (partial)
+    # window at step 3, so the extension's first window holds step 4 alone, and says so.
+    assert _train_windows(tmp_path / "straight") == [(2, 2), (4, 2)]
+    assert _train_windows(tmp_path / "extended") == [(2, 2), (3, 1), (4, 1)]
 
 
 def test_a_run_without_checkpoint_takes_a_new_config(tmp_path):
@@ -244,6 +301,112 @@ def test_bad_implementation_is_a_config_error_before_anything_is_written(tmp_pat
     with pytest.raises(ConfigError, match=r"config key 'attention.options.implementation': " + match):
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    config = _tiny(
+        "optimizer.learning_rate=1e30",
+        "optimizer.clip_norm=null",
+        "train.steps=6",
+        "train.eval_every=6",
+    )
+    with pytest.raises(
+        TrainingDiverged, match=r"is not finite at steps? 3\b.* last checkpoint \(step 2\) is kept"
+    ) as err:
+        train(config, run_dir)
+    assert err.value.first_step == 3 and err.value.checkpoint == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert not (run_dir / "result.json").exists() and not (run_dir / "summary.md").exists()
+    records = [
+        json.loads(x, parse_constant=pytest.fail)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2]
+    # Resuming repeats the same steps, and stops again before saving any of them.
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        train(config, run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_result_json_reads_older_nan_speeds_as_missing():
+    text = json.dumps(
+        {
+            "name": "a", "variant": "full", "steps": 3, "params": 1, "final_eval": {}, "final_train": {},
+            "steps_per_s": float("nan"), "tokens_per_s": float("nan"), "peak_memory_bytes": None,
+            "masks_padding": True,
+        }
+    )  # fmt: skip
+    result = loop_module.RunResult.from_json(text)
+    assert result.steps_per_s is None and result.tokens_per_s is None
+    assert loop_module.format_number(None, ".2f") == "n/a"
+    assert loop_module.format_number(float("nan"), ".2f") == "nan"  # never shown as merely missing
+    assert loop_module.dumps({"loss": float("nan"), "x": [float("inf")]}) == '{"loss": null, "x": [null]}'
+
+
+def test_evaluation_time_is_not_training_time(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(loop_module, "_clock", lambda: now[0])
+    real_evaluate = loop_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        now[0] += 100.0
+        return real_evaluate(*args, **kwargs)
+
+    def one_second_per_step(step, state, sums):
+        now[0] += 1.0
+
+    monkeypatch.setattr(loop_module, "evaluate", slow_evaluate)
+    config = _tiny("train.steps=4", "train.log_every=4", "train.checkpoint_every=4", "train.eval_every=2")
+    result = train(config, tmp_path / "run", on_step=[one_second_per_step])
+    # One window of 4 steps (the first untimed) and 4 clock seconds; the evaluation at step 2, in
+    # the middle of the window, stays out.
+    assert result.steps_per_s == pytest.approx(3 / 4)
+
+
+def test_damaged_run_folders_give_clear_errors_and_keep_the_run(tmp_path):
+    base = tmp_path / "base"
+    config = _tiny()  # checkpoints at steps 2 and 3
+    train(config, base)
+
+    def copy(name):
+        shutil.copytree(base, tmp_path / name)
+        (tmp_path / name / "result.json").unlink()  # unfinished, so the checkpoint is restored
+        return tmp_path / name
+
+    no_config = copy("no_config")
+    (no_config / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"has checkpoints \(the latest of step 3\) but no config.yaml"):
+        train(config, no_config)
+    assert not (no_config / "config.yaml").exists()
+
+    # A config.yaml edited to another model: the check passes, the restore cannot; the file is kept.
+    edited = copy("edited")
+    save_config(_tiny("model.mlp_dim=64"), edited / "config.yaml")
+    saved = (edited / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"checkpoints/3' does not fit this config's model .*mlp"):
+        train(_tiny("model.mlp_dim=64", "train.log_every=2"), edited)
+    assert (edited / "config.yaml").read_text() == saved
+
+    unknown = copy("unknown")
+    (unknown / "config.yaml").write_text((unknown / "config.yaml").read_text() + "extra: 1\n")
+    with pytest.raises(ConfigError, match=r"the run folder's saved config '.*unknown/config.yaml': unknown"):
+        train(config, unknown)
+
+    damaged = copy("damaged")
+    (damaged / "checkpoints" / "3" / "default" / "manifest.ocdbt").write_bytes(b"cut")
+    with pytest.raises(
+        RunError, match=r"cannot read the checkpoint '.*checkpoints/3' .*resume from .* step 2"
+    ):
+        train(config, damaged)
+    shutil.rmtree(damaged / "checkpoints" / "3")
+    # A last metrics line cut short by a kill is skipped; one in the middle is an error.
+    metrics = damaged / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "spl')
+    assert train(config, damaged).final_eval == train(config, base).final_eval
+    metrics.write_text('{"step": 1, "spl\n' + metrics.read_text())
+    with pytest.raises(RunError, match=r"metrics.jsonl' line 1 is not valid JSON"):
+        loop_module.MetricsLog.read(metrics)
 
 
 def test_logged_lr_is_the_rate_the_logged_steps_used(tmp_path):

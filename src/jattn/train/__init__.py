@@ -2,13 +2,24 @@
 
 from jattn.train.build import build_model, build_optimizer, build_task, build_variant, with_attention
 from jattn.train.config import ConfigError, apply_overrides, from_dict, load_config, save_config, to_dict
-from jattn.train.loop import RunResult, evaluate, load_run, make_eval_step, make_train_step, train
+from jattn.train.loop import (
+    RunError,
+    RunResult,
+    TrainingDiverged,
+    evaluate,
+    load_run,
+    make_eval_step,
+    make_train_step,
+    train,
+)
 from jattn.train.schema import ExperimentConfig
 
 __all__ = [
     "ConfigError",
     "ExperimentConfig",
+    "RunError",
     "RunResult",
+    "TrainingDiverged",
     "apply_overrides",
     "build_model",
     "build_optimizer",

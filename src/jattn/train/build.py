@@ -119,7 +119,8 @@ def check_model(config: ExperimentConfig, task: Task, attention_key: str = "atte
 
     Raises:
       ConfigError: naming ``<attention_key>.options.implementation`` when one is set, else
-        ``<attention_key>.variant``, with the attention's own reason.
+        ``<attention_key>.variant``, with the attention's own reason; or naming ``model`` and
+        ``<attention_key>`` for any other ``ValueError`` the model raises.
     """
     batch = task.batch("train", 0, config.train.batch_size)
 
@@ -133,6 +134,13 @@ def check_model(config: ExperimentConfig, task: Task, attention_key: str = "atte
     except NotImplementedError as err:
         option = "options.implementation" if config.attention.options.get("implementation") else "variant"
         raise ConfigError(f"config key '{attention_key}.{option}': {err}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # a model/attention combination no check above caught
+        raise ConfigError(
+            f"config keys 'model' and '{attention_key}' (variant {config.attention.variant!r}): the model "
+            f"cannot be built or run: {err}"
+        ) from None
 
 
 def learning_rate_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -3,14 +3,19 @@
 Generic: ``load_config(Schema, path, overrides)`` works for any frozen dataclass whose fields are
 annotated with ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
 ``tuple[X, ...]``, ``dict``, or another such dataclass. Range limits go in the field metadata:
-``field(default=1, metadata={"min": 1, "max": 8})``. Every error is a ``ConfigError`` that names
-the key (``model.width``), what is allowed, and what was given.
+``field(default=1, metadata={"min": 1, "max": 8})``, or ``"below": 1.0`` for an exclusive upper
+bound. Floats must be finite; a number in scientific notation that YAML 1.1 reads as a string
+(``1e-3``) is taken as a float, and as an int when it is a whole number (``1e3``). Every error is
+a ``ConfigError`` that names the key (``model.width``), what is allowed, and what was given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -23,6 +28,18 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that does not fit its schema; the message names the key."""
+
+
+# A number in scientific notation: YAML 1.1 (PyYAML) leaves one without a dot or without the
+# exponent's sign a string (``1e-3``, ``1.0e3``).
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_string(value: Any) -> decimal.Decimal | None:
+    """``value`` as a Decimal if it is a string in scientific notation, else None."""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return decimal.Decimal(value.strip())
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -76,12 +93,21 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        number = _number_string(value)
+        # ``1e3``, but not ``1e30`` digits long nor ``1.5e0``: only whole numbers of a sane size
+        if number is not None and number == number.to_integral_value() and number.adjusted() < 19:
+            return int(number)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r}: expected an int, got {value!r}")
         return value
     if tp is float:
+        number = _number_string(value)
+        if number is not None:
+            value = float(number)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -93,11 +119,18 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    low, high = field.metadata.get("min"), field.metadata.get("max")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = " and ".join(
-            part for part in (low is not None and f">= {low}", high is not None and f"<= {high}") if part
+    low, high, below = (field.metadata.get(k) for k in ("min", "max", "below"))
+    if (
+        (low is not None and value < low)
+        or (high is not None and value > high)
+        or (below is not None and value >= below)
+    ):
+        limits = (
+            low is not None and f">= {low}",
+            high is not None and f"<= {high}",
+            below is not None and f"< {below}",
         )
+        bounds = " and ".join(part for part in limits if part)
         raise ConfigError(f"config key {key!r}: must be {bounds}, got {value!r}")
 
 

@@ -4,6 +4,7 @@
 
     run_dir/config.yaml        the fully resolved config
     run_dir/metrics.jsonl      one JSON object per line: {"step", "split", "loss", "accuracy", ...}
+                               (strict JSON: a value that is not finite is written as null)
     run_dir/checkpoints/<step> Orbax checkpoints of {"step", "params", "opt_state"}
     run_dir/result.json        final metrics, speed, memory, parameter count
     run_dir/summary.md         the same as a table
@@ -11,6 +12,9 @@
 ``train_step(state, batch) -> (state, metrics)`` is a pure function of its arguments (the PRNG key
 for dropout is ``fold_in(seed, step)``) and every batch is a pure function of (data seed, step),
 so a run restarted from its last checkpoint continues exactly as if it had never stopped.
+
+A run whose training loss or gradient norm stops being finite raises ``TrainingDiverged`` at the
+next log or evaluation (no host sync per step); nothing computed from those steps is saved.
 """
 
 from __future__ import annotations
@@ -46,6 +50,64 @@ from jattn.train.schema import RESUMABLE_CHANGES, ExperimentConfig
 
 State = dict[str, Any]
 """``{"step": int32 [], "params": pure dict of arrays, "opt_state": optax state}``."""
+
+_clock = time.perf_counter  # the speed measurements' clock (tests replace it)
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (diverged, unreadable checkpoint or metrics); the message says why
+    and what to do."""
+
+
+class TrainingDiverged(RunError):
+    """The loss or gradient norm stopped being finite.
+
+    Attributes:
+      steps: the steps (counting from 1, as in ``metrics.jsonl``) found not finite, in order.
+      checkpoint: the step of the run folder's last checkpoint, kept as it was (None: none).
+    """
+
+    def __init__(self, run_dir: pathlib.Path, steps: list[int], checkpoint: int | None, what: str):
+        self.steps = steps
+        self.checkpoint = checkpoint
+        listed = ", ".join(str(s) for s in steps[:5])
+        listed += f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+        kept = (
+            f"its last checkpoint (step {checkpoint}) is kept"
+            if checkpoint is not None
+            else "it has no checkpoint"
+        )
+        where = (
+            f"after step {listed}"
+            if what.startswith("the validation")
+            else f"at step{'s' * (len(steps) > 1)} {listed}"
+        )
+        super().__init__(
+            f"training diverged in run folder {str(run_dir)!r}: {what} is not finite {where}; nothing "
+            f"from step {steps[0]} on was saved and {kept}. "
+            "Lower optimizer.learning_rate or set optimizer.clip_norm, in a new run folder (resuming "
+            "this one repeats the same steps)."
+        )
+
+    @property
+    def first_step(self) -> int:
+        return self.steps[0]
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """Strict JSON: a float that is not finite becomes null."""
+    return json.dumps(_json_safe(value), allow_nan=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,15 +247,110 @@ def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int
         )
 
 
-def _checkpoint_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+def _checkpoint_manager(run_dir: pathlib.Path, *, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=not read_only, read_only=read_only, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
 
 
-def _restore(manager: ocp.CheckpointManager, state: State, step: int) -> State:
-    """The checkpoint of ``step``, laid out like ``state``."""
+def latest_checkpoint(run_dir: str | pathlib.Path) -> int | None:
+    """The step of the run folder's latest checkpoint, or None; creates nothing."""
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    with _checkpoint_manager(run_dir, read_only=True) as manager:
+        return manager.latest_step()
+
+
+def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> int | None:
+    """Raise ``ConfigError`` unless ``config`` may run in ``run_dir``; return the step of its latest
+    checkpoint (None: none). Writes nothing (``experiments/compare.py`` checks every entry first).
+
+    A run folder with a checkpoint resumes only as ``check_resumable`` allows against its
+    ``config.yaml`` (so checkpoints without one are refused: nothing says what they belong to).
+    One without a checkpoint has trained nothing to keep (the run failed or was stopped before its
+    first checkpoint), so a new config simply replaces the old one.
+    """
+    run_dir = pathlib.Path(run_dir)
+    step = latest_checkpoint(run_dir)
+    if step is None:
+        return None
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} has checkpoints (the latest of step {step}) but no config.yaml, "
+            "so nothing says which config they belong to; put its config.yaml back or use a new run folder"
+        )
+    try:
+        saved = load_config(ExperimentConfig, saved_path)
+    except ConfigError as err:
+        raise ConfigError(f"the run folder's saved config {str(saved_path)!r}: {err}") from None
+    check_resumable(saved, config, step)
+    return step
+
+
+def _path_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+
+def _layouts(tree: Any) -> dict[str, tuple]:
+    """``{"params.embed.kernel": (shape, dtype name)}`` of a state or of checkpoint metadata."""
+    return {
+        ".".join(_path_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _layout_mismatch(manager: ocp.CheckpointManager, abstract: State, step: int) -> str | None:
+    """How the checkpoint's arrays differ from ``abstract``'s, or None (also when unreadable)."""
+    try:
+        stored = _layouts(manager.item_metadata(step).tree)
+    except Exception:  # noqa: BLE001 - no readable metadata: the checkpoint is damaged, not another layout
+        return None
+    wanted = _layouts(abstract)
+    differ = [
+        f"{k}: stored {stored.get(k, 'nothing')}, this config {wanted.get(k, 'nothing')}"
+        for k in sorted(stored.keys() | wanted.keys())
+        if stored.get(k) != wanted.get(k)
+    ]
+    if not differ:
+        return None
+    return "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+
+
+def _restore(manager: ocp.CheckpointManager, state: State, step: int, run_dir: pathlib.Path) -> State:
+    """The checkpoint of ``step``, laid out like ``state``.
+
+    Raises:
+      ConfigError: the checkpoint holds other arrays than ``state`` (another model or optimizer).
+      RunError: the checkpoint cannot be read (damaged); says which folder to delete to resume
+        from the one before.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise plain Exceptions too
+        folder = str(run_dir / "checkpoints" / str(step))
+        mismatch = _layout_mismatch(manager, abstract, step)
+        if mismatch is not None:
+            raise ConfigError(
+                f"the checkpoint {folder!r} does not fit this config's model and optimizer ({mismatch}); "
+                "was its config.yaml edited? Use a new run folder."
+            ) from None
+        earlier = [s for s in manager.all_steps() if s < step]
+        what_next = (
+            f"delete that folder to resume from the checkpoint of step {max(earlier)}"
+            if earlier
+            else "delete the run folder's checkpoints folder to train from the start, or use a new run folder"
+        )
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RunError(
+            f"cannot read the checkpoint {folder!r} ({type(err).__name__}: {reason}); it may be damaged "
+            f"(a save or copy that did not finish, a full disk): {what_next}"
+        ) from err
 
 
 class MetricsLog:
@@ -202,17 +359,32 @@ class MetricsLog:
     def __init__(self, path: pathlib.Path, resume_step: int):
         self.path = path
         self.kept = [line for line in self.read(path) if line["step"] <= resume_step]
-        path.write_text("".join(json.dumps(line) + "\n" for line in self.kept))
+        path.write_text("".join(dumps(line) + "\n" for line in self.kept))
 
     @staticmethod
     def read(path: pathlib.Path) -> list[dict]:
+        """The records of ``path``; a last line cut short (a run killed while writing it, so past
+        its last checkpoint) is skipped, any other line that is not JSON raises ``RunError``."""
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text().splitlines()
+        lines = [(number, line) for number, line in enumerate(text, 1) if line.strip()]
+        records = []
+        for i, (number, line) in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:
+                    break
+                raise RunError(
+                    f"{str(path)!r} line {number} is not valid JSON ({err}); only a cut-off last line is "
+                    "skipped. Fix or delete that line."
+                ) from None
+        return records
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
 
 def _summarize(sums: list[dict]) -> dict[str, float]:
@@ -247,7 +419,7 @@ class RunResult:
     """What a finished run reports (also in ``result.json``).
 
     ``steps_per_s`` and ``tokens_per_s`` leave out the first step after a (re)start (start-up);
-    they are None (NaN in older runs) when no other step ran.
+    they are None when no other step ran (older runs wrote NaN: ``from_json`` reads it as None).
     """
 
     name: str
@@ -261,10 +433,19 @@ class RunResult:
     peak_memory_bytes: int | None
     masks_padding: bool
 
+    @classmethod
+    def from_json(cls, text: str) -> RunResult:
+        """A ``result.json``; a speed that is not a number (older runs wrote NaN) reads as None."""
+        fields = json.loads(text)
+        for key in ("steps_per_s", "tokens_per_s"):
+            if fields.get(key) is not None and not np.isfinite(fields[key]):
+                fields[key] = None
+        return cls(**fields)
+
 
 def format_number(value: float | None, spec: str) -> str:
-    """``value`` formatted with ``spec``, or "n/a" when it is missing (None or NaN)."""
-    return "n/a" if value is None or np.isnan(value) else format(value, spec)
+    """``value`` formatted with ``spec``, or "n/a" when it is missing (None); a NaN shows as "nan"."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def write_summary(result: RunResult, config: ExperimentConfig, path: pathlib.Path) -> None:
@@ -292,27 +473,12 @@ def write_summary(result: RunResult, config: ExperimentConfig, path: pathlib.Pat
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_run_dir(config: ExperimentConfig, run_dir: pathlib.Path, checkpoint_step: int | None) -> None:
-    """Accept ``config`` for ``run_dir``, then save it as ``config.yaml``.
-
-    A run folder with a checkpoint resumes only as ``check_resumable`` allows. One without has
-    trained nothing to keep (the run failed or was stopped before its first checkpoint), so a new
-    config simply replaces the old one.
-    """
-    saved_path = run_dir / "config.yaml"
-    if checkpoint_step is not None:
-        saved = load_config(ExperimentConfig, saved_path) if saved_path.exists() else config
-        check_resumable(saved, config, checkpoint_step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved_path)
-
-
 def _finished_result(run_dir: pathlib.Path, step: int) -> RunResult | None:
     """The stored result of the run folder's run if it finished at ``step``, else None."""
     path = run_dir / "result.json"
     if not path.exists():
         return None
-    result = RunResult(**json.loads(path.read_text()))
+    result = RunResult.from_json(path.read_text())
     return result if result.steps == step else None
 
 
@@ -320,6 +486,16 @@ def _logged_train_metrics(records: list[dict], step: int) -> dict:
     """Loss and accuracy of the training metrics logged at ``step``, or {} if none were."""
     logged = [r for r in records if r["split"] == "train" and r["step"] == step]
     return {k: logged[-1][k] for k in ("loss", "accuracy")} if logged else {}
+
+
+def _nonfinite_steps(window: list[dict], first_step: int) -> list[int]:
+    """The steps of ``window`` (the first one is ``first_step``) whose loss or gradient norm is not
+    finite; reads the window's sums on the host (only where the loop logs or evaluates)."""
+    return [
+        first_step + i
+        for i, sums in enumerate(window)
+        if not (np.isfinite(np.asarray(sums["loss_sum"])) and np.isfinite(np.asarray(sums["grad_norm"])))
+    ]
 
 
 def _tokens_per_batch(batch: dict) -> int:
@@ -366,11 +542,12 @@ def _train(
     fns = ModelFunctions.from_model(model, task.spec)
     tx = build_optimizer(config.optimizer, tc.steps)
     state = placement.place_state(init_state(fns, tx))
+    latest = check_run_folder(config, run_dir)
     with _checkpoint_manager(run_dir) as manager:
-        latest = manager.latest_step()
-        _prepare_run_dir(config, run_dir, latest)
         if latest is not None:
-            state = _restore(manager, state, latest)
+            state = _restore(manager, state, latest, run_dir)
+        save_config(config, run_dir / "config.yaml")  # after the restore: a refused one keeps the old
+        last_saved = latest
         start = int(state["step"])
         finished = _finished_result(run_dir, start) if start == tc.steps else None
         if finished is not None:  # nothing left to train: report the finished run
@@ -396,6 +573,14 @@ def _train(
             total=tc.steps, initial=start, disable=not tc.progress, desc=config.name, dynamic_ncols=True
         )
         window_start = 0.0  # set once the first step has run
+
+        def check_finite(done: int) -> None:
+            """Raise ``TrainingDiverged`` if a step of the window (it ends at ``done``) diverged."""
+            bad = _nonfinite_steps(window, done - len(window) + 1)
+            if bad:
+                bar.close()
+                raise TrainingDiverged(run_dir, bad, last_saved, "the training loss or gradient norm")
+
         for step in range(start, tc.steps):
             batch = (
                 first_batch if step == start else placement.shard(task.batch("train", step, tc.batch_size))
@@ -403,14 +588,15 @@ def _train(
             state, sums = compiled(state, batch)
             if step == start:
                 jax.block_until_ready(sums)
-                window_start = time.perf_counter()
+                window_start = _clock()
             window.append(sums)
             done = step + 1
             for callback in on_step:
                 callback(done, state, sums)
             if done % tc.log_every == 0 or done == tc.steps:
+                check_finite(done)  # before anything of these steps is written or saved
                 final_train = _summarize(window)
-                elapsed = time.perf_counter() - window_start
+                elapsed = _clock() - window_start
                 timed = len(window) - untimed
                 untimed = 0
                 train_time += elapsed
@@ -418,7 +604,8 @@ def _train(
                 rate = tokens_per_batch * timed / max(elapsed, 1e-9) if timed else None
                 # The update of step ``done`` (counting from 1) used the rate at count ``done - 1``.
                 lr = float(schedule(done - 1))
-                log.write({"step": done, "split": "train", **final_train, "tokens_per_s": rate, "lr": lr})
+                record = {"step": done, "split": "train", **final_train, "window": len(window)}
+                log.write({**record, "tokens_per_s": rate, "lr": lr})
                 bar.set_postfix(
                     loss=f"{final_train['loss']:.3f}",
                     acc=f"{final_train['accuracy']:.3f}",
@@ -426,13 +613,20 @@ def _train(
                 )
                 window = []
             if done % tc.eval_every == 0 or done == tc.steps:
+                check_finite(done)  # waits for the window's steps, so they stay in its time
+                paused = _clock()
                 final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
+                if not np.isfinite(final_eval["loss"]):
+                    bar.close()
+                    raise TrainingDiverged(run_dir, [done], last_saved, "the validation loss")
                 log.write({"step": done, "split": "val", **final_eval})
+                window_start += _clock() - paused  # evaluation is not training time
             if done % tc.checkpoint_every == 0 or done == tc.steps:
                 manager.save(done, args=ocp.args.StandardSave(state))
+                last_saved = done
             bar.update(1)
             if not window:
-                window_start = time.perf_counter()
+                window_start = _clock()
         bar.close()
 
     result = RunResult(
@@ -447,7 +641,7 @@ def _train(
         peak_memory_bytes=memory,
         masks_padding=bool(getattr(model, "masks_padding", True)),
     )
-    (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    (run_dir / "result.json").write_text(dumps(dataclasses.asdict(result), indent=2))
     write_summary(result, config, run_dir / "summary.md")
     return result
 
@@ -475,5 +669,5 @@ def load_run(
                 f"run folder {str(run_dir)!r} has no checkpoint at step {step}; it has checkpoints at "
                 f"steps {available}"
             )
-        state = _restore(manager, init_state(fns, tx), step)
+        state = _restore(manager, init_state(fns, tx), step, run_dir)
     return config, fns.merge(state["params"]), step

@@ -90,6 +90,12 @@ class ModelConfig:
                 f"model.num_heads must be a multiple of model.num_kv_heads, got {self.num_heads} and "
                 f"{self.num_kv_heads}"
             )
+        head_dim = self.width // self.num_heads
+        if self.position == "rotary" and head_dim % 2:
+            raise ValueError(
+                "model.position 'rotary' rotates pairs of features, so it needs an even head dim "
+                f"(model.width / model.num_heads), got {self.width} / {self.num_heads} = {head_dim}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +117,8 @@ class OptimizerConfig:
     warmup_steps: int = _field(100, min=0)
     end_fraction: float = _field(0.1, min=0.0, max=1.0)
     weight_decay: float = _field(0.01, min=0.0)
-    b1: float = _field(0.9, min=0.0, max=1.0)
-    b2: float = _field(0.98, min=0.0, max=1.0)
+    b1: float = _field(0.9, min=0.0, below=1.0)  # 1.0 divides by zero in Adam's bias correction
+    b2: float = _field(0.98, min=0.0, below=1.0)
     clip_norm: float | None = _field(1.0, min=0.0)
 
 
