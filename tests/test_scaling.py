@@ -801,6 +801,7 @@ def test_command_line_counts_what_remains_to_measure(tmp_path, capsys):
 
 def test_load_note_says_whether_other_processes_competed():
     assert "no other process competed" in scaling.load_note(0.9, 1.9, 2)
+    assert "no other process competed" in scaling.load_note(1.5, 2.02, 2)  # printed as 2.0
     assert "other processes competed for the cores: wall times are inflated" in scaling.load_note(1.0, 3.4, 2)
 
 
