@@ -19,7 +19,6 @@ import argparse
 import json
 import pathlib
 import platform
-import re
 import sys
 from typing import NamedTuple
 
@@ -39,9 +38,7 @@ from jattn.train import (
 from jattn.train.build import check_model
 from jattn.train.loop import MetricsLog, RunResult, check_run_folder, format_number
 from jattn.train.plots import plot_bars, plot_learning_curves
-
-# A label names its run folder: one path component, no spaces, not hidden (so not ``.`` or ``..``).
-_LABEL = re.compile(r"\w[\w.+=-]*")
+from jattn.train.schema import check_folder_name
 
 
 class Diverged(NamedTuple):
@@ -94,13 +91,11 @@ def check_entries(config: ExperimentConfig, out_dir: pathlib.Path | None = None)
     if not config.compare:
         raise ConfigError("config key 'compare': list at least one attention entry to compare")
     for i, entry in enumerate(config.compare):
-        if not _LABEL.fullmatch(entry.display_name):
-            key = f"compare[{i}].label" if entry.label is not None else f"compare[{i}].variant"
-            raise ConfigError(
-                f"config key {key!r}: {entry.display_name!r} names the entry's run folder, so it must be "
-                "letters, digits, '_', '.', '+', '=' or '-' (no spaces or slashes), starting with a letter, "
-                "digit or '_'"
-            )
+        key = f"compare[{i}].label" if entry.label is not None else f"compare[{i}].variant"
+        try:
+            check_folder_name(key, entry.display_name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     labels = [entry.display_name for entry in config.compare]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")

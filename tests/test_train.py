@@ -68,6 +68,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
             {"train": {"log_every": 5, "checkpoint_every": 7}},
             "train.checkpoint_every must be a multiple of train.log_every, got 7 and 5",
         ),
+        ({"name": "../elsewhere"}, r"config root: name '../elsewhere' names a run folder, so it must be"),
+        ({"name": "my run"}, "name 'my run' names a run folder"),
     ],
 )
 def test_schema_errors_name_the_key(data, match):

@@ -16,6 +16,7 @@ A file holds some of these sections; everything left out takes the defaults belo
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from jattn.data import TASKS
@@ -39,6 +40,19 @@ class TaskConfig:
     def __post_init__(self):
         if self.name not in TASKS:
             raise ValueError(f"task.name must be one of {sorted(TASKS)}, got {self.name!r}")
+
+
+# A name that becomes a run folder: one path component, not hidden (so never "." or ".."), no spaces.
+_FOLDER_NAME = re.compile(r"\w[\w.+=-]*")
+
+
+def check_folder_name(key: str, value: str) -> None:
+    """ValueError naming ``key`` unless ``value`` can name a run folder inside the output folder."""
+    if not _FOLDER_NAME.fullmatch(value):
+        raise ValueError(
+            f"{key} {value!r} names a run folder, so it must be letters, digits, '_', '.', '+', '=' or '-' "
+            "(no spaces or slashes), starting with a letter, digit or '_'"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +184,9 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     compare: tuple[AttentionConfig, ...] = ()
+
+    def __post_init__(self):
+        check_folder_name("name", self.name)
 
 
 # Keys a resumed run may change: they do not affect the state or the batches of earlier steps.
