@@ -1,5 +1,8 @@
 """The attention() call itself: argument checks, the automatic choice, dtypes, memory."""
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,8 @@ import jattn
 from jattn import masks
 from jattn.attention import make_problem
 from jattn.core.chunked import make_plan
+
+attention_module = importlib.import_module("jattn.attention")  # the module, not jattn.attention()
 
 
 def qkv(
@@ -49,6 +54,7 @@ def test_bad_shapes_and_dtypes(change, error, message):
         (dict(scale=float("nan")), ValueError, "scale must be positive and finite"),
         (dict(softcap=-1.0), ValueError, "softcap must be positive and finite"),
         (dict(scale="big"), TypeError, "scale must be a positive number"),
+        (dict(scale=True), TypeError, "scale must be a positive number, got True"),
         (
             dict(implementation="fast"),
             ValueError,
@@ -95,6 +101,34 @@ def test_explain_names_choice_and_reason():
     assert choice.implementation == "xla" and "MiB" in choice.reason
     assert str(choice).startswith("xla:")
     assert jattn.choose(make_problem(q, k, v)).implementation == "xla"
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.padding(jnp.array([200])),
+        masks.segments(jnp.repeat(jnp.arange(8), 128)[None]),
+        masks.from_array(jnp.tril(jnp.ones((1024, 1024), bool))),
+        masks.sliding_window(16),
+        masks.causal(),
+    ],
+    ids=["padding", "segments", "array", "window", "causal"],
+)
+def test_explain_names_the_implementation_attention_runs(mask, monkeypatch):
+    """Data masks are traced inside ``attention``'s jit (their layout is all PARTIAL there); explain
+    must choose the same way, not from the concrete arrays it was given."""
+    ran = []
+    for name, impl in list(attention_module._REGISTRY.items()):
+
+        def run(problem, name=name, impl=impl):
+            ran.append(name)
+            return impl.run(problem)
+
+        monkeypatch.setitem(attention_module._REGISTRY, name, dataclasses.replace(impl, run=run))
+    jax.clear_caches()  # attention must trace again, through the wrapped implementations
+    q = jax.random.normal(jax.random.key(0), (1, 1024, 1, 8))
+    jattn.attention(q, q, q, mask=mask)
+    assert ran == [jattn.explain(q, q, q, mask=mask).implementation]
 
 
 def test_auto_choice_prefers_o_n_memory_for_long_sequences():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jattn._checks import check_int
+from jattn._checks import check_bool, check_int
 
 
 def test_integers_come_back_as_python_ints():
@@ -24,3 +24,10 @@ def test_values_below_the_minimum_are_a_value_error_with_the_bound():
         check_int("block", 0)
     with pytest.raises(ValueError, match=r"seed must be an int >= 0, got seed=-1$"):
         check_int("seed", np.int64(-1), minimum=0)
+
+
+def test_flags_must_be_bools():
+    assert check_bool("causal", np.bool_(True)) is True and check_bool("causal", False) is False
+    for value in ("no", 1, None):
+        with pytest.raises(TypeError, match=f"causal must be True or False, got {type(value).__name__}"):
+            check_bool("causal", value)

@@ -47,9 +47,7 @@ def _case(name):
     bias = None if bias_shape is None else np.random.default_rng(1).normal(size=bias_shape).astype(np.float32)
     dense = None
     if mask is not None:
-        dense = np.asarray(mask.dense(q_len, kv_len))  # [T, S] or [B..., T, S]
-        if dense.ndim > 2:
-            dense = dense[..., None, :, :]  # [B..., 1, T, S]
+        dense = np.asarray(mask.dense(q_len, kv_len))  # [T, S] or [B..., 1, T, S]
         dense = np.broadcast_to(dense, (*batch, num_heads, q_len, kv_len))
     return q, k, v, mask, dense, bias, softcap
 

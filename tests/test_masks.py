@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jattn
 from jattn import masks
 from jattn.masks import EMPTY, FULL, PARTIAL, _layout_from_predicate
 
@@ -76,6 +77,41 @@ def test_dense_patterns_by_hand():
     np.testing.assert_array_equal(fixed, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]])
 
 
+HEAD_MASK = np.random.default_rng(0).random((2, 3, 6, 6)) > 0.3  # [B, N, T, S]
+
+
+def test_causal_longformer_keeps_its_global_tokens_in_the_past():
+    """Causal means the whole pattern: a global token neither reads the future nor is read by it."""
+    dense = masks.longformer(2, [0, 5], causal=True).dense(8, 8)
+    assert not np.triu(dense, 1).any()
+    np.testing.assert_array_equal(dense[5], [1, 1, 1, 1, 1, 1, 0, 0])  # global token 5: all of its past
+    np.testing.assert_array_equal(dense[:, 0], np.ones(8, bool))  # global token 0: read by everyone
+    past = np.tril(np.ones((8, 8), bool))
+    np.testing.assert_array_equal(dense, masks.longformer(2, [0, 5]).dense(8, 8) & past)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.padding(jnp.array([6, 2]), jnp.array([5, 3])),
+        masks.segments(jnp.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 2, 2]])),
+        masks.padding(jnp.array([6, 2])) & masks.from_array(HEAD_MASK),
+        ~masks.padding(jnp.array([4, 2])) | masks.causal(),
+    ],
+    ids=["padding", "segments", "padding_and_heads", "not_padding_or_causal"],
+)
+def test_dense_of_a_batch_mask_is_the_same_mask_as_an_array(mask):
+    """``dense()`` is broadcastable to [B, N, T, S]: per-batch lengths and ids get a unit head axis,
+    so the array means what the mask means, even where B == N or beside a per-head array."""
+    dense = np.asarray(mask.dense(6, 6))
+    assert dense.ndim == 4 and dense.shape[0] == 2
+    q = jax.random.normal(jax.random.key(0), (2, 6, 3, 4))  # [B, T, N, H]
+    np.testing.assert_array_equal(
+        jattn.attention(q, q, q, mask=mask, implementation="xla"),
+        jattn.attention(q, q, q, mask=dense, implementation="xla"),
+    )
+
+
 def test_sliding_window_layout_is_sparse_at_length():
     layout = masks.sliding_window(256).blocks(4096, 4096, 128, 128)
     causal = masks.causal().blocks(4096, 4096, 128, 128)
@@ -85,11 +121,11 @@ def test_sliding_window_layout_is_sparse_at_length():
 
 def test_data_dependent_masks():
     pad = masks.padding(np.array([2, 3]), np.array([3, 1]))
-    dense = np.asarray(pad.dense(4, 4))
+    dense = np.asarray(pad.dense(4, 4))[:, 0]  # [B, 1, T, S]: one head axis, broadcast over heads
     assert dense.shape == (2, 4, 4)
     assert dense[0, :2, :3].all() and not dense[0, 2:].any() and not dense[0, :, 3:].any()
     seg = masks.segments(np.array([[0, 0, 1, 1]]))
-    np.testing.assert_array_equal(np.asarray(seg.dense(4, 4))[0], np.kron(np.eye(2), np.ones((2, 2))) > 0)
+    np.testing.assert_array_equal(np.asarray(seg.dense(4, 4))[0, 0], np.kron(np.eye(2), np.ones((2, 2))) > 0)
     layout = (masks.causal() & pad).blocks(4, 4, 2, 2)
     np.testing.assert_array_equal(layout, [[PARTIAL, EMPTY], [PARTIAL, EMPTY]])  # no valid pair in (1, 1)
 
@@ -143,6 +179,12 @@ def test_truth_value_raises():
         (lambda: masks.padding(np.array([1.5])), "q_lengths must hold integers"),
         (lambda: masks.segments(np.array(3)), "segment ids must have a sequence axis"),
         (lambda: masks.global_tokens([-2]), "indices must be >= 0"),
+        (lambda: masks.global_tokens([1.5]), "indices must be integer positions, got float64"),
+        (lambda: masks.global_tokens([True]), "indices must be integer positions, got bool"),
+        (lambda: masks.longformer(-1), "window must be an int >= 0"),
+        (lambda: masks.longformer(2, causal="no"), "causal must be True or False, got str 'no'"),
+        (lambda: masks.strided(2, causal="no"), "causal must be True or False"),
+        (lambda: masks.fixed(4, 1, causal=1), "causal must be True or False, got int 1"),
         (lambda: masks.from_blocks(np.ones(3), 4), "layout must be 2-D"),
         (lambda: masks.from_array(np.ones((3, 3))), "dtype bool"),
         (lambda: masks.from_fn(3), "fn must be callable"),

@@ -1,4 +1,4 @@
-"""The one integer-argument check every jattn module uses, so each refusal reads the same."""
+"""The argument checks every jattn module uses, so each refusal reads the same."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {name}={int(value)}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool`` (NumPy's included); a TypeError naming ``name`` otherwise, so
+    that ``causal="no"`` is not read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)

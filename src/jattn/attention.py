@@ -153,6 +153,8 @@ def _check_positive_float(name: str, value: Any) -> float | None:
             f"{name} must be a Python number, fixed when the function is traced (it is a static "
             f"argument of jit), got a traced value {value}"
         )
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -327,10 +329,20 @@ def choose(problem: Problem) -> Choice:
 def explain(q, k, v, *, mask=None, bias=None, scale=None, softcap=None) -> Choice:
     """Which implementation ``attention`` would pick for these arguments, and why.
 
+    The choice is made as ``attention`` makes it, under ``jit``: the arrays of a data mask (padding,
+    segments, a boolean array) are traced there, so their tiles count as PARTIAL whatever they hold.
+
     >>> print(jattn.explain(q, k, v, mask=jattn.masks.causal()))
     xla: the [B, N, T, S] scores take 8 MiB, within budget
     """
-    return choose(make_problem(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap))
+    mask, scale, softcap = _checked_arguments(q, k, v, mask, scale, softcap)
+    choices: list[Choice] = []
+
+    def choose_traced(q, k, v, mask, bias):
+        choices.append(choose(make_problem(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)))
+
+    jax.eval_shape(choose_traced, q, k, v, mask, bias)
+    return choices[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +364,15 @@ def _resolve(problem: Problem, implementation: str | None) -> Implementation:
             f"can: {able}"
         )
     return impl
+
+
+def _checked_arguments(q, k, v, mask, scale, softcap):
+    """What ``attention`` and ``explain`` check before tracing: shapes, the mask as a Mask, and
+    ``scale`` and ``softcap`` as floats (static arguments of the jitted call)."""
+    _check_shapes(q, k, v)
+    if mask is not None:
+        mask = masks_lib._as_mask(mask, "mask")
+    return mask, _check_positive_float("scale", scale), _check_positive_float("softcap", softcap)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "implementation"))
@@ -389,15 +410,11 @@ def attention(
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype (logits, softmax and accumulation in float32).
     """
-    _check_shapes(q, k, v)
     if implementation is not None and implementation not in _REGISTRY:
         raise ValueError(
             f"unknown implementation={implementation!r}; valid: {sorted(_REGISTRY)} or None (auto)"
         )
-    if mask is not None:
-        mask = masks_lib._as_mask(mask, "mask")
-    scale = _check_positive_float("scale", scale)
-    softcap = _check_positive_float("softcap", softcap)
+    mask, scale, softcap = _checked_arguments(q, k, v, mask, scale, softcap)
     return _attention_jit(q, k, v, mask, bias, scale=scale, softcap=softcap, implementation=implementation)
 
 

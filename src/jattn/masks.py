@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn._checks import check_int
+from jattn._checks import check_bool, check_int
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile classes in a block layout: nothing attended / some attended / everything attended."""
@@ -72,12 +72,14 @@ class Mask:
 
     # -- public views -------------------------------------------------------------------------
     def dense(self, q_len: int, kv_len: int):
-        """The boolean ``[..., T, S]`` matrix (NumPy for position-only masks)."""
+        """The boolean matrix, broadcastable to ``[B..., N, T, S]`` (NumPy ``[T, S]`` for position-only
+        masks; per-batch lengths or segment ids give ``[B..., 1, T, S]``)."""
         q_len = check_int("q_len", q_len)
         kv_len = check_int("kv_len", kv_len)
         _check_data_lengths(self, q_len, kv_len)
         xp = np if self.position_only else jnp
-        return self.for_lengths(q_len, kv_len).tile(xp.arange(q_len), xp.arange(kv_len))
+        resolved = self.for_lengths(q_len, kv_len)._with_head_axis()
+        return resolved.tile(xp.arange(q_len), xp.arange(kv_len))
 
     def blocks(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
         """Block layout ``int8 [ceil(T/block_q), ceil(S/block_kv)]`` of EMPTY/PARTIAL/FULL.
@@ -119,6 +121,11 @@ class Mask:
     def _canonical(self, batch_shape: tuple[int, ...], num_heads: int) -> Mask:
         """This mask with array leaves reshaped to ``[B|1, N|1, ...]`` (B = prod(batch_shape))."""
         del batch_shape, num_heads
+        return self
+
+    def _with_head_axis(self) -> Mask:
+        """This mask with a unit head axis after the batch dims of its per-batch data (lengths,
+        segment ids), so that ``tile`` gives ``[B..., 1, bq, bkv]`` as a boolean array mask would."""
         return self
 
     # -- combinators --------------------------------------------------------------------------
@@ -478,6 +485,9 @@ class _Binary(Mask):
     def for_lengths(self, q_len, kv_len):
         return type(self)(self.a.for_lengths(q_len, kv_len), self.b.for_lengths(q_len, kv_len))
 
+    def _with_head_axis(self):
+        return type(self)(self.a._with_head_axis(), self.b._with_head_axis())
+
 
 @_register(data_fields=("a", "b"), eq=True)
 class And(_Binary):
@@ -520,6 +530,9 @@ class Not(Mask):
     def for_lengths(self, q_len, kv_len):
         return Not(self.a.for_lengths(q_len, kv_len))
 
+    def _with_head_axis(self):
+        return Not(self.a._with_head_axis())
+
 
 # ---------------------------------------------------------------------------------------------
 # Data-dependent masks
@@ -556,6 +569,12 @@ class Padding(Mask):
         ]
         return Padding(*flat)
 
+    def _with_head_axis(self):
+        lengths = [jnp.asarray(x) for x in (self.q_lengths, self.kv_lengths)]
+        if all(x.ndim == 0 for x in lengths):  # one length for all: no batch axis to follow
+            return self
+        return Padding(*(x[..., None] for x in lengths))  # [B..., 1]
+
 
 @_register(data_fields=("q_segment_ids", "kv_segment_ids"))
 class Segments(Mask):
@@ -576,6 +595,12 @@ class Segments(Mask):
             for x in (self.q_segment_ids, self.kv_segment_ids)
         ]
         return Segments(*flat)
+
+    def _with_head_axis(self):
+        ids = [jnp.asarray(x) for x in (self.q_segment_ids, self.kv_segment_ids)]
+        if all(x.ndim == 1 for x in ids):  # one sequence for all: no batch axis to follow
+            return self
+        return Segments(*(x[..., None, :] for x in ids))  # [B..., 1, len]
 
 
 @_register(data_fields=("array",))
@@ -694,7 +719,7 @@ def prefix_lm(prefix: int) -> Mask:
 
 def strided(stride: int, *, causal: bool = True) -> Mask:
     """Sparse Transformer strided attention (Child et al. 2019)."""
-    return Strided(check_int("stride", stride), bool(causal))
+    return Strided(check_int("stride", stride), check_bool("causal", causal))
 
 
 def fixed(block: int, summary: int = 1, *, causal: bool = True) -> Mask:
@@ -703,12 +728,15 @@ def fixed(block: int, summary: int = 1, *, causal: bool = True) -> Mask:
     summary = check_int("summary", summary)
     if summary > block:
         raise ValueError(f"summary must be <= block, got summary={summary}, block={block}")
-    return Fixed(block, summary, bool(causal))
+    return Fixed(block, summary, check_bool("causal", causal))
 
 
 def global_tokens(indices: Sequence[int]) -> Mask:
     """Positions ``indices`` attend and are attended by all positions (Longformer's global part)."""
-    indices = tuple(int(i) for i in np.asarray(indices).reshape(-1))
+    array = np.asarray(indices)
+    if array.size and (array.dtype == bool or not np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"indices must be integer positions, got {array.dtype} {indices!r}")
+    indices = tuple(int(i) for i in array.reshape(-1))
     if any(i < 0 for i in indices):
         raise ValueError(f"indices must be >= 0, got {indices}")
     return GlobalTokens(indices)
@@ -773,10 +801,14 @@ def from_array(array: Any) -> Mask:
 
 
 def longformer(window: int, global_indices: Sequence[int] = (0,), *, causal: bool = False) -> Mask:
-    """Longformer (Beltagy et al. 2020): a sliding window of ``window`` on each side (``causal``:
-    on the left only) plus global tokens."""
-    local = sliding_window(window, 0 if causal else window)
-    return local | global_tokens(global_indices)
+    """Longformer (Beltagy et al. 2020): a sliding window of ``window`` on each side plus global
+    tokens. ``causal``: the whole pattern restricted to keys ``s <= t`` (the window on the left only,
+    and the global tokens attend and are attended by the past only)."""
+    window = check_int("window", window, minimum=0)
+    pattern = sliding_window(window, 0 if check_bool("causal", causal) else window) | global_tokens(
+        global_indices
+    )
+    return pattern & SlidingWindow(None, 0) if causal else pattern  # ``causal()``, shadowed here
 
 
 def bigbird(
