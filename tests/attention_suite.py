@@ -221,14 +221,19 @@ class AttentionSuite:
         assert all(np.isfinite(np.asarray(g)).all() for g in grads[:3])
 
     def test_bias_and_softcap(self):
+        """Per-head bias and masks under grouped-query attention (N=4 query heads on K=2 key heads):
+        each query head must get its own slice, not its group's or another group's."""
         rng = np.random.default_rng(5)
-        q, k, v, d_out = make_inputs(rng, (2,), 21, 26, 2, 2, 8, 8, jnp.float32)
+        q, k, v, d_out = make_inputs(rng, (2,), 21, 26, 4, 2, 8, 8, jnp.float32)
         mask = MASK_CASES[self.supported_masks[0]](rng, (2,), 21, 26)
         if self.supports_bias:
-            bias = jnp.asarray(rng.normal(size=(1, 2, 21, 26)), jnp.float32)  # shared over the batch
+            bias = jnp.asarray(3 * rng.normal(size=(1, 4, 21, 26)), jnp.float32)  # shared over the batch
             self.check_against_oracle(q, k, v, d_out, mask=mask, bias=bias)
-            alibi_like = jnp.asarray(rng.normal(size=(2, 1, 26)), jnp.float32)  # [N, 1, S]
+            alibi_like = jnp.asarray(3 * rng.normal(size=(4, 1, 26)), jnp.float32)  # [N, 1, S]
             self.check_against_oracle(q, k, v, d_out, mask=mask, bias=alibi_like)
+        if "array" in self.supported_masks:
+            per_head = masks.from_array(rng.random((2, 4, 21, 26)) < 0.5)  # [B, N, T, S]
+            self.check_against_oracle(q, k, v, d_out, mask=per_head)
         if self.supports_softcap:
             self.check_against_oracle(q * 4, k, v, d_out, mask=mask, softcap=2.0)
 

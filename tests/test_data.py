@@ -86,7 +86,11 @@ def test_recall_targets_are_the_values_that_followed_the_keys():
     task = AssociativeRecall(vocab_size=32, seq_len=40, num_pairs=6)
     batch = task.batch("train", 0, 8)
     for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"], strict=True):
-        lookup = dict(zip(inputs[0:12:2], inputs[1:12:2], strict=True))
+        keys, values = inputs[0:12:2], inputs[1:12:2]
+        assert keys.min() >= 1 and keys.max() <= 15  # vocab_size 32: keys in [1, 15], values in [16, 30]
+        assert values.min() >= 16 and values.max() <= 30
+        assert len(set(keys)) == 6  # distinct keys: each query has one answer
+        lookup = dict(zip(keys, values, strict=True))
         queries = np.flatnonzero(weights)
         assert len(queries) == 6 and (queries >= 12).all()
         assert all(targets[q] == lookup[inputs[q]] for q in queries)

@@ -80,6 +80,34 @@ def test_dense_patterns_by_hand():
 HEAD_MASK = np.random.default_rng(0).random((2, 3, 6, 6)) > 0.3  # [B, N, T, S]
 
 
+def test_strided_by_hand():
+    """Child et al. 2019: the previous ``stride`` positions, and every ``stride``-th one before."""
+    t, s = np.mgrid[:7, :7]
+    near_or_on_stride = ((t - s) < 3) | ((t - s) % 3 == 0)
+    np.testing.assert_array_equal(masks.strided(3).dense(7, 7), (t >= s) & near_or_on_stride)
+    distance = np.abs(t - s)
+    np.testing.assert_array_equal(
+        masks.strided(3, causal=False).dense(7, 7), (distance < 3) | (distance % 3 == 0)
+    )
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.causal(),
+        masks.sliding_window(3),
+        masks.strided(3),
+        masks.fixed(4, 2),
+        masks.longformer(2, [0, 4], causal=True),
+    ],
+    ids=["causal", "window", "strided", "fixed", "longformer"],
+)
+def test_causal_builders_never_reach_the_future(mask):
+    dense = mask.dense(11, 11)
+    assert not np.triu(dense, 1).any()
+    assert np.diag(dense).all()  # and every query sees itself
+
+
 def test_causal_longformer_keeps_its_global_tokens_in_the_past():
     """Causal means the whole pattern: a global token neither reads the future nor is read by it."""
     dense = masks.longformer(2, [0, 5], causal=True).dense(8, 8)

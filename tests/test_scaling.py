@@ -134,6 +134,7 @@ def test_crossover_needs_a_win_at_every_longer_length():
     assert scaling.crossover(full, {64: 2.0, 128: 1.0, 256: 5.0, 512: 7.0}) == 512
     assert scaling.crossover(full, {64: 0.5, 128: 1.0, 256: 2.0, 512: 4.0}) == 64
     assert scaling.crossover(full, {64: 0.5, 128: 1.0, 256: 2.0, 512: 9.0}) is None
+    assert scaling.crossover({64: 1.0, 128: 2.0}, {64: 1.0, 128: 1.0}) == 128  # a tie is no win
 
 
 def test_crossover_counts_a_failed_baseline_as_a_win():
@@ -229,6 +230,7 @@ def test_predict_time():
     assert scaling.predict_time({64: 1.0}, 128) == pytest.approx(4.0)  # slope 2 from one point
     assert scaling.predict_time({64: 1.0, 128: 8.0}, 256) == pytest.approx(64.0)  # slope 3
     assert scaling.predict_time({64: 1.0, 128: 1.01}, 256) == pytest.approx(2.02)  # clamped to slope 1
+    assert scaling.predict_time({64: 1.0, 128: 32.0}, 256) == pytest.approx(256.0)  # slope 5 clamped to 3
 
 
 # ---------------------------------------------------------------------------------------------
