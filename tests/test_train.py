@@ -8,6 +8,9 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from jattn.train import (
@@ -435,3 +438,29 @@ def test_load_run_of_a_step_without_checkpoint_lists_the_steps(tmp_path):
 def test_local_window_errors_name_the_window():
     with pytest.raises(ConfigError, match=r"variant 'local': window must be an int >= 0, got window=-3"):
         build_variant(_tiny("attention.variant=local", "attention.options={window: -3}").attention)
+
+
+def test_loss_and_accuracy_count_only_weighted_positions_and_pool_over_steps():
+    logits = jnp.log(jnp.array([[[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]]]))  # [B=1, T=3, V=2]
+    batch = {"targets": jnp.array([[0, 0, 1]]), "weights": jnp.array([[1.0, 1.0, 0.0]])}
+    sums = loop_module.loss_sums(logits, batch, "sequence")
+    assert float(sums["count"]) == 2.0 and float(sums["correct"]) == 1.0  # the unweighted t=2 is left out
+    np.testing.assert_allclose(float(sums["loss_sum"]), -np.log(0.7) - np.log(0.2), rtol=1e-6)
+    # A window pools its steps' sums: the mean over every scored prediction, not a mean of means.
+    other = {"loss_sum": jnp.array(6.0), "correct": jnp.array(6.0), "count": jnp.array(6.0)}
+    pooled = loop_module._summarize([sums, other])
+    np.testing.assert_allclose(pooled["loss"], (float(sums["loss_sum"]) + 6.0) / 8, rtol=1e-6)
+    assert pooled["accuracy"] == 7 / 8
+
+
+def test_dropout_draws_a_new_mask_each_step():
+    """The dropout key is folded with the step: the same batch and parameters at another step give
+    another loss, and the same step gives the same loss."""
+    config = _tiny("model.dropout=0.5")
+    task = build_task(config)
+    fns = loop_module.ModelFunctions.from_model(build_model(config, task.spec), task.spec)
+    step = loop_module.make_train_step(fns, optax.sgd(0.0), seed=0)
+    state = loop_module.init_state(fns, optax.sgd(0.0))
+    batch = task.batch("train", 0, 4)
+    losses = [float(step(dict(state, step=jnp.int32(s)), batch)[1]["loss_sum"]) for s in (0, 1, 0)]
+    assert losses[0] != losses[1] and losses[0] == losses[2]
