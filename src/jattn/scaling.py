@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -849,7 +849,7 @@ def _parse_row(raw: Mapping[str | None, str | None]) -> dict[str, Any] | None:
     than the header's (a row cut off, or run into the next one) or no status."""
     if None in raw or None in raw.values() or not raw.get("status"):
         return None
-    row: dict[str, Any] = {key: None for key in ROW_FIELDS} | dict(raw)
+    row: dict[str, Any] = {key: None for key in ROW_FIELDS} | {str(key): value for key, value in raw.items()}
     try:
         row["length"] = int(row["length"])
         row.update({key: _parse_float(row[key]) for key in _NUMERIC_FIELDS})
@@ -1124,7 +1124,7 @@ def crossover(baseline: Mapping[int, float | None], other: Mapping[int, float | 
     return start
 
 
-def _is_measured(value: float | None) -> bool:
+def _is_measured(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
