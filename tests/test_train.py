@@ -464,3 +464,12 @@ def test_dropout_draws_a_new_mask_each_step():
     batch = task.batch("train", 0, 4)
     losses = [float(step(dict(state, step=jnp.int32(s)), batch)[1]["loss_sum"]) for s in (0, 1, 0)]
     assert losses[0] != losses[1] and losses[0] == losses[2]
+
+
+def test_diverged_message_says_when_the_value_was_measured(tmp_path):
+    at_steps = str(TrainingDiverged(tmp_path, [3, 4], 2, "the training loss or gradient norm"))
+    assert "the training loss or gradient norm is not finite at steps 3, 4; nothing from step 3" in at_steps
+    assert "its last checkpoint (step 2) is kept" in at_steps
+    after = str(TrainingDiverged(tmp_path, [4], None, "the validation loss", after=True))
+    assert "the validation loss is not finite after step 4; nothing from step 4 on was saved" in after
+    assert "it has no checkpoint" in after

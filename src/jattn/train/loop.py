@@ -65,9 +65,20 @@ class TrainingDiverged(RunError):
     Attributes:
       steps: the steps (counting from 1, as in ``metrics.jsonl``) found not finite, in order.
       checkpoint: the step of the run folder's last checkpoint, kept as it was (None: none).
+
+    ``what`` names the value found not finite; ``after`` says it was measured after ``steps`` (a
+    validation loss) rather than at them (the steps' own loss or gradient norm).
     """
 
-    def __init__(self, run_dir: pathlib.Path, steps: list[int], checkpoint: int | None, what: str):
+    def __init__(
+        self,
+        run_dir: pathlib.Path,
+        steps: list[int],
+        checkpoint: int | None,
+        what: str,
+        *,
+        after: bool = False,
+    ):
         self.steps = steps
         self.checkpoint = checkpoint
         listed = ", ".join(str(s) for s in steps[:5])
@@ -77,11 +88,7 @@ class TrainingDiverged(RunError):
             if checkpoint is not None
             else "it has no checkpoint"
         )
-        where = (
-            f"after step {listed}"
-            if what.startswith("the validation")
-            else f"at step{'s' * (len(steps) > 1)} {listed}"
-        )
+        where = f"after step {listed}" if after else f"at step{'s' * (len(steps) > 1)} {listed}"
         super().__init__(
             f"training diverged in run folder {str(run_dir)!r}: {what} is not finite {where}; nothing "
             f"from step {steps[0]} on was saved and {kept}. "
@@ -618,7 +625,7 @@ def _train(
                 final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
                 if not np.isfinite(final_eval["loss"]):
                     bar.close()
-                    raise TrainingDiverged(run_dir, [done], last_saved, "the validation loss")
+                    raise TrainingDiverged(run_dir, [done], last_saved, "the validation loss", after=True)
                 log.write({"step": done, "split": "val", **final_eval})
                 window_start += _clock() - paused  # evaluation is not training time
             if done % tc.checkpoint_every == 0 or done == tc.steps:
