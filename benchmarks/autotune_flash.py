@@ -12,6 +12,9 @@ warps are not tried for the backward: compiled for sm_90 they spill in every con
 are skipped. The entries go to the table of the GPU's architecture (``flash.device_target``:
 sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair
 on an H100); entries not swept, other architectures' and the TPU's, are kept as they are.
+Every candidate's time (or why it failed) goes to stderr, and the table is written after each
+(dtype, head dim) pair, so a run cut short keeps the pairs it finished. ``--budget-s`` tunes no new
+pair once that many seconds have passed. The exit status is 1 if a requested pair got no entry.
 ``JATTN_AUTOTUNE_TINY=1``: a two-tile sweep at tiny sizes in interpret mode on CPU (smoke test).
 """
 
@@ -82,11 +85,15 @@ def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradien
 def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
     """(best BlockSizes, its seconds) among those that compile, or (None, inf)."""
     timings = {}
+    pass_name = "fwd+bwd" if gradient else "fwd"
     for sizes in candidates:
+        label = f"  {dtype} h={head_dim} {pass_name} {sizes}"
         try:
             timings[sizes] = seconds_per_call(sizes, dtype, head_dim, gradient)
         except Exception as error:  # noqa: BLE001 - a candidate that does not compile is skipped
-            print(f"  {dtype} h={head_dim} {sizes}: {type(error).__name__}", file=sys.stderr)
+            print(f"{label}: skipped, {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
+            continue
+        print(f"{label}: {timings[sizes] * 1e3:.3f} ms", file=sys.stderr)
     if not timings:
         return None, float("inf")
     best = min(timings, key=timings.get)
@@ -109,30 +116,39 @@ def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
     return best
 
 
-def sweep(dtypes, head_dims) -> dict:
-    """{dtype: {head_dim: fastest BlockSizes as a dict}} for the Triton lowering."""
-    table: dict = {}
-    for dtype, head_dim in itertools.product(dtypes, head_dims):
-        best = tune(dtype, head_dim)
-        if best is not None:
-            table.setdefault(dtype, {})[str(head_dim)] = dataclasses.asdict(best)
-    return table
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=block_table.TABLE, help="where to write the table")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=KERNEL_DTYPES)
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument(
+        "--budget-s", type=float, default=float("inf"), help="tune no new pair after this many seconds"
+    )
     args = parser.parse_args()
     if not TINY and jax.default_backend() != "gpu":
         print("the sweep needs a GPU; JATTN_AUTOTUNE_TINY=1 runs the CPU smoke test", file=sys.stderr)
         return 2
+    start = time.perf_counter()
     device, day = jax.devices()[0].device_kind, time.strftime("%Y-%m-%d")
     source = f"tuned by benchmarks/autotune_flash.py on {device}, jax {jax.__version__}, {day}"
-    entries = sweep(args.dtypes, args.head_dims)
-    block_table.write_entries("triton", flash.device_target("triton"), entries, source, args.output)
-    print(f"wrote {args.output}")
+    entries: dict = {}  # {dtype: {head_dim: BlockSizes fields}}, the pairs tuned so far
+    missing = []
+    for dtype, head_dim in itertools.product(args.dtypes, args.head_dims):
+        if time.perf_counter() - start > args.budget_s:
+            print(f"{dtype} head_dim={head_dim}: not tuned, the {args.budget_s:.0f} s budget is spent")
+            missing.append(f"{dtype}/{head_dim}")
+            continue
+        best = tune(dtype, head_dim)
+        if best is None:
+            print(f"{dtype} head_dim={head_dim}: no candidate ran (see stderr)")
+            missing.append(f"{dtype}/{head_dim}")
+            continue
+        entries.setdefault(dtype, {})[str(head_dim)] = dataclasses.asdict(best)
+        block_table.write_entries("triton", flash.device_target("triton"), entries, source, args.output)
+        print(f"wrote {args.output} ({time.perf_counter() - start:.0f} s)")
+    if missing:
+        print(f"no entry written for {', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0
 
 

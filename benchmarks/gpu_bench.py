@@ -5,7 +5,9 @@ Run through ``bash benchmarks/gpu_check.sh`` (at most 5 minutes on an H100). Par
 gradients, causal and a sparse (BigBird) mask, at head dims 64 and 128. Float32 is checked with
 ``jax.default_matmul_precision("highest")`` (IEEE float32 matmuls) against the 1e-4 bar, and once
 at JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the kernel's
-included. Part 2, ordered so that what the bars need comes first when time runs short: a sliding
+included. Then flash against cuDNN at the longest timed shape (N = 16384, head dim 128, causal,
+bfloat16), forward and gradients, within 1e-2: the oracle runs at 300 tokens, this at the size
+the tables time (the steps are shared with the tables, so it adds no compilation). Part 2, ordered so that what the bars need comes first when time runs short: a sliding
 window of 1024 against dense causal at N = 16384, the forward+backward temporary memory from
 XLA's compiled memory analysis, then TFLOP/s for JAX's Pallas kernel
 (``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN, jattn flash and XLA
@@ -74,9 +76,12 @@ def _interpret() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def as_float64(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
 def relative_error(got, expected) -> float:
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
+    return float(np.abs(as_float64(got) - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
 def _failure(error: Exception) -> str:
@@ -101,7 +106,7 @@ def _check_one(setup: Setup, rng, dtype: str, head_dim: int, mask) -> list[float
     )
     out, vjp = jax.vjp(functools.partial(jattn.flash_attention, mask=mask), q, k, v)
     grads = vjp(d_out)
-    q64, k64, v64, do64 = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v, d_out))
+    q64, k64, v64, do64 = (as_float64(x) for x in (q, k, v, d_out))
     dense = mask.dense(length, length)
     expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
     errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
@@ -130,7 +135,7 @@ def check_correctness(setup: Setup) -> bool:
                     all_ok = False
                     print(f"{row} {_failure(error)} | | | | {bar:.0e} | NO |")
                     continue
-                ok = max(errors) < bar
+                ok = all(error < bar for error in errors)  # a NaN error fails: NaN < bar is False
                 all_ok &= ok
                 cells = " | ".join(f"{e:.1e}" for e in errors)
                 print(f"{row} {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
@@ -195,6 +200,41 @@ def _step(attend, backward: bool):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+@functools.cache
+def timed_step(name: str, causal: bool, backward: bool):
+    """The jitted step of one implementation, made once: the agreement check and the throughput
+    table call the same function, so their shared cells compile once."""
+    return _step(functools.partial(implementations()[name], causal=causal), backward)
+
+
+def agreement_at_scale(setup: Setup) -> bool:
+    """Flash against cuDNN (XLA without a GPU) at the longest timed shape, causal, forward and
+    gradients: the oracle check runs at ``check_len`` tokens, this one at the size the tables time."""
+    length, head_dim = setup.window_len, setup.head_dims[-1]
+    peer = "jax_cudnn" if "jax_cudnn" in implementations() else "jax_xla"
+    q, k, v = _inputs(setup, length, head_dim)
+    title = f"N={length}, head_dim {head_dim}, causal, bfloat16"
+    print(f"## Flash against {peer} at {title} (relative max difference)\n")
+    print("| pass | out or dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|")
+    all_ok = True
+    for backward, pass_name in PASSES:
+        try:
+            ours, theirs = (
+                jax.tree.leaves(timed_step(name, True, backward)(q, k, v)) for name in ("jattn_flash", peer)
+            )
+        except Exception as error:  # noqa: BLE001
+            all_ok = False
+            print(f"| {pass_name} | {_failure(error)} | | | 1e-02 | NO |")
+            continue
+        errors = [relative_error(a, as_float64(b)) for a, b in zip(ours, theirs, strict=True)]
+        ok = all(error < 1e-2 for error in errors)
+        all_ok &= ok
+        cells = " | ".join([f"{e:.1e}" for e in errors] + [""] * (3 - len(errors)))  # fwd: out only
+        print(f"| {pass_name} | {cells} | 1e-02 | {'yes' if ok else 'NO'} |")
+    print()
+    return all_ok
+
+
 def time_call(fn, args, setup: Setup) -> float:
     """Median seconds per call over ``setup.repeats`` runs of ``setup.calls`` calls, after warm-up."""
     for _ in range(2):
@@ -225,7 +265,7 @@ PASSES = ((False, "fwd"), (True, "fwd_bwd"))
 def measure_throughput(setup: Setup) -> dict:
     """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N)."""
     results = {}
-    for name, attend in implementations().items():
+    for name in implementations():
         for head_dim in setup.head_dims:
             for backward, pass_name in PASSES:
                 for causal in (False, True):
@@ -235,14 +275,30 @@ def measure_throughput(setup: Setup) -> dict:
                             results[cell] = "skipped (time budget)"
                             continue
                         q, k, v = _inputs(setup, length, head_dim)
-                        fn = _step(functools.partial(attend, causal=causal), backward)
                         try:
-                            results[cell] = time_call(fn, (q, k, v), setup)
+                            results[cell] = time_call(timed_step(name, causal, backward), (q, k, v), setup)
                         except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
                             results[cell] = _failure(error)
-                        # The tables print at the end: if the run is cut short, this is what remains.
-                        print(f"measured {cell}: {results[cell]}", file=sys.stderr)
+                        # The tables print at the end: if the run is cut short, these lines remain.
+                        print(f"measured {_cell_summary(setup, cell, results[cell])}", file=sys.stderr)
     return results
+
+
+def _cell_summary(setup: Setup, cell: tuple, seconds) -> str:
+    """One measured cell as a line a person can read and paste: its setting, ms and TFLOP/s."""
+    name, head_dim, pass_name, causal, length = cell
+    where = (
+        f"{name} head_dim={head_dim} {pass_name} causal={'yes' if causal else 'no'} {_length_label(length)}"
+    )
+    if isinstance(seconds, str):
+        return f"{where}: {seconds}"
+    return f"{where}: {seconds * 1e3:.3f} ms, {_tflops(setup, cell, seconds):.1f} TFLOP/s"
+
+
+def _tflops(setup: Setup, cell: tuple, seconds: float) -> float:
+    _, head_dim, pass_name, causal, length = cell
+    work = flops(setup.tokens // length, setup.heads, length, head_dim, causal, pass_name == "fwd_bwd")
+    return work / seconds / 1e12
 
 
 def _length_label(length: int) -> str:
@@ -257,16 +313,15 @@ def print_throughput(setup: Setup, results: dict) -> None:
         print(f"## TFLOP/s, {title}\n")
         print(f"| implementation | pass | causal | {header} |\n|---|---|---|" + "---|" * len(setup.lengths))
         for name in names:
-            for backward, pass_name in PASSES:
+            for _, pass_name in PASSES:
                 for causal in (False, True):
                     cells = []
                     for length in setup.lengths:
-                        seconds = results[(name, head_dim, pass_name, causal, length)]
-                        if isinstance(seconds, str):
-                            cells.append(seconds)
-                            continue
-                        work = flops(setup.tokens // length, setup.heads, length, head_dim, causal, backward)
-                        cells.append(f"{work / seconds / 1e12:.1f}")
+                        cell = (name, head_dim, pass_name, causal, length)
+                        seconds = results[cell]
+                        cells.append(
+                            seconds if isinstance(seconds, str) else f"{_tflops(setup, cell, seconds):.1f}"
+                        )
                     print(f"| {name} | {pass_name} | {'yes' if causal else 'no'} | {' | '.join(cells)} |")
         print()
 
@@ -329,9 +384,9 @@ def temp_memory(setup: Setup) -> None:
     q, k, v = _inputs(setup, length, head_dim)
     print(f"## Forward+backward temporary memory, N={length}, head_dim {head_dim}, causal\n")
     print(f"| implementation | temp MiB (flash bar: <= {MEMORY_BAR_MIB:.0f}) |\n|---|---|")
-    for name, attend in implementations().items():
+    for name in implementations():
         try:
-            compiled = _step(functools.partial(attend, causal=True), True).lower(q, k, v).compile()
+            compiled = timed_step(name, True, True).lower(q, k, v).compile()
             analysis = compiled.memory_analysis()
             mib = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
             cell = "n/a" if mib is None else f"{mib:.0f}"
@@ -352,6 +407,7 @@ def main() -> int:
         print("no GPU: set JATTN_GPU_CHECK_TINY=1 for the CPU smoke test", file=sys.stderr)
         return 2
     correct = check_correctness(setup)
+    correct &= agreement_at_scale(setup)
     sliding_window_vs_causal(setup)
     temp_memory(setup)
     results = measure_throughput(setup)

@@ -32,6 +32,7 @@ def test_gpu_check_tiny_mode_prints_every_table():
     for heading in (
         "tile table: sm90",  # no GPU attached: the default target
         "## Correctness",
+        "## Flash against jax_xla at N=64",
         "## TFLOP/s",
         "## Sliding window",
         "## Forward+backward temporary memory",
@@ -61,6 +62,58 @@ def test_gpu_check_marks_each_ratio_bar(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
     assert rows[0] == "| 16 | fwd | no | 1.25x (bar met) | n/a |"
     assert rows[-1] == "| 16 | fwd_bwd | yes | 0.80x (BAR MISSED) | 0.50x |"
+
+
+def test_gpu_check_fails_a_nan_gradient(monkeypatch, capsys):
+    """A NaN error must fail its row: Python's max() drops a NaN that is not first."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    monkeypatch.setattr(bench, "_check_one", lambda *args: [1e-7, float("nan"), 1e-7, 1e-7])
+    assert not bench.check_correctness(bench.CPU_TINY)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| nan |" in line]
+    assert rows and all(row.endswith("| NO |") for row in rows)
+
+
+def test_gpu_check_logs_each_cell_with_its_throughput(monkeypatch):
+    """stderr has every measured cell in ms and TFLOP/s, so a run cut short still gives numbers."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    cell = ("jattn_flash", 16, "fwd", True, 32)  # 64 tokens, 2 heads: 2 * 4*2*32*32*16 / 2 FLOPs
+    line = bench._cell_summary(bench.CPU_TINY, cell, 1e-9)
+    assert line == "jattn_flash head_dim=16 fwd causal=yes N=32: 0.000 ms, 131.1 TFLOP/s"
+    assert bench._cell_summary(bench.CPU_TINY, cell, "skipped (time budget)").endswith(
+        ": skipped (time budget)"
+    )
+
+
+def _autotune(monkeypatch):
+    monkeypatch.setenv("JATTN_AUTOTUNE_TINY", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "autotune_flash", raising=False)
+    return importlib.import_module("autotune_flash")
+
+
+def test_autotune_that_tunes_nothing_fails_and_says_why(monkeypatch, tmp_path, capsys):
+    autotune = _autotune(monkeypatch)
+
+    def fail(*args):
+        raise RuntimeError("out of shared memory: 240 KiB asked")
+
+    monkeypatch.setattr(autotune, "seconds_per_call", fail)
+    output = tmp_path / "block_sizes.json"
+    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
+    assert autotune.main() == 1
+    err = capsys.readouterr().err
+    assert "out of shared memory: 240 KiB asked" in err and "no entry written for float32/16" in err
+    assert not output.exists()
+
+
+def test_autotune_stops_tuning_when_its_budget_is_spent(monkeypatch, tmp_path, capsys):
+    autotune = _autotune(monkeypatch)
+    output = tmp_path / "block_sizes.json"
+    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output), "--budget-s", "0"])
+    assert autotune.main() == 1
+    assert "budget is spent" in capsys.readouterr().out and not output.exists()
 
 
 def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path):
