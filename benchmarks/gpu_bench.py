@@ -14,7 +14,7 @@ XLA's compiled memory analysis, then TFLOP/s for JAX's Pallas kernel
 (``jax.nn.dot_product_attention``) in the FlashAttention setup (16384 tokens per batch, 16 heads,
 bfloat16), and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
 
-FLOPs as in the anchors file: forward = 4·B·heads·N²·D, halved when causal; forward+backward =
+FLOPs as in the FlashAttention papers: forward = 4·B·heads·N²·D, halved when causal; forward+backward =
 3.5 × forward. Time: median of repeats of back-to-back calls after warm-up, ``block_until_ready``.
 
 ``JATTN_GPU_CHECK_TINY=1``: the same script at tiny sizes in interpret mode on CPU (a smoke test).

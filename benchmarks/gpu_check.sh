@@ -9,7 +9,7 @@
 # CPU smoke test (tiny sizes, interpret mode): JATTN_GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh
 # On the device, keep both streams (stderr has every measured cell in ms and TFLOP/s, should the
 # run be cut short):
-#     bash benchmarks/gpu_check.sh > $OUT/gpu_check.md 2> $OUT/gpu_check.err
+#     bash benchmarks/gpu_check.sh > gpu_check.md 2> gpu_check.err
 # A hang cannot outlast JATTN_GPU_CHECK_TIMEOUT_S (default 330 s); output is unbuffered, so what was
 # printed before a timeout is kept.
 set -euo pipefail

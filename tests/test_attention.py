@@ -2,6 +2,9 @@
 
 import dataclasses
 import importlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +204,23 @@ def test_a_two_dimensional_boolean_mask_without_batch_dims_and_under_vmap(implem
     attend = lambda y: jattn.attention(y, y, y, mask=tril, implementation=implementation)  # noqa: E731
     np.testing.assert_allclose(attend(x), expected, atol=1e-6)
     np.testing.assert_allclose(jax.vmap(attend)(jnp.stack([x, x]))[1], expected, atol=1e-6)
+
+
+def test_submodules_are_reached_from_the_package_on_first_use():
+    """``import jattn`` stays light (no Flax, Optax or matplotlib), yet ``jattn.nn``, ``jattn.train``
+    and the other submodules the docs name work without their own import."""
+    code = (
+        "import sys, jattn\n"
+        "heavy = [m for m in ('flax', 'optax', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(jattn.nn.MultiHeadAttention) and callable(jattn.train.load_run)\n"
+        "assert callable(jattn.viz.plot_mask) and callable(jattn.maps.attention_weights)\n"
+        "assert {'nn', 'train', 'scaling', 'data', 'parallel', 'flops'} <= set(dir(jattn))\n"
+        "try:\n"
+        "    jattn.no_such_thing\n"
+        "except AttributeError as err:\n"
+        "    assert \"no attribute 'no_such_thing'\" in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

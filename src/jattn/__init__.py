@@ -11,6 +11,8 @@ Shape legend, used in every docstring, annotation, einsum and comment:
 Public layout: q ``[B..., T, N, H]``, k ``[B..., S, K, H]``, v ``[B..., S, K, Hv]``.
 """
 
+import importlib
+
 from jattn import kernels, masks, reference, variants
 from jattn.attention import (
     Choice,
@@ -50,3 +52,17 @@ __all__ = [
     "variants",
 ]
 __version__ = "0.1.0"
+
+# Imported on first use (``jattn.nn.MultiHeadAttention``, ``jattn.train.load_run``): they bring in
+# Flax, Optax, Orbax or matplotlib, which the attention functions do not need.
+_SUBMODULES_ON_FIRST_USE = frozenset({"data", "flops", "maps", "nn", "parallel", "scaling", "train", "viz"})
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES_ON_FIRST_USE:
+        return importlib.import_module(f"jattn.{name}")
+    raise AttributeError(f"module 'jattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES_ON_FIRST_USE)
