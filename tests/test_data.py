@@ -130,6 +130,8 @@ def test_char_lm_on_pydoc_topics_and_on_a_file(tmp_path):
         CharLM(text=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         CharLM(text=str(path), seq_len=100)
+    with pytest.raises(ValueError, match="split='test': CharLM has a 'train' and a 'val' split only"):
+        small.batch("test", 0, 2)  # it would have been the validation text under another name
 
 
 def test_char_lm_draws_every_window_so_the_last_character_is_a_target(tmp_path):

@@ -108,6 +108,19 @@ def test_distributed_settings_from_config_and_environment():
         distributed_settings({"process_id": 5}, environ=env)
 
 
+def test_local_device_ids_alone_is_refused_by_name(monkeypatch):
+    """On its own it cannot start a multi-process run; JAX's own error named neither the variable
+    nor the config key."""
+    from jattn.parallel.training import DistributedConfig, start_processes
+
+    with pytest.raises(ValueError, match=r"parallel.distributed.*local_device_ids.*enabled: true"):
+        start_processes(DistributedConfig(local_device_ids=(0,)))
+    monkeypatch.setenv("JATTN_LOCAL_DEVICE_IDS", "0")
+    with pytest.raises(ValueError, match="JATTN_LOCAL_DEVICE_IDS"):
+        start_processes(DistributedConfig())
+    assert start_processes(DistributedConfig(enabled=False)) == {}
+
+
 _WORKER = textwrap.dedent(
     """
     import sys

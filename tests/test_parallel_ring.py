@@ -112,6 +112,62 @@ def test_many_tiles_per_shard_and_batch_axis():
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
+def test_chunks_without_a_good_divisor_are_padded_to_even_tiles():
+    """A prime chunk of 521 has no divisor but 1 up to 512; it is padded to two tiles of 264 (1x1
+    tiles ran 8-13x slower). Chunks with a divisor of at least 128 keep their length."""
+    from jattn.parallel.ring import _chunk_tiles
+
+    assert _chunk_tiles(521) == (528, 264) and _chunk_tiles(1031) == (1032, 344)
+    assert _chunk_tiles(1040) == (1040, 260) and _chunk_tiles(1024) == (1024, 512)
+    assert _chunk_tiles(300) == (300, 300) and _chunk_tiles(7) == (7, 7)
+
+
+def test_prime_chunks_padded_to_even_tiles_match_the_oracle():
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    mesh2 = make_mesh({"seq": 2}, devices=jax.devices()[:2])
+    q, k, v, d_out = _inputs(
+        9, batch=1, q_len=1042, kv_len=1042, num_heads=1, num_kv_heads=1
+    )  # chunks of 521
+    _check_against_oracle(mesh2, q, k, v, d_out, masks.causal(), pad=True)
+
+
+def test_padding_on_a_two_axis_mesh_keeps_gradients_upstream_exact():
+    """T = 23 over data x seq (2 x 2) with learned positions gathered upstream and a residual: XLA
+    had carried the ring's sequence sharding back through the padding onto the uneven unpadded
+    length, and the positions' gradient took a padding row into row 0 (NaN or off by ~6)."""
+    if jax.device_count() < NUM_DEVICES:
+        pytest.skip("needs 4 devices")
+    mesh2 = make_mesh({"data": 2, "seq": 2}, devices=jax.devices()[:4])
+    batch, length, heads, head_dim = 4, 23, 2, 4
+    width = heads * head_dim
+    rng = np.random.default_rng(0)
+    params = {
+        "positions": rng.standard_normal((length, width)).astype(np.float32),
+        "w": (rng.standard_normal((width, width)) / 3).astype(np.float32),
+    }
+    x = rng.standard_normal((batch, length, width)).astype(np.float32)
+
+    def loss(params, x, ring):
+        h = x + jnp.take(params["positions"], jnp.arange(length), axis=0)  # [B, T, D]
+        q = (h @ params["w"]).reshape(batch, length, heads, head_dim)
+        if ring:
+            out = ring_attention(
+                q, q, q, mesh=mesh2, axis_name="seq", mask=masks.causal(), pad=True, batch_axis="data"
+            )
+        else:
+            out = jattn.attention(q, q, q, mask=masks.causal())
+        return jnp.sum(jnp.sin(out.reshape(batch, length, width) + h))
+
+    expected = jax.grad(loss)(params, x, False)
+    with jax.set_mesh(mesh2):
+        got = jax.jit(jax.grad(loss), static_argnums=2)(
+            params, jax.device_put(x, sharding(mesh2, "data")), True
+        )
+    for name in params:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, err_msg=name)
+
+
 def test_explicit_axes_of_jax_make_mesh(mesh):
     """``jax.make_mesh`` makes Explicit axes, where shard_map wants inputs already in its specs:
     unsharded inputs, batch split over a second axis, padding, gradients, and the ring variant."""

@@ -1,8 +1,9 @@
 """Character-level language modelling on the ``pydoc_data`` topics (ships with every CPython,
 about 465k characters) or on a text file the user names.
 
-The text is split into train (first ``1 - val_fraction``) and validation (the rest); a batch is
-``batch_size`` windows of ``seq_len + 1`` characters drawn at random from its split.
+The text is split into train (first ``1 - val_fraction``) and validation (the rest; there is no
+test split); a batch is ``batch_size`` windows of ``seq_len + 1`` characters drawn at random from
+its split.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class CharLM:
         return TaskSpec("sequence", size, self.seq_len, size)
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        if split == "test":  # a test split drawn from the validation text would be one in name only
+            raise ValueError("split='test': CharLM has a 'train' and a 'val' split only (val_fraction)")
         rng = batch_rng(self.seed, split, index, batch_size)
         ids = self._splits()[0 if split == "train" else 1]
         starts = rng.integers(0, len(ids) - self.seq_len, batch_size)  # every window of seq_len + 1

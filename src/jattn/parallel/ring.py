@@ -144,8 +144,17 @@ def _flash_chunks_and_blocks(problem: Problem, q_chunk: int, kv_chunk: int):
     return q_chunk, kv_chunk, block_q, block_kv
 
 
-def _largest_divisor_at_most(n: int, bound: int) -> int:
-    return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
+def _chunk_tiles(chunk: int, bound: int = DEFAULT_BLOCK) -> tuple[int, int]:
+    """(chunk, tile) for the chunked per-shard computation: the largest divisor of the chunk up to
+    ``bound`` if it is at least ``bound // 4``; else (a prime chunk of 521 has only 1, and 1x1 tiles
+    ran 8-13x slower) the fewest tiles of at most ``bound`` positions, a multiple of 8, with the
+    chunk rounded up to them (the extra positions are padding, never attended)."""
+    divisor = max(d for d in range(1, min(chunk, bound) + 1) if chunk % d == 0)
+    if divisor >= min(chunk, bound // 4):
+        return chunk, divisor
+    tiles = math.ceil(chunk / bound)
+    tile = 8 * math.ceil(chunk / tiles / 8)
+    return tiles * tile, tile
 
 
 def _global_layout(mask, q_len, kv_len, padded_q, padded_kv, block_q, block_kv) -> np.ndarray:
@@ -442,10 +451,10 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
         if why_not is not None:
             raise NotImplementedError(why_not)
         q_chunk, kv_chunk, block_q, block_kv = _flash_chunks_and_blocks(problem, q_chunk, kv_chunk)
-    else:
-        bound = DEFAULT_BLOCK if implementation == "chunked" else max(q_chunk, kv_chunk)
-        block_q = _largest_divisor_at_most(q_chunk, bound)
-        block_kv = _largest_divisor_at_most(kv_chunk, bound)
+    elif implementation == "chunked":
+        (q_chunk, block_q), (kv_chunk, block_kv) = _chunk_tiles(q_chunk), _chunk_tiles(kv_chunk)
+    else:  # xla: one tile per chunk pair
+        block_q, block_kv = q_chunk, kv_chunk
     padded_q, padded_kv = chunks * q_chunk, chunks * kv_chunk
     layout = _global_layout(
         problem.mask, problem.q_len, problem.kv_len, padded_q, padded_kv, block_q, block_kv
@@ -465,7 +474,15 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
         implementation,
     )
 
+    # Unpadded arrays are pinned to the batch sharding alone: left free, XLA's sharding propagation
+    # carried the shard_map's sequence sharding back through the pad onto the uneven unpadded length,
+    # and the gradient of a gather upstream (learned positions) then took a padding row into row 0.
+    unpadded_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
+
     def pad_to(x, length):  # [B, L, N, H] -> [B, length, N, H]
+        if length == x.shape[1]:
+            return x
+        x = jax.lax.with_sharding_constraint(x, unpadded_sharding)
         return jnp.pad(x, [(0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)])
 
     def local(q, k, v, mask):  # q [B_local, T_local, N, H] in natural order
@@ -489,7 +506,9 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
     out = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=seq_spec)(
         *reshard_for_shard_map(mesh, args, in_specs)
     )
-    return out[:, : problem.q_len]  # [B, T, N, Hv]
+    if padded_q == problem.q_len:
+        return out  # [B, T, N, Hv]
+    return jax.lax.with_sharding_constraint(out[:, : problem.q_len], unpadded_sharding)  # [B, T, N, Hv]
 
 
 def ring_attention(

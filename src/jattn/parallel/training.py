@@ -96,6 +96,12 @@ def start_processes(config: DistributedConfig) -> dict:
         settings = distributed_settings(config.settings())
     except ValueError as err:
         raise ValueError(f"config key 'parallel.distributed': {err}") from None
+    if config.enabled is None and set(settings) == {"local_device_ids"}:
+        raise ValueError(
+            "config key 'parallel.distributed': local_device_ids (or JATTN_LOCAL_DEVICE_IDS) is set "
+            "without coordinator_address, num_processes and process_id; give those three, or "
+            "enabled: true to let JAX detect the cluster"
+        )
     wanted = bool(settings) if config.enabled is None else config.enabled
     if not wanted or jax.distributed.is_initialized():
         return {}
