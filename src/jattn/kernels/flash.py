@@ -484,11 +484,3 @@ def flash_attention(
         block_kv=block_kv,
         interpret=interpret,
     )
-
-
-def flash_tiles(q_len: int, kv_len: int, mask=None, *, block_q: int, block_kv: int) -> tuple[int, int]:
-    """(tiles the forward/dq loops visit, tiles the dk/dv loops visit) per batch element and head,
-    from the schedule the kernel is given."""
-    mask = masks_lib.full() if mask is None else masks_lib._as_mask(mask, "mask")
-    layout = mask.blocks(q_len, kv_len, block_q, block_kv)
-    return blocks.visited_tiles(blocks.make_schedule(layout, q_len, kv_len, block_q, block_kv))

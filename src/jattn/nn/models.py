@@ -122,7 +122,9 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x, *, mask=None, memory=None, memory_mask=None, key=None):
         """``x [B, T, D]``; ``memory [B, S, D]`` for cross-attention. Returns ``[B, T, D]``."""
-        k_attn, k_drop1, k_cross, k_mlp, k_drop2 = _split(key, 5)
+        # Five keys, the last unused: four would change every stream, and the committed runs with
+        # dropout would no longer reproduce.
+        k_attn, k_drop1, k_cross, k_mlp, _ = _split(key, 5)
         rate = self.dropout_rate
         x = x + dropout(self.attention(self.norm_attention(x), mask=mask, key=k_attn), rate, k_drop1)
         if self.cross is not None:
