@@ -30,6 +30,7 @@ from jattn.train import (
     ExperimentConfig,
     RunError,
     TrainingDiverged,
+    TrainingInterrupted,
     build_task,
     load_config,
     train,
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:  # a checkpoint or metrics file that cannot be read
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:  # the entries not finished resume when the command runs again
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_status
     return 1 if any(isinstance(r, Diverged) for r in results) else 0
 
 

@@ -17,7 +17,7 @@ import argparse
 import pathlib
 import sys
 
-from jattn.train import ConfigError, ExperimentConfig, RunError, load_config, train
+from jattn.train import ConfigError, ExperimentConfig, RunError, TrainingInterrupted, load_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:  # diverged, or a checkpoint or metrics file that cannot be read
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the finished steps are checkpointed
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_status
     print((run_dir / "summary.md").read_text())
     del result
     return 0

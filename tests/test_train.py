@@ -1,6 +1,7 @@
 """Config schema and loader, optimizer schedule, training loop, exact resume after SIGKILL."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -8,16 +9,19 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from jattn.train import (
     ConfigError,
     ExperimentConfig,
     RunError,
     TrainingDiverged,
+    TrainingInterrupted,
     build_task,
     build_variant,
     from_dict,
@@ -473,3 +477,68 @@ def test_diverged_message_says_when_the_value_was_measured(tmp_path):
     after = str(TrainingDiverged(tmp_path, [4], None, "the validation loss", after=True))
     assert "the validation loss is not finite after step 4; nothing from step 4 on was saved" in after
     assert "it has no checkpoint" in after
+
+
+def _interrupt_at(last_step, how):
+    def interrupt(step, state, sums):
+        if step == last_step:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+
+    return interrupt
+
+
+@pytest.mark.parametrize(("how", "status"), [("ctrl-c", 130), ("sigterm", 143)])
+def test_an_interrupted_run_checkpoints_its_steps_and_resumes_exactly(tmp_path, how, status):
+    """Ctrl-C or SIGTERM (a cluster's preemption) at step 5, between the checkpoints of steps 4 and
+    6: step 5 is saved, and the resumed run's parameters and validation metrics are those of an
+    uninterrupted run."""
+    overrides = ["train.steps=8", "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4"]
+    config = _tiny(*overrides, "model.dropout=0.1")
+    run_dir = tmp_path / "run"
+    with pytest.raises(
+        TrainingInterrupted, match=r"after step 5; it resumes from its checkpoint of step 5"
+    ) as err:
+        train(config, run_dir, on_step=[_interrupt_at(5, how)])
+    assert (err.value.step, err.value.checkpoint, err.value.exit_status) == (5, 5, status)
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 5]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only there while training
+    resumed = train(config, run_dir)
+    uninterrupted = train(config, tmp_path / "straight")
+    assert resumed.final_eval == uninterrupted.final_eval
+    assert _val_lines(run_dir) == _val_lines(tmp_path / "straight")
+    _, resumed_model, _ = load_run(run_dir)
+    _, straight_model, _ = load_run(tmp_path / "straight")
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(resumed_model)), jax.tree.leaves(nnx.state(straight_model)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_interrupt_saves_no_diverged_state(tmp_path):
+    diverging = _tiny(
+        "optimizer.learning_rate=1e30", "optimizer.clip_norm=null", "train.steps=6", "train.log_every=2"
+    )
+    with pytest.raises(TrainingInterrupted, match="checkpoint of step 2") as err:  # NaN from step 3 on,
+        train(diverging, tmp_path / "nan", on_step=[_interrupt_at(3, "ctrl-c")])  # found at the log of 4
+    assert err.value.checkpoint == 2
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    unsaved = TrainingInterrupted(tmp_path / "early", 0, None, terminated=False)
+    assert str(unsaved).endswith(
+        "interrupted after step 0; it has no checkpoint, so the same command starts it over"
+    )
+
+
+def test_train_and_compare_commands_report_an_interrupt_with_the_shells_status(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    def interrupted(config, run_dir, **kwargs):
+        raise TrainingInterrupted(pathlib.Path(run_dir), 5, 4, terminated=True)
+
+    for script, config in (("train.py", TINY), ("compare.py", ROOT / "configs" / "quickstart.yaml")):
+        main = runpy.run_path(str(ROOT / "experiments" / script))["main"]
+        main.__globals__["train"] = interrupted
+        assert main([str(config), f"output_dir={tmp_path}"]) == 143
+        assert "stopped: run folder" in capsys.readouterr().err

@@ -15,13 +15,19 @@ so a run restarted from its last checkpoint continues exactly as if it had never
 
 A run whose training loss or gradient norm stops being finite raises ``TrainingDiverged`` at the
 next log or evaluation (no host sync per step); nothing computed from those steps is saved.
+
+Ctrl-C or SIGTERM (a cluster's preemption) during training checkpoints the steps finished and
+raises ``TrainingInterrupted``: running the same command again resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,6 +105,67 @@ class TrainingDiverged(RunError):
     @property
     def first_step(self) -> int:
         return self.steps[0]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; the steps it finished are checkpointed, so running the same
+    command again resumes it exactly. A ``KeyboardInterrupt``, not a ``RunError``, so that it stops
+    ``compare.py`` too rather than moving on to the next entry.
+
+    Attributes:
+      step: the steps finished.
+      checkpoint: the step the run folder resumes from (None: none, it starts over).
+      exit_status: what a shell reports for the signal: 130 (SIGINT, Ctrl-C) or 143 (SIGTERM).
+    """
+
+    def __init__(self, run_dir: pathlib.Path, step: int, checkpoint: int | None, *, terminated: bool):
+        self.step = step
+        self.checkpoint = checkpoint
+        self.exit_status = 128 + int(signal.SIGTERM if terminated else signal.SIGINT)
+        how = "stopped by SIGTERM" if terminated else "interrupted"
+        resume = (
+            f"it resumes from its checkpoint of step {checkpoint} when the same command runs again"
+            if checkpoint is not None
+            else "it has no checkpoint, so the same command starts it over"
+        )
+        super().__init__(f"run folder {str(run_dir)!r} {how} after step {step}; {resume}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the training loop as Ctrl-C raises ``KeyboardInterrupt``."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While training, SIGTERM raises ``_Terminated`` (Python's default would end the process at
+    once, losing the steps since the last checkpoint). Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _checkpoint_on_stop(manager: ocp.CheckpointManager, state: State, last_saved: int | None) -> int | None:
+    """The step a stopped run resumes from: ``state`` saved, unless it is saved already or its
+    parameters are not finite (then the last checkpoint stays)."""
+    step = int(state["step"])  # the state's own count: a stop can fall between a step and its bookkeeping
+    if step == (0 if last_saved is None else last_saved):
+        return last_saved  # nothing new since the last checkpoint (or the start)
+    manager.reload()  # a stop during a save may have left this step on disk
+    if step in manager.all_steps():
+        return step
+    if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state["params"])):
+        return last_saved
+    manager.save(step, args=ocp.args.StandardSave(state))
+    return step
 
 
 def _json_safe(value: Any) -> Any:
@@ -532,7 +599,7 @@ def train(
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    with placement.activate():
+    with placement.activate(), _sigterm_raises():
         return _train(config, pathlib.Path(run_dir), placement, on_step)
 
 
@@ -588,52 +655,62 @@ def _train(
                 bar.close()
                 raise TrainingDiverged(run_dir, bad, last_saved, "the training loss or gradient norm")
 
-        for step in range(start, tc.steps):
-            batch = (
-                first_batch if step == start else placement.shard(task.batch("train", step, tc.batch_size))
-            )
-            state, sums = compiled(state, batch)
-            if step == start:
-                jax.block_until_ready(sums)
-                window_start = _clock()
-            window.append(sums)
-            done = step + 1
-            for callback in on_step:
-                callback(done, state, sums)
-            if done % tc.log_every == 0 or done == tc.steps:
-                check_finite(done)  # before anything of these steps is written or saved
-                final_train = _summarize(window)
-                elapsed = _clock() - window_start
-                timed = len(window) - untimed
-                untimed = 0
-                train_time += elapsed
-                timed_steps += timed
-                rate = tokens_per_batch * timed / max(elapsed, 1e-9) if timed else None
-                # The update of step ``done`` (counting from 1) used the rate at count ``done - 1``.
-                lr = float(schedule(done - 1))
-                record = {"step": done, "split": "train", **final_train, "window": len(window)}
-                log.write({**record, "tokens_per_s": rate, "lr": lr})
-                bar.set_postfix(
-                    loss=f"{final_train['loss']:.3f}",
-                    acc=f"{final_train['accuracy']:.3f}",
-                    tok_s=format_number(rate, ",.0f"),
+        try:
+            for step in range(start, tc.steps):
+                batch = (
+                    first_batch
+                    if step == start
+                    else placement.shard(task.batch("train", step, tc.batch_size))
                 )
-                window = []
-            if done % tc.eval_every == 0 or done == tc.steps:
-                check_finite(done)  # waits for the window's steps, so they stay in its time
-                paused = _clock()
-                final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
-                if not np.isfinite(final_eval["loss"]):
-                    bar.close()
-                    raise TrainingDiverged(run_dir, [done], last_saved, "the validation loss", after=True)
-                log.write({"step": done, "split": "val", **final_eval})
-                window_start += _clock() - paused  # evaluation is not training time
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                manager.save(done, args=ocp.args.StandardSave(state))
-                last_saved = done
-            bar.update(1)
-            if not window:
-                window_start = _clock()
+                state, sums = compiled(state, batch)
+                if step == start:
+                    jax.block_until_ready(sums)
+                    window_start = _clock()
+                window.append(sums)
+                done = step + 1
+                for callback in on_step:
+                    callback(done, state, sums)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    check_finite(done)  # before anything of these steps is written or saved
+                    final_train = _summarize(window)
+                    elapsed = _clock() - window_start
+                    timed = len(window) - untimed
+                    untimed = 0
+                    train_time += elapsed
+                    timed_steps += timed
+                    rate = tokens_per_batch * timed / max(elapsed, 1e-9) if timed else None
+                    # The update of step ``done`` (counting from 1) used the rate at count ``done - 1``.
+                    lr = float(schedule(done - 1))
+                    record = {"step": done, "split": "train", **final_train, "window": len(window)}
+                    log.write({**record, "tokens_per_s": rate, "lr": lr})
+                    bar.set_postfix(
+                        loss=f"{final_train['loss']:.3f}",
+                        acc=f"{final_train['accuracy']:.3f}",
+                        tok_s=format_number(rate, ",.0f"),
+                    )
+                    window = []
+                if done % tc.eval_every == 0 or done == tc.steps:
+                    check_finite(done)  # waits for the window's steps, so they stay in its time
+                    paused = _clock()
+                    final_eval = evaluate(eval_step, state["params"], task, tc.batch_size, tc.eval_batches)
+                    if not np.isfinite(final_eval["loss"]):
+                        bar.close()
+                        raise TrainingDiverged(run_dir, [done], last_saved, "the validation loss", after=True)
+                    log.write({"step": done, "split": "val", **final_eval})
+                    window_start += _clock() - paused  # evaluation is not training time
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    manager.save(done, args=ocp.args.StandardSave(state))
+                    last_saved = done
+                bar.update(1)
+                if not window:
+                    window_start = _clock()
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through _sigterm_raises
+            bar.close()
+            checkpoint = _checkpoint_on_stop(manager, state, last_saved)
+            terminated = isinstance(stop, _Terminated)
+            raise TrainingInterrupted(
+                run_dir, int(state["step"]), checkpoint, terminated=terminated
+            ) from None
         bar.close()
 
     result = RunResult(
