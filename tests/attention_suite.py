@@ -220,6 +220,37 @@ class AttentionSuite:
         assert np.isfinite(np.asarray(out)).all()
         assert all(np.isfinite(np.asarray(g)).all() for g in grads[:3])
 
+    def test_nan_in_keys_only_padded_query_rows_reach_stays_out(self):
+        """Keys that no real query attends may hold NaN (an unfilled KV cache). With T not a tile
+        multiple, the tile's padded query rows reached them by position (causal: row 31 reaches key
+        31) or by their padding segment id, and 0 · NaN made every output NaN."""
+        rng = np.random.default_rng(11)
+        cases = []
+        if "causal" in self.supported_masks:
+            cases.append((masks.causal(), 31, 66, np.arange(66) >= 31))
+        if "segments" in self.supported_masks:
+            kv_ids = np.repeat([0, 1], 5)
+            cases.append((masks.segments(np.array([1]), kv_ids), 1, 10, kv_ids == 0))
+        if not cases:
+            pytest.skip(f"{self.implementation} claims neither causal nor segment masks")
+        for mask, q_len, kv_len, unattended in cases:
+            q, k, v, d_out = make_inputs(rng, (1,), q_len, kv_len, 2, 1, 8, 8, jnp.float32)
+            nan = unattended[None, :, None, None]  # [1, S, 1, 1]
+            k, v = jnp.where(nan, jnp.nan, k), jnp.where(nan, jnp.nan, v)
+            self.check_against_oracle(q, k, v, d_out, mask=mask)
+
+    def test_large_bias_on_a_padded_query_tile_keeps_gradients_finite(self):
+        """A per-key bias of 90 (float32) with T = 3: the padded query rows of the tile see it too,
+        and must not overflow into inf · 0 = NaN in dk, dv or dbias."""
+        if not self.supports_bias:
+            pytest.skip(f"{self.implementation} takes no bias")
+        rng = np.random.default_rng(12)
+        q, k, v, d_out = make_inputs(rng, (1,), 3, 16, 1, 1, 8, 8, jnp.float32)
+        bias = jnp.zeros((16,), jnp.float32).at[5].set(90.0)  # broadcast over batch, heads, queries
+        self.check_against_oracle(
+            q, k, v, d_out, mask=MASK_CASES[self.supported_masks[0]](rng, (1,), 3, 16), bias=bias
+        )
+
     def test_bias_and_softcap(self):
         """Per-head bias and masks under grouped-query attention (N=4 query heads on K=2 key heads):
         each query head must get its own slice, not its group's or another group's."""

@@ -92,7 +92,9 @@ def _tile(q_blk, k_blk, v_blk, bias, mask, qi, kj, plan, cfg, apply_mask: bool):
     if apply_mask:
         q_idx = qi * plan.block_q + jnp.arange(plan.block_q)
         kv_idx = kj * plan.block_kv + jnp.arange(plan.block_kv)
-        allowed = kv_idx[None, :] < plan.kv_len
+        # Padded query rows attend nothing (a causal tile would give them keys no real query
+        # attends, and NaN there would reach every row through 0 · NaN).
+        allowed = (q_idx[:, None] < plan.q_len) & (kv_idx[None, :] < plan.kv_len)  # [bq, bkv]
         if mask is not None:
             allowed = allowed & mask.tile(q_idx, kv_idx)  # [bq, bkv]
         q_blk, k_blk, v_blk = zero_unattended(allowed, q_blk, k_blk, v_blk)
@@ -290,7 +292,10 @@ def _backward_unpadded(q, k, v, mask, bias, out, lse, d_out, plan: _Plan, cfg):
     padded_q = plan.num_q_blocks * plan.block_q
     qp, kp, vp, bp = pad_to_plan(q, k, v, bias, plan=plan)
     outp, dop = _pad_rows(out.astype(jnp.float32), padded_q), _pad_rows(d_out, padded_q)
-    dq, dk, dv, dbias = _backward(qp, kp, vp, mask, bp, outp, _pad_rows(lse, padded_q), dop, plan, cfg)
+    # Padded rows get lse = +inf, so their probabilities are exp(s - inf) = 0 in unmasked tiles too
+    # (with 0 a large bias overflowed to inf, and inf · 0 made dk, dv and dbias NaN).
+    lsep = jnp.pad(lse, (0, padded_q - lse.shape[0]), constant_values=jnp.inf)
+    dq, dk, dv, dbias = _backward(qp, kp, vp, mask, bp, outp, lsep, dop, plan, cfg)
     if dbias is not None:
         dbias = dbias[: bias.shape[0], : bias.shape[1]]
     return dq[: plan.q_len], dk[: plan.kv_len], dv[: plan.kv_len], dbias

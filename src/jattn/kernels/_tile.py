@@ -51,15 +51,20 @@ def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
     return (parts[0] & parts[1]) if op == "and" else (parts[0] | parts[1])
 
 
-def allowed_in_tile(formula, q_start, kv_start, block_q, block_kv, kv_len, q_vectors, kv_vectors, table_tile):
-    """The formula's mask of the tile at (q_start, kv_start), keys past ``kv_len`` excluded.
+def allowed_in_tile(
+    formula, q_start, kv_start, block_q, block_kv, q_len, kv_len, q_vectors, kv_vectors, table_tile
+):
+    """The formula's mask of the tile at (q_start, kv_start), queries past ``q_len`` and keys past
+    ``kv_len`` excluded. A padded query row must attend nothing: from positions alone a causal
+    formula gives it keys no real query attends, and NaN there (an unfilled cache) would reach
+    every row of the tile through ``0 · NaN``.
 
     Returns:
       bool ``[bq, bkv]``.
     """
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)  # [bq, 1]
     kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bkv]
-    allowed = kv_pos < kv_len
+    allowed = (q_pos < q_len) & (kv_pos < kv_len)
     if formula is not None:
         allowed = allowed & evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile)
     return jnp.broadcast_to(allowed, (block_q, block_kv))

@@ -147,7 +147,16 @@ def _kv_tile_allowed(
     kv_vectors = [ref[:, pl.ds(kv_start, width)] for ref in kv_vec_refs]  # [1, width]
     table_tile = None if table_ref is None else table_ref[head, table_id, :, pl.ds(offset, width)]
     return _tile.allowed_in_tile(
-        cfg.formula, q_start, kv_start, cfg.block_q, width, cfg.kv_len, q_vectors, kv_vectors, table_tile
+        cfg.formula,
+        q_start,
+        kv_start,
+        cfg.block_q,
+        width,
+        cfg.q_len,
+        cfg.kv_len,
+        q_vectors,
+        kv_vectors,
+        table_tile,
     )
 
 
@@ -330,6 +339,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
                 kv_start,
                 q_step,
                 cfg.block_kv,
+                cfg.q_len,
                 cfg.kv_len,
                 q_vectors,
                 kv_vectors,

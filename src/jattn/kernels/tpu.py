@@ -106,6 +106,7 @@ def _tile_allowed(cfg, q_start, kv_start, q_vec_refs, kv_vec_refs, table_ref):
         kv_start,
         cfg.block_q,
         cfg.block_kv,
+        cfg.q_len,
         cfg.kv_len,
         [ref[...] for ref in q_vec_refs],
         [ref[...] for ref in kv_vec_refs],
