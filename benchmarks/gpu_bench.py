@@ -3,14 +3,14 @@
 Run through ``bash benchmarks/gpu_check.sh`` (at most 5 minutes on an H100). Part 1 checks
 ``jattn.flash_attention`` against ``jattn.reference`` in bfloat16 and float32, forward and
 gradients, causal and a sparse (BigBird) mask, at head dims 64 and 128. Float32 is checked with
-``jax.default_matmul_precision("highest")`` (IEEE float32 matmuls) against the 1e-4 bar, and once
-at JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the kernel's
-included. Then flash against cuDNN at the longest timed shape (N = 16384, head dim 128, causal,
-bfloat16), forward and gradients, within 1e-2: the oracle runs at 300 tokens, this at the size
-the tables time (the steps are shared with the tables, so it adds no compilation). Part 2, ordered so that what the bars need comes first when time runs short: a sliding
-window of 1024 against dense causal at N = 16384, the forward+backward temporary memory from
-XLA's compiled memory analysis, then TFLOP/s for JAX's Pallas kernel
-(``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN, jattn flash and XLA
+``jax.default_matmul_precision("highest")`` (IEEE float32 matmuls) against the 1e-4 bar, and once at
+JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the kernel's included.
+Then flash against cuDNN at the longest timed shape (N = 16384, head dim 128, causal, bfloat16),
+forward and gradients, within 1e-2: the oracle runs at 300 tokens, this at the size the tables time
+(the steps are shared with the tables, so it adds no compilation). Part 2, ordered so that what the
+bars need comes first when time runs short: a sliding window of 1024 against dense causal at N =
+16384, the forward+backward temporary memory from XLA's compiled memory analysis, then TFLOP/s for
+JAX's Pallas kernel (``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN, jattn flash and XLA
 (``jax.nn.dot_product_attention``) in the FlashAttention setup (16384 tokens per batch, 16 heads,
 bfloat16), and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
 
