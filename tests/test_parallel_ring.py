@@ -95,6 +95,16 @@ def test_lengths_that_do_not_divide_are_padded(mesh, q_len):
     _check_against_oracle(mesh, q, k, v, d_out, masks.causal(), pad=True)
 
 
+@pytest.mark.parametrize("implementation", ["chunked", "flash"])
+def test_nan_in_keys_only_padded_query_rows_reach_stays_out(mesh, implementation):
+    """T = 30 padded to 32: under a causal mask the padded rows 30 and 31 reach keys 30 and 31, which
+    no real query attends. NaN there (an unfilled KV cache) had reached real rows through 0 · NaN."""
+    q, k, v, d_out = _inputs(10, batch=1, q_len=30, kv_len=66, num_heads=2, num_kv_heads=1)
+    unattended = (np.arange(66) >= 30)[None, :, None, None]
+    k, v = np.where(unattended, np.nan, k), np.where(unattended, np.nan, v)
+    _check_against_oracle(mesh, q, k, v, d_out, masks.causal(), pad=True, implementation=implementation)
+
+
 def test_cross_attention_lengths_and_multi_query(mesh):
     q, k, v, d_out = _inputs(2, batch=1, q_len=32, kv_len=48, num_heads=4, num_kv_heads=1)
     _check_against_oracle(mesh, q, k, v, d_out, None)

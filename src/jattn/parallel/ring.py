@@ -78,7 +78,8 @@ class _Ring:
       axis_name: the mesh axis the sequence is split over; num_devices: its size D.
       zigzag: chunks per device are (d, 2D-1-d) when True, (d,) when False.
       q_chunk, kv_chunk: positions per chunk (a multiple of block_q, block_kv).
-      kv_len: the true key length; positions at or past it are padding and never attended.
+      q_len, kv_len: the true lengths; positions at or past them are padding: a padded query
+        attends nothing and a padded key is never attended.
       plans: the distinct per-step tile schedules; branch[step][device] indexes them.
       scale, softcap: as in ``jattn.attention``.
       implementation: the per-shard computation, a key of ``IMPLEMENTATIONS``.
@@ -89,6 +90,7 @@ class _Ring:
     zigzag: bool
     q_chunk: int
     kv_chunk: int
+    q_len: int
     kv_len: int
     plans: tuple[_Plan, ...]
     branch: tuple[tuple[int, ...], ...]
@@ -180,7 +182,7 @@ def _schedule(layout: np.ndarray, num_devices, zigzag, q_chunk, kv_chunk, block_
     At step i device d holds the keys of device (d - i) mod D; its tiles are the rows of its own
     chunks and the columns of the visiting chunks in the global layout.
     """
-    probe = _Ring("", num_devices, zigzag, q_chunk, kv_chunk, 0, (), (), 1.0, None)
+    probe = _Ring("", num_devices, zigzag, q_chunk, kv_chunk, 0, 0, (), (), 1.0, None)
     local_q, local_kv = probe.chunks_per_device * q_chunk, probe.chunks_per_device * kv_chunk
     plans: dict[bytes, int] = {}
     plan_list: list[_Plan] = []
@@ -207,21 +209,27 @@ def _schedule(layout: np.ndarray, num_devices, zigzag, q_chunk, kv_chunk, block_
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["mask", "q_pos", "kv_pos"], meta_fields=["kv_len"]
+    jax.tree_util.register_dataclass,
+    data_fields=["mask", "q_pos", "kv_pos"],
+    meta_fields=["q_len", "kv_len"],
 )
 @dataclasses.dataclass(frozen=True)
 class _AtPositions:
     """A per-head mask read at global positions: local row i is query position ``q_pos[i]``, local
-    column j key position ``kv_pos[j]``; keys at or past ``kv_len`` (padding) are never allowed."""
+    column j key position ``kv_pos[j]``. Padding attends nothing and is never attended: queries at
+    or past ``q_len`` (from positions alone, a causal padded row would reach keys no real query
+    attends, and NaN there would reach the tile's real rows through 0 · NaN), keys at or past
+    ``kv_len``."""
 
     mask: Any
     q_pos: Any  # int32 [T_local]
     kv_pos: Any  # int32 [S_local]
+    q_len: int
     kv_len: int
 
     def tile(self, q_idx, kv_idx):
         q, kv = self.q_pos[q_idx], self.kv_pos[kv_idx]  # [bq], [bkv]
-        allowed = jnp.broadcast_to((kv < self.kv_len)[None, :], (q.shape[0], kv.shape[0]))
+        allowed = (q < self.q_len)[:, None] & (kv < self.kv_len)[None, :]  # [bq, bkv]
         if self.mask is not None:
             allowed = allowed & self.mask.tile(q, kv)
         return allowed  # [bq, bkv]
@@ -243,7 +251,11 @@ def _step_call(ring: _Ring, fn, nothing, step, device, q, k, v, mask):
     with no tile to visit returns ``nothing()`` without tracing ``fn``."""
     source = (device - step) % ring.num_devices
     shifted = _AtPositions(
-        mask, ring.positions(device, ring.q_chunk), ring.positions(source, ring.kv_chunk), ring.kv_len
+        mask,
+        ring.positions(device, ring.q_chunk),
+        ring.positions(source, ring.kv_chunk),
+        ring.q_len,
+        ring.kv_len,
     )
     cfg = {"scale": ring.scale, "softcap": ring.softcap}
     branches = [
@@ -466,6 +478,7 @@ def _ring_problem(problem: Problem, *, mesh, axis_name, batch_axis, implementati
         zigzag,
         q_chunk,
         kv_chunk,
+        problem.q_len,
         problem.kv_len,
         plans,
         branch,
