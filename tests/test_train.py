@@ -223,9 +223,17 @@ class _Stop(Exception):
     """Stands for a run stopped from outside (the SIGKILL test above does it for real)."""
 
 
-def _stop_after(last_step):
+def _stop_after(last_step, how="error"):
+    """A callback that stops the run after ``last_step``: ``_Stop``, Ctrl-C or a real SIGTERM."""
+
     def stop(step, state, sums):
-        if step == last_step:
+        if step != last_step:
+            return
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif how == "ctrl-c":
+            raise KeyboardInterrupt
+        else:
             raise _Stop
 
     return stop
@@ -479,21 +487,10 @@ def test_diverged_message_says_when_the_value_was_measured(tmp_path):
     assert "it has no checkpoint" in after
 
 
-def _interrupt_at(last_step, how):
-    def interrupt(step, state, sums):
-        if step == last_step:
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                raise KeyboardInterrupt
-
-    return interrupt
-
-
 @pytest.mark.parametrize(("how", "status"), [("ctrl-c", 130), ("sigterm", 143)])
 def test_an_interrupted_run_checkpoints_its_steps_and_resumes_exactly(tmp_path, how, status):
     """Ctrl-C or SIGTERM (a cluster's preemption) at step 5, between the checkpoints of steps 4 and
-    6: step 5 is saved, and the resumed run's parameters and validation metrics are those of an
+    8: step 5 is saved, and the resumed run's parameters and validation metrics are those of an
     uninterrupted run."""
     overrides = ["train.steps=8", "train.log_every=2", "train.checkpoint_every=4", "train.eval_every=4"]
     config = _tiny(*overrides, "model.dropout=0.1")
@@ -501,7 +498,7 @@ def test_an_interrupted_run_checkpoints_its_steps_and_resumes_exactly(tmp_path, 
     with pytest.raises(
         TrainingInterrupted, match=r"after step 5; it resumes from its checkpoint of step 5"
     ) as err:
-        train(config, run_dir, on_step=[_interrupt_at(5, how)])
+        train(config, run_dir, on_step=[_stop_after(5, how)])
     assert (err.value.step, err.value.checkpoint, err.value.exit_status) == (5, 5, status)
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only there while training
@@ -522,7 +519,7 @@ def test_an_interrupt_saves_no_diverged_state(tmp_path):
         "optimizer.learning_rate=1e30", "optimizer.clip_norm=null", "train.steps=6", "train.log_every=2"
     )
     with pytest.raises(TrainingInterrupted, match="checkpoint of step 2") as err:  # NaN from step 3 on,
-        train(diverging, tmp_path / "nan", on_step=[_interrupt_at(3, "ctrl-c")])  # found at the log of 4
+        train(diverging, tmp_path / "nan", on_step=[_stop_after(3, "ctrl-c")])  # found at the log of 4
     assert err.value.checkpoint == 2
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     unsaved = TrainingInterrupted(tmp_path / "early", 0, None, terminated=False)
