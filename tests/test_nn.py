@@ -66,10 +66,63 @@ def test_encoder_decoder_shapes_and_source_padding():
     )
 
 
+def _mean_pooling_classifier():
+    return nn.EncoderClassifier(
+        11, 3, max_len=17, pooling="mean", variant=None, position="learned", rngs=nnx.Rngs(0), **SMALL
+    )
+
+
+def test_lengths_outside_the_padded_length_are_refused_or_clipped():
+    model = _mean_pooling_classifier()
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 1, 11)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 8\]"):
+        model(tokens, lengths=jnp.array([8, 12]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        model(tokens, lengths=jnp.array([8]))
+    with pytest.raises(TypeError, match="lengths must hold integer lengths"):
+        model(tokens, lengths=jnp.array([8.0, 8.0]))
+    # Under jit they cannot be checked; a mean over 8 real positions is not scaled down by 12.
+    jitted = nnx.jit(lambda m, t, n: m(t, lengths=n))
+    np.testing.assert_allclose(
+        jitted(model, tokens, jnp.array([12, 12])), model(tokens, lengths=jnp.array([8, 8])), atol=1e-5
+    )
+    seq2seq = nn.EncoderDecoder(9, 7, max_len=12, variant=None, position="learned", rngs=nnx.Rngs(0), **SMALL)
+    with pytest.raises(ValueError, match=r"source_lengths must lie in \[0, 10\]"):
+        seq2seq(
+            jnp.zeros((2, 10), jnp.int32), jnp.zeros((2, 6), jnp.int32), source_lengths=jnp.array([4, 11])
+        )
+
+
+def test_cross_attention_shares_the_grouped_key_value_heads():
+    model = nn.EncoderDecoder(
+        9, 7, max_len=12, variant=None, position="learned", rngs=nnx.Rngs(0), **{**SMALL, "num_kv_heads": 1}
+    )
+    block = model.decoder.blocks[0]
+    assert block.attention.key["kernel"].shape == block.cross.key["kernel"].shape == (16, 1, 8)
+    out = model(
+        jnp.zeros((2, 10), jnp.int32), jnp.zeros((2, 6), jnp.int32), source_lengths=jnp.array([4, 10])
+    )
+    assert out.shape == (2, 6, 7)
+
+
+def test_hook_sees_the_rotated_queries_and_keys_the_attention_used():
+    seen = {}
+    layer = nn.MultiHeadAttention(16, 2, rotary=True, rngs=nnx.Rngs(0), hook=lambda **t: seen.update(t))
+    layer(jax.random.normal(jax.random.key(0), (1, 8, 16)))
+    weights = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", seen["q"], seen["k"]) / jnp.sqrt(8.0), axis=-1)
+    np.testing.assert_allclose(jnp.einsum("bnts,bsnh->btnh", weights, seen["v"]), seen["out"], atol=1e-5)
+
+
 def test_linformer_parameters_are_created_by_the_module():
     plain = nn.param_count(_lm(get_variant("full")))
     with_proj = nn.param_count(_lm(get_variant("linformer", projected_len=8)))
     assert with_proj - plain == 2 * 24 * 8  # proj_k and proj_v, [max_len, projected_len], one layer
+    # A max_len of the variant's own sizes its projections; longer inputs are refused by name.
+    layer = nn.MultiHeadAttention(
+        16, 2, variant=get_variant("linformer", projected_len=4, max_len=32), rngs=nnx.Rngs(0)
+    )
+    assert layer.variant_params["proj_k"].shape == (32, 4)
+    assert layer(jnp.ones((1, 24, 16))).shape == (1, 24, 16)
 
 
 def test_param_count_of_attention_layer():

@@ -3,10 +3,12 @@
 A variant is an attention function with the public layout plus, for variants that learn something
 of their own (Linformer's projections), a parameter initializer:
 
-    fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], *, causal: bool, params, key) -> [B, T, N, Hv]
+    fn(q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], *, causal: bool, [mask,] params, key) -> [B, T, N, Hv]
 
 ``causal`` is the model's property (a decoder passes True) and is combined with the variant's own
-pattern; ``params`` is what ``init_params`` returned (or None); ``key`` is a PRNG key for
+pattern; ``mask``, for variants that take one, is the caller's (a padded batch's
+``masks.padding``: exact variants combine any mask with their pattern, the linear-cost ones take
+only padding); ``params`` is what ``init_params`` returned (or None); ``key`` is a PRNG key for
 variants that draw random features (or None for a fixed draw).
 
 Variants are created from a name and options, ``get_variant("bigbird", block=64)``, so a config
@@ -198,9 +200,9 @@ def _linear(feature_map: str = "elu+1") -> Variant:
     """Linear attention with a kernel feature map (Katharopoulos et al. 2020); causal by prefix sums."""
     linear_lib.resolve_feature_map(feature_map)  # validates
 
-    def fn(q, k, v, *, causal, params=None, key=None):
+    def fn(q, k, v, *, causal, mask=None, params=None, key=None):
         del params, key
-        return linear_lib.linear_attention(q, k, v, feature_map=feature_map, causal=causal)
+        return linear_lib.linear_attention(q, k, v, feature_map=feature_map, causal=causal, mask=mask)
 
     return Variant("linear", fn, exact=False)
 
@@ -209,11 +211,13 @@ def _performer(num_features: int = 256, orthogonal: bool = True) -> Variant:
     """Performer, FAVOR+ positive random features (Choromanski et al. 2021); features from ``key``
     (a fixed draw when key is None)."""
     linear_lib.performer_features(None, num_features, 1)  # validates num_features
+    if not isinstance(orthogonal, bool):
+        raise TypeError(f"orthogonal must be True or False, got {type(orthogonal).__name__} {orthogonal!r}")
 
-    def fn(q, k, v, *, causal, params=None, key=None):
+    def fn(q, k, v, *, causal, mask=None, params=None, key=None):
         del params
         return linear_lib.performer_attention(
-            q, k, v, key=key, num_features=num_features, causal=causal, orthogonal=orthogonal
+            q, k, v, key=key, num_features=num_features, causal=causal, orthogonal=orthogonal, mask=mask
         )
 
     return Variant("performer", fn, exact=False)
@@ -221,14 +225,20 @@ def _performer(num_features: int = 256, orthogonal: bool = True) -> Variant:
 
 def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
     """Linformer, keys and values projected along the sequence to ``projected_len`` (Wang et al.
-    2020); learned projections for sequences up to ``max_len`` (default: the model's)."""
+    2020). Its learned projections are sized for the model's ``max_len``; the option ``max_len``
+    caps the lengths the variant accepts (a model with a longer one is refused), None for any."""
     projected_len = check_int("projected_len", projected_len)
-    if max_len is not None:
-        max_len = check_int("max_len", max_len)
+    own_max_len = None if max_len is None else check_int("max_len", max_len)
+    if own_max_len is not None and projected_len > own_max_len:
+        raise ValueError(
+            f"linformer projected_len={projected_len} exceeds max_len={own_max_len}: it would not compress"
+        )
 
     def init_params(key, *, num_heads, num_kv_heads, head_dim, max_len):
         del num_heads, num_kv_heads, head_dim  # one projection pair shared by all heads
         max_len = check_int("max_len", max_len)
+        if own_max_len is not None and max_len > own_max_len:
+            raise ValueError(f"max_len={max_len} exceeds the linformer variant's max_len={own_max_len}")
         if projected_len > max_len:
             raise ValueError(
                 f"linformer projected_len={projected_len} exceeds max_len={max_len}: it would not compress"
@@ -240,16 +250,16 @@ def _linformer(projected_len: int = 256, max_len: int | None = None) -> Variant:
             "proj_v": std * jax.random.normal(key_v, (max_len, projected_len), jnp.float32),
         }
 
-    def fn(q, k, v, *, causal, params=None, key=None):
+    def fn(q, k, v, *, causal, mask=None, params=None, key=None):
         del key
         if causal:
             raise NotImplementedError("linformer projects the whole sequence, so it cannot be causal")
         if params is None:
             raise ValueError("linformer needs params=variant.init_params(...) (its projections)")
-        return linear_lib.linformer_attention(q, k, v, params["proj_k"], params["proj_v"])
+        return linear_lib.linformer_attention(q, k, v, params["proj_k"], params["proj_v"], mask=mask)
 
     return Variant(
-        "linformer", fn, exact=False, init_params=init_params, max_len=max_len, min_len=projected_len
+        "linformer", fn, exact=False, init_params=init_params, max_len=own_max_len, min_len=projected_len
     )
 
 

@@ -50,11 +50,13 @@ class MultiHeadAttention(nnx.Module):
       implementation: for ``variant=None``, passed to ``jattn.attention``.
       causal: decoder self-attention (passed to the variant, or a causal mask without one).
       rotary: rotate queries and keys by position (RoFormer); self-attention only.
-      max_len: longest sequence a variant with parameters (Linformer) must handle.
+      max_len: longest sequence a variant with parameters (Linformer) must handle, unless the
+        variant sets its own.
       use_bias: biases after the projections.
       rngs: parameter initialisation.
-      hook: optional ``hook(q=, k=, v=, out=)`` called with the per-head tensors (e.g. to capture
-        attention maps); settable later as ``module.hook``.
+      hook: optional ``hook(q=, k=, v=, out=)`` called with the per-head tensors the attention
+        sees (q and k after the rotation, with ``rotary``), e.g. to capture attention maps;
+        settable later as ``module.hook``.
       capture: names from ``jattn.maps.CAPTURE_KINDS`` to sow as ``nnx.Intermediate`` on every
         call: ``"weights"`` (``attention_weights [B..., N, T, S]``, short inputs) and
         ``"statistics"`` (``attention_statistics``, any length); settable later as
@@ -107,6 +109,7 @@ class MultiHeadAttention(nnx.Module):
         )
         self.variant_params = None
         if self.variant is not None and self.variant.init_params is not None:
+            max_len = self.variant.max_len if max_len is None else max_len
             if max_len is None:
                 raise ValueError(
                     f"attention variant {self.variant.name!r} has parameters, so max_len is required"
@@ -170,8 +173,9 @@ class MultiHeadAttention(nnx.Module):
         )
 
     def _capturing_hook(self, mask, key) -> Callable[..., None] | None:
-        """``self.hook``, after sowing what ``self.capture`` names from the heads the attention sees."""
-        if not self.capture:
+        """``self.hook``, given the heads the attention sees (rotated, with ``rotary``), after sowing
+        what ``self.capture`` names from them."""
+        if not self.capture and (self.hook is None or not self.rotary):
             return self.hook
 
         def hook(*, q, k, v, out):
@@ -189,6 +193,6 @@ class MultiHeadAttention(nnx.Module):
                 stats = maps.variant_statistics(self.variant, q_seen, k_seen, v, **settings)
                 self.sow(nnx.Intermediate, "attention_statistics", stats)
             if self.hook is not None:
-                self.hook(q=q, k=k, v=v, out=out)
+                self.hook(q=q_seen, k=k_seen, v=v, out=out)
 
         return hook

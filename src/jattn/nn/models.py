@@ -116,7 +116,9 @@ class TransformerBlock(nnx.Module):
             rngs=rngs,
         )
         self.norm_cross = nnx.LayerNorm(width, dtype=dtype, rngs=rngs) if cross else None
-        self.cross = MultiHeadAttention(width, num_heads, rngs=rngs) if cross else None
+        self.cross = (
+            MultiHeadAttention(width, num_heads, num_kv_heads=num_kv_heads, rngs=rngs) if cross else None
+        )
         self.norm_mlp = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -209,6 +211,20 @@ def _run_stack(blocks, x, *, key, **kwargs):
     return x
 
 
+def _valid_lengths(name: str, lengths, batch: int, length: int) -> jax.Array:
+    """``lengths [B]`` as int32 in ``[0, length]``: checked where concrete, clipped under ``jit``."""
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} must hold integer lengths, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), one length per sequence, got {lengths.shape}")
+    if _is_concrete(lengths):
+        values = np.asarray(lengths)
+        if np.any((values < 0) | (values > length)):
+            raise ValueError(f"{name} must lie in [0, {length}] (the padded length), got {values}")
+    return jnp.clip(lengths, 0, length).astype(jnp.int32)
+
+
 def _padding_mask(variant: Variant | None, lengths):
     """A padding mask where the attention can apply one (exact variants), else None."""
     if lengths is None or (variant is not None and not takes_mask(variant)):
@@ -291,7 +307,9 @@ class EncoderClassifier(_Transformer):
         embed_key, blocks_key = _split(key, 2)
         batch, length = tokens.shape
         lengths = (
-            jnp.full((batch,), length, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+            jnp.full((batch,), length, jnp.int32)
+            if lengths is None
+            else _valid_lengths("lengths", lengths, batch, length)
         )
         if self.cls is not None:
             self.embed.check_length(length + 1, "tokens plus the CLS token")
@@ -345,6 +363,10 @@ class EncoderDecoder(nnx.Module):
     def __call__(self, source, target_in, *, source_lengths=None, key=None):
         """``source [B, S]``, ``target_in [B, T]`` int, ``source_lengths [B]`` -> ``[B, T, V]`` float32."""
         k_src, k_enc, k_tgt, k_dec = _split(key, 4)
+        if source_lengths is not None:
+            source_lengths = _valid_lengths(
+                "source_lengths", source_lengths, jnp.shape(source)[0], jnp.shape(source)[-1]
+            )
         enc = self.encoder
         memory = dropout(enc.embed(source, name="source"), enc.dropout_rate, k_src)
         memory = enc.norm(
@@ -352,7 +374,7 @@ class EncoderDecoder(nnx.Module):
         )
         memory_mask = None
         if source_lengths is not None:
-            target_lengths = jnp.full_like(jnp.asarray(source_lengths), target_in.shape[-1])
+            target_lengths = jnp.full_like(source_lengths, target_in.shape[-1])
             memory_mask = masks_lib.padding(target_lengths, source_lengths)
         dec = self.decoder
         x = dropout(dec.embed(target_in, name="target_in"), dec.dropout_rate, k_tgt)
