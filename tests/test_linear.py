@@ -105,6 +105,22 @@ def test_performer_error_shrinks_with_more_features():
     assert errors[2] < errors[0] / 3  # error ~ 1/sqrt(M): 64x the features, about 8x smaller
 
 
+@pytest.mark.parametrize("orthogonal", [True, False])
+def test_performer_features_are_gaussian_and_estimate_the_softmax_kernel(orthogonal):
+    # Over many draws each coordinate of each row is N(0, 1): mean 0, positive half the time
+    # (QR without the sign correction made row i's i-th coordinate negative 80-100% of the time).
+    draws = jax.vmap(lambda key: performer_features(key, 8, 8, orthogonal=orthogonal))
+    w = np.asarray(draws(jax.random.split(jax.random.key(0), 4000)))  # [draws, M, H]
+    np.testing.assert_allclose(w.mean(0), 0.0, atol=0.08)
+    np.testing.assert_allclose((w > 0).mean(0), 0.5, atol=0.05)
+    np.testing.assert_allclose((w**2).mean(0), 1.0, atol=0.12)
+    # Unbiased: E[exp(w·x - |x|²/2) exp(w·y - |y|²/2)] = exp(x·y), here for every row.
+    x = np.array([0.6, 0.2, -0.3, 0.1, 0.0, 0.4, -0.2, 0.3])
+    y = np.array([0.5, -0.1, 0.2, 0.3, 0.1, 0.2, 0.1, -0.4])
+    estimate = (np.exp(w @ x - x @ x / 2) * np.exp(w @ y - y @ y / 2)).mean(0)  # [M]
+    np.testing.assert_allclose(estimate, np.exp(x @ y), rtol=0.08)
+
+
 def test_performer_fixed_draw_without_key():
     _, q, k, v, _ = inputs(3)
     first = jattn.performer_attention(q, k, v, key=None, num_features=16)
@@ -200,6 +216,62 @@ def test_variants(name, options):
         np.testing.assert_allclose(causal_out[:, :20], changed_future[:, :20], atol=1e-6)
 
 
+PADDED_LENGTHS = (70, 23, 0)  # whole, across the causal scan's chunk of 64, and nothing
+
+
+def _padded_case(name, causal):
+    """``fn(q, k, v, mask)`` for one linear-cost function, with its options bound."""
+    proj = jax.random.normal(jax.random.key(4), (80, 8)) / 8**0.5
+    functions = {
+        "linear": lambda q, k, v, mask: jattn.linear_attention(q, k, v, causal=causal, mask=mask),
+        "performer": lambda q, k, v, mask: jattn.performer_attention(
+            q, k, v, key=jax.random.key(2), num_features=32, causal=causal, mask=mask
+        ),
+        "linformer": lambda q, k, v, mask: jattn.linformer_attention(q, k, v, proj, proj, mask=mask),
+    }
+    return functions[name]
+
+
+@pytest.mark.parametrize(
+    "name, causal",
+    [("linear", False), ("linear", True), ("performer", False), ("performer", True), ("linformer", False)],
+)
+def test_padding_is_left_out_as_if_cut_off(name, causal):
+    """Each sequence of a padded batch gives what its unpadded prefix gives alone, forward and
+    gradients; padded query rows are zero; NaN in the padding reaches nothing."""
+    fn = _padded_case(name, causal)
+    _, q, k, v, d_out = inputs(7, batch=(3,), q_len=70, kv_len=70)
+    lengths = jnp.array(PADDED_LENGTHS)
+    mask = jattn.masks.padding(lengths)
+    out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    grads = pullback(d_out)
+    for b, length in enumerate(PADDED_LENGTHS):
+        np.testing.assert_array_equal(np.asarray(out[b, length:]), 0.0)
+        for got in grads:
+            np.testing.assert_array_equal(np.asarray(got[b, length:]), 0.0)
+        if length == 0:
+            continue
+        cut = [x[b : b + 1, :length] for x in (q, k, v)]
+        alone, alone_pullback = jax.vjp(lambda q, k, v: fn(q, k, v, None), *cut)
+        np.testing.assert_allclose(out[b : b + 1, :length], alone, atol=FWD_TOL, rtol=FWD_TOL)
+        for got, expected in zip(grads, alone_pullback(d_out[b : b + 1, :length]), strict=True):
+            np.testing.assert_allclose(got[b : b + 1, :length], expected, atol=GRAD_TOL, rtol=GRAD_TOL)
+    poisoned = [x.at[1, 23:].set(jnp.nan) for x in (q, k, v)]
+    out_poisoned, pullback_poisoned = jax.vjp(lambda q, k, v: fn(q, k, v, mask), *poisoned)
+    np.testing.assert_allclose(out_poisoned, out, atol=FWD_TOL, rtol=FWD_TOL)
+    for got, expected in zip(pullback_poisoned(d_out), grads, strict=True):
+        np.testing.assert_allclose(got, expected, atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
+def test_masks_other_than_padding_are_refused():
+    _, q, k, v, _ = inputs(6)
+    for name in ("linear", "performer", "linformer"):
+        with pytest.raises(TypeError, match=r"takes mask=None or masks.padding.*got SlidingWindow"):
+            _padded_case(name, False)(q, k, v, jattn.masks.sliding_window(4))
+    with pytest.raises(ValueError, match=r"q_lengths must broadcast to the batch dims \(2,\)"):
+        jattn.linear_attention(q, k, v, mask=jattn.masks.padding(jnp.array([3, 4, 5])))
+
+
 def test_bad_input_names_the_argument():
     _, q, k, v, _ = inputs(6)
     with pytest.raises(ValueError, match="num_features must be an int >= 1"):
@@ -222,6 +294,10 @@ def test_bad_input_names_the_argument():
         )
     with pytest.raises(ValueError, match="q and k must have the same head dim"):
         jattn.linear_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="projected_len=64 exceeds max_len=32"):
+        get_variant("linformer", projected_len=64, max_len=32)
+    with pytest.raises(TypeError, match="orthogonal must be True or False"):
+        get_variant("performer", orthogonal="no")
 
 
 @pytest.mark.parametrize(

@@ -35,8 +35,9 @@ from jattn.core.chunked import _blocks, _ragged_table, _tile, _visitor, default_
 from jattn.core.dense import softmax_weights_one_head
 from jattn.core.linear import (
     _check_causal_lengths,
+    _favor_features,
+    _padded,
     performer_features,
-    positive_random_features,
     resolve_feature_map,
 )
 from jattn.variants import Variant
@@ -270,7 +271,7 @@ def _normalized_kernel_weights(phi_q, phi_k, *, causal: bool):
     normalizer are zero.
 
     Args:
-      phi_q: ``[T, F]``. phi_k: ``[S, F]``.
+      phi_q: ``[T, F]``. phi_k: ``[S, F]``, zero for keys left out.
     Returns:
       float32 ``[T, S]``.
     """
@@ -281,57 +282,87 @@ def _normalized_kernel_weights(phi_q, phi_k, *, causal: bool):
     return jnp.where(den > 0, a / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def _kernel_weights(problem: Problem, phi_q: Callable, phi_k: Callable, causal: bool):
-    """vmap the normalized kernel weights of features ``phi_q(q [T, H])``, ``phi_k(k [S, H])``."""
+def _kernel_weights(problem: Problem, phi_q: Callable, phi_k: Callable, causal: bool, fn_name: str):
+    """vmap the normalized kernel weights of features ``phi_q(q [T, H])`` and
+    ``phi_k(k [S, H], valid [S] or None)`` (zero where not valid), under the problem's padding mask
+    if it has one (``jattn.core.linear``'s rule: padded keys left out, padded query rows zero)."""
+    padded, problem = _padded(problem, fn_name)
+    positions = jnp.arange(problem.kv_len)
 
-    def per_head(q_h, k_h, v_h, ops):  # -> [T, S]
-        del v_h, ops
-        return _normalized_kernel_weights(phi_q(q_h), phi_k(k_h), causal=causal)
+    def per_head(q_h, k_h, v_h, kv_len):  # -> [T, S]
+        del v_h
+        valid = None if padded is None else positions < kv_len
+        return _normalized_kernel_weights(phi_q(q_h), phi_k(k_h, valid), causal=causal)
 
-    return _heads_first(vmap_over_heads(per_head, problem.q, problem.k, problem.v), problem)
+    operands = () if padded is None else padded.kv_lengths
+    weights = vmap_over_heads(per_head, problem.q, problem.k, problem.v, operands)  # [B, T, N, S]
+    if padded is not None:
+        weights = padded.zero(weights, padded.q_valid)
+    return _heads_first(weights, problem)
 
 
-def linear_attention_weights(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False):
+def linear_attention_weights(
+    q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False, mask=None
+):
     """Implicit weights ``φ(q_t)·φ(k_s) / Σ_s φ(q_t)·φ(k_s)`` of ``jattn.linear_attention``.
 
     ``weights @ v`` (per head) is linear attention's output; materialized ``[T, S]`` per head, so
     for short inputs.
 
     Args:
-      q, k, v, feature_map, causal: as ``jattn.linear_attention`` (v is checked, not used).
+      q, k, v, feature_map, causal, mask: as ``jattn.linear_attention`` (v is checked, not used).
     Returns:
       float32 ``[B..., N, T, S]``; rows sum to one (zero rows where the normalizer is zero).
     """
     feature_map = resolve_feature_map(feature_map)
-    problem = make_problem(q, k, v)
+    problem = make_problem(q, k, v, mask=mask)
     _check_causal_lengths(problem, causal, "linear_attention_weights")
-    phi = lambda x: feature_map(x.astype(jnp.float32))  # noqa: E731
-    return _kernel_weights(problem, phi, phi, causal)
+
+    def phi(x):
+        return feature_map(x.astype(jnp.float32))
+
+    def phi_k(x, valid):
+        return phi(x) if valid is None else jnp.where(valid[:, None], phi(x), 0.0)
+
+    return _kernel_weights(problem, phi, phi_k, causal, "linear_attention_weights")
 
 
 def performer_attention_weights(
-    q, k, v, *, key, num_features: int = 256, causal: bool = False, orthogonal: bool = True, scale=None
+    q,
+    k,
+    v,
+    *,
+    key,
+    num_features: int = 256,
+    causal: bool = False,
+    orthogonal: bool = True,
+    scale=None,
+    mask=None,
 ):
     """Implicit weights of ``jattn.performer_attention`` (FAVOR+) with the same random features.
 
     Args:
-      q, k, v, key, num_features, causal, orthogonal, scale: as ``jattn.performer_attention``.
+      q, k, v, key, num_features, causal, orthogonal, scale, mask: as ``jattn.performer_attention``.
     Returns:
       float32 ``[B..., N, T, S]``, rows summing to one; they estimate the softmax weights.
     """
-    problem = make_problem(q, k, v, scale=scale)
+    problem = make_problem(q, k, v, scale=scale, mask=mask)
     _check_causal_lengths(problem, causal, "performer_attention_weights")
     features = performer_features(key, num_features, problem.head_dim, orthogonal=orthogonal)
-    phi = functools.partial(positive_random_features, features=features, scale=problem.scale)
+    phi = functools.partial(_favor_features, features=features, scale=problem.scale)
     return _kernel_weights(
-        problem, functools.partial(phi, stabilizer="row"), functools.partial(phi, stabilizer="all"), causal
+        problem,
+        lambda x: phi(x, per_row=True)[0],
+        lambda x, valid: phi(x, valid, per_row=False)[0],
+        causal,
+        "performer_attention_weights",
     )
 
 
 LINFORMER_AXES = ("projected", "keys")
 
 
-def linformer_attention_weights(q, k, v, proj_k, proj_v, *, scale=None, over: str = "projected"):
+def linformer_attention_weights(q, k, v, proj_k, proj_v, *, scale=None, mask=None, over: str = "projected"):
     """Weights of ``jattn.linformer_attention``.
 
     ``over="projected"``: the softmax over the P projected keys ``proj_kᵀ k``, ``[B..., N, T, P]``
@@ -340,27 +371,32 @@ def linformer_attention_weights(q, k, v, proj_k, proj_v, *, scale=None, over: st
     signed, and its rows need not sum to one.
 
     Args:
-      q, k, v, proj_k, proj_v, scale: as ``jattn.linformer_attention``.
+      q, k, v, proj_k, proj_v, scale, mask: as ``jattn.linformer_attention``.
       over: ``"projected"`` or ``"keys"``.
     Returns:
       float32 ``[B..., N, T, P]`` or ``[B..., N, T, S]``.
     """
     if over not in LINFORMER_AXES:
         raise ValueError(f"over must be one of {LINFORMER_AXES}, got {over!r}")
-    problem = make_problem(q, k, v, scale=scale)
+    padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "linformer_attention_weights")
     for name, proj in (("proj_k", proj_k), ("proj_v", proj_v)):
         if getattr(proj, "ndim", None) != 2 or proj.shape[0] < problem.kv_len:
             raise ValueError(
                 f"{name} must be [max_len >= {problem.kv_len}, P], got shape {getattr(proj, 'shape', proj)}"
             )
-    used_k = jnp.asarray(proj_k)[: problem.kv_len].astype(problem.dtype)  # [S, P]
-    projected_k = jnp.einsum("sp,bskh->bpkh", used_k, problem.k, preferred_element_type=jnp.float32)
-    weights = attention_weights(
-        problem.q, projected_k.astype(problem.dtype), projected_k, scale=problem.scale
-    )
+    used_k = jnp.asarray(proj_k, jnp.float32)[: problem.kv_len]  # [S, P]
+    projected_k = jnp.einsum("sp,bskh->bpkh", used_k, problem.k.astype(jnp.float32))
+    weights = attention_weights(problem.q.astype(jnp.float32), projected_k, projected_k, scale=problem.scale)
     if over == "keys":
         used_v = jnp.asarray(proj_v, jnp.float32)[: problem.kv_len]  # [S, P]
-        weights = jnp.einsum("bntp,sp->bnts", weights, used_v)
+        if padded is None:
+            weights = jnp.einsum("bntp,sp->bnts", weights, used_v)
+        else:  # padded values are left out of the projection: their columns are zero
+            weights = jnp.einsum(
+                "bntp,bsp->bnts", weights, jnp.where(padded.kv_valid[..., None], used_v, 0.0)
+            )
+    if padded is not None:
+        weights = jnp.where(padded.q_valid[:, None, :, None], weights, 0.0)  # [B, N, T, X]
     return weights.reshape(*problem.batch_shape, *weights.shape[1:])
 
 
@@ -395,12 +431,10 @@ def variant_weights(variant: Variant | None, q, k, v, *, causal: bool, mask=None
     """
     if variant is None or variant.exact:
         return attention_weights(q, k, v, mask=variant_mask(variant, causal=causal, mask=mask))
-    if mask is not None:
-        raise NotImplementedError(f"attention variant {variant.name!r} takes no mask")
     options = variant.options
     if variant.name == "linear":
         return linear_attention_weights(
-            q, k, v, feature_map=options.get("feature_map", "elu+1"), causal=causal
+            q, k, v, feature_map=options.get("feature_map", "elu+1"), causal=causal, mask=mask
         )
     if variant.name == "performer":
         return performer_attention_weights(
@@ -411,11 +445,12 @@ def variant_weights(variant: Variant | None, q, k, v, *, causal: bool, mask=None
             num_features=options.get("num_features", 256),
             orthogonal=options.get("orthogonal", True),
             causal=causal,
+            mask=mask,
         )
     if variant.name == "linformer":
         if causal:
             raise NotImplementedError("linformer projects the whole sequence, so it cannot be causal")
-        return linformer_attention_weights(q, k, v, params["proj_k"], params["proj_v"])
+        return linformer_attention_weights(q, k, v, params["proj_k"], params["proj_v"], mask=mask)
     raise NotImplementedError(
         f"no implicit weights for the approximate attention variant {variant.name!r}; known: "
         "linear, performer, linformer"
@@ -432,7 +467,7 @@ def variant_statistics(
     the slots) is defined, its distance and first_token are None."""
     if variant is None or variant.exact:
         return attention_statistics(q, k, v, mask=variant_mask(variant, causal=causal, mask=mask))
-    weights = variant_weights(variant, q, k, v, causal=causal, params=params, key=key)
+    weights = variant_weights(variant, q, k, v, causal=causal, mask=mask, params=params, key=key)
     return weight_statistics(weights, over_positions=variant.name != "linformer")
 
 

@@ -16,16 +16,22 @@ heads shared without copies, as in ``jattn.attention``):
 
 A row whose normalizer is zero returns zeros: with the "relu" feature map, a query whose features
 miss every key's; with FAVOR+, only where float32 underflows for every key the query sees.
+
+Each takes ``mask=masks.padding(q_lengths, kv_lengths)`` for a padded batch: padded keys are left
+out of the sums (Linformer: out of the projections) and padded queries return zeros, so nothing in
+the padding reaches the real positions. Other masks have no linear-cost form and are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jattn import masks as masks_lib
 from jattn._checks import check_int
 from jattn.attention import Problem, _check_array, attention, make_problem
 from jattn.core._batching import vmap_over_heads
@@ -46,9 +52,48 @@ def _check_causal_lengths(problem: Problem, causal: bool, fn_name: str) -> None:
         )
 
 
-def _per_head_output(problem: Problem, per_head: Callable):
-    """vmap ``per_head(q [T, H], k [S, H], v [S, Hv]) -> [T, Hv]``; output ``[B..., T, N, Hv]``."""
-    out = vmap_over_heads(lambda q, k, v, _: per_head(q, k, v), problem.q, problem.k, problem.v)
+class _Padded:
+    """A problem's padding mask on its canonical ``[B, L, heads, H]`` arrays.
+
+    ``q_valid [B|1, T]`` and ``kv_valid [B|1, S]`` say which positions are real; ``kv_lengths``
+    ``[B|1, 1]`` is the per-head operand for ``vmap_over_heads``."""
+
+    def __init__(self, problem: Problem, fn_name: str):
+        padding = problem.mask
+        if not isinstance(padding, masks_lib.Padding):
+            raise TypeError(
+                f"{fn_name} takes mask=None or masks.padding(q_lengths, kv_lengths) (a padded batch); "
+                f"other masks have no linear-cost form, got {type(padding).__name__}"
+            )
+        self.kv_lengths = padding.kv_lengths  # [B|1, 1]
+        self.q_valid = jnp.arange(problem.q_len) < padding.q_lengths  # [B|1, T]
+        self.kv_valid = jnp.arange(problem.kv_len) < padding.kv_lengths  # [B|1, S]
+
+    @staticmethod
+    def zero(x, valid):
+        """``x [B, L, heads, D]`` with the rows that ``valid [B|1, L]`` leaves out set to zero."""
+        return jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
+def _padded(problem: Problem, fn_name: str) -> tuple[_Padded | None, Problem]:
+    """The problem's padding mask (or None) and the problem with the padded rows of q, k and v
+    zeroed, so that NaN or large values there reach neither the sums nor their gradients."""
+    if problem.mask is None:
+        return None, problem
+    padded = _Padded(problem, fn_name)
+    q = padded.zero(problem.q, padded.q_valid)
+    k, v = (padded.zero(x, padded.kv_valid) for x in (problem.k, problem.v))
+    return padded, dataclasses.replace(problem, q=q, k=k, v=v, mask=None)
+
+
+def _per_head_output(problem: Problem, per_head: Callable, padded: _Padded | None = None):
+    """vmap ``per_head(q [T, H], k [S, H], v [S, Hv], kv_len) -> [T, Hv]`` (kv_len a scalar, or
+    None without padding); output ``[B..., T, N, Hv]``, zero in padded query rows."""
+    if padded is None:
+        out = vmap_over_heads(lambda q, k, v, _: per_head(q, k, v, None), problem.q, problem.k, problem.v)
+    else:
+        out = vmap_over_heads(per_head, problem.q, problem.k, problem.v, padded.kv_lengths)
+        out = padded.zero(out, padded.q_valid)
     return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(problem.dtype)
 
 
@@ -92,9 +137,16 @@ def _rescale_sums(sums, phi_k, shift):
     both divided by ``exp(max(m, shift))``.
     """
     kv, normalizer, log_scale = sums
-    new_scale = jnp.maximum(log_scale, jnp.max(shift))
-    decay = jnp.exp(log_scale - new_scale)
-    return (kv * decay, normalizer * decay, new_scale), phi_k * jnp.exp(shift - new_scale)
+    new_scale = jnp.maximum(log_scale, jnp.max(shift))  # -inf while no key has been added
+    finite_scale = _finite(new_scale)
+    decay = jnp.exp(log_scale - finite_scale)
+    return (kv * decay, normalizer * decay, new_scale), phi_k * jnp.exp(shift - finite_scale)
+
+
+def _finite(shift):
+    """A log-scale with -inf (no key: every feature is zero) replaced by 0, so differences stay
+    finite."""
+    return jnp.where(jnp.isfinite(shift), shift, 0.0)
 
 
 def _add_keys(sums, phi_k, v):
@@ -104,7 +156,7 @@ def _add_keys(sums, phi_k, v):
     return kv, normalizer + phi_k.sum(0), log_scale
 
 
-def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
+def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool, kv_len=None):
     """``out_t = Σ_s (φq_t·φk_s) v_s / Σ_s φq_t·φk_s`` over all s, or s <= t when causal.
 
     Streams over rows, so time and memory are O(T + S) and the working set is a chunk: key
@@ -115,9 +167,13 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
     Args:
       q: ``[T, H]``. k: ``[S, H]``. v: ``[S, Hv]``.
       phi_q: ``[c, H] -> [c, F]`` float32 query features.
-      phi_k: ``[c, H] -> ([c, F], shift)``: float32 key features divided by ``exp(shift)``, a
-        scalar or one per key ``[c, 1]``, without gradient (0 for maps that need no stabilizing).
+      phi_k: ``([c, H], valid [c] or None) -> ([c, F], shift)``: float32 key features divided by
+        ``exp(shift)``, a scalar or one per key ``[c, 1]``, without gradient (0 for maps that need
+        no stabilizing); zero for keys that are not valid, which the shift leaves out (-inf if none
+        is valid).
       causal: needs T == S.
+      kv_len: keys at positions >= kv_len (a scalar) are left out; None: all S keys. Their rows of
+        k and v must be finite (zero them).
     Returns:
       ``[T, Hv]`` float32.
     """
@@ -127,14 +183,19 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
         jnp.zeros((num_features,), jnp.float32),
         jnp.array(-jnp.inf, jnp.float32),
     )
+    positions = jnp.arange(k.shape[0])[:, None]  # [S, 1]
+
+    def key_features(k_c, positions_c):
+        return phi_k(k_c, None if kv_len is None else positions_c[:, 0] < kv_len)
+
     if not causal:
 
         def add_keys(state, rows):
-            k_c, v_c = rows
-            state, phi_k_c = _rescale_sums(state, *phi_k(k_c))
+            k_c, v_c, positions_c = rows
+            state, phi_k_c = _rescale_sums(state, *key_features(k_c, positions_c))
             return _add_keys(state, phi_k_c, v_c), None
 
-        (kv, normalizer, _), _ = _scan_rows(add_keys, sums, (k, v), STREAM_CHUNK)
+        (kv, normalizer, _), _ = _scan_rows(add_keys, sums, (k, v, positions), STREAM_CHUNK)
 
         def read(_, rows):
             phi = phi_q(rows[0])  # [c, F]
@@ -143,14 +204,14 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
         return _scan_rows(read, None, (q,), STREAM_CHUNK)[1]
 
     def causal_step(state, rows):
-        q_c, k_c, v_c = rows  # [c, H], [c, H], [c, Hv]
+        q_c, k_c, v_c, positions_c = rows  # [c, H], [c, H], [c, Hv], [c, 1]
         phi = phi_q(q_c)  # [c, F]
-        phi_k_c, key_shift = phi_k(k_c)  # [c, F] divided by exp(key_shift), scalar or [c, 1]
+        phi_k_c, key_shift = key_features(k_c, positions_c)  # [c, F] / exp(key_shift), scalar or [c, 1]
         kv, normalizer, log_scale = state  # sums over the earlier chunks, divided by exp(log_scale)
         # Each query's own scale, the largest shift among the keys it sees: a larger key later in the
         # chunk must not underflow the features of the keys before it (a row of zeros).
         key_shift = jnp.broadcast_to(key_shift, (k_c.shape[0], 1))[:, 0]  # [c]
-        row_scale = jnp.maximum(log_scale, jax.lax.cummax(key_shift))  # [c]
+        row_scale = _finite(jnp.maximum(log_scale, jax.lax.cummax(key_shift)))  # [c]
         seen = jnp.tril(jnp.ones((q_c.shape[0], k_c.shape[0]), bool))  # [c, c]: keys s <= t
         key_weight = jnp.exp(jnp.where(seen, key_shift[None, :] - row_scale[:, None], -jnp.inf))
         local = (phi @ phi_k_c.T) * key_weight  # [c, c]
@@ -162,7 +223,7 @@ def normalized_kernel_attention(q, k, v, *, phi_q, phi_k, causal: bool):
         later, phi_k_c = _rescale_sums(state, phi_k_c, key_shift[:, None])
         return _add_keys(later, phi_k_c, v_c), _safe_divide(num, den)
 
-    return _scan_rows(causal_step, sums, (q, k, v), CAUSAL_CHUNK)[1]
+    return _scan_rows(causal_step, sums, (q, k, v, positions), CAUSAL_CHUNK)[1]
 
 
 def resolve_feature_map(feature_map: str | Callable) -> Callable:
@@ -179,29 +240,34 @@ def resolve_feature_map(feature_map: str | Callable) -> Callable:
 
 
 @functools.partial(jax.jit, static_argnames=("feature_map", "causal"))
-def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False):
+def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False, mask=None):
     """Linear attention (Katharopoulos et al. 2020): ``φ(q)·φ(k)`` in place of ``exp(q·k)``.
 
     Args:
       q: ``[B..., T, N, H]``. k: ``[B..., S, K, H]``. v: ``[B..., S, K, Hv]`` (N % K == 0).
       feature_map: ``"elu+1"`` (the paper's), ``"relu"`` or a function of float32 ``[L, H] -> [L, F]``.
       causal: query t sees keys s <= t (needs T == S), by prefix sums in O(T) memory.
+      mask: None, or ``masks.padding(q_lengths, kv_lengths)`` for a padded batch.
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype (features and sums in float32).
     """
     feature_map = resolve_feature_map(feature_map)
-    problem = make_problem(q, k, v)
+    padded, problem = _padded(make_problem(q, k, v, mask=mask), "linear_attention")
     _check_causal_lengths(problem, causal, "linear_attention")
 
     def phi(x):
         return feature_map(x.astype(jnp.float32))
 
-    def per_head(q_h, k_h, v_h):
+    def phi_k(x, valid):
+        features = phi(x)
+        return (features if valid is None else jnp.where(valid[:, None], features, 0.0)), 0.0
+
+    def per_head(q_h, k_h, v_h, kv_len):
         return normalized_kernel_attention(
-            q_h, k_h, v_h, phi_q=phi, phi_k=lambda x: (phi(x), 0.0), causal=causal
+            q_h, k_h, v_h, phi_q=phi, phi_k=phi_k, causal=causal, kv_len=kv_len
         )
 
-    return _per_head_output(problem, per_head)
+    return _per_head_output(problem, per_head, padded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +287,16 @@ def _check_prng_key(key):
         f"jax.random.PRNGKey(seed), uint32 of shape (2,)) or None, got {got}; for several draws, "
         "call once per key (or jax.vmap over the keys)"
     )
+
+
+def _haar_orthogonal_rows(gaussian):
+    """A uniformly random orthogonal ``[H, H]`` from a Gaussian one (Mezzadri 2007).
+
+    QR alone is not uniform: LAPACK's Q has a sign convention that pushes row i's i-th coordinate
+    to one sign, which biased the FAVOR+ estimate. Flipping Q's columns by the signs of R's
+    diagonal removes the convention."""
+    q, r = jnp.linalg.qr(gaussian)
+    return (q * jnp.sign(jnp.diagonal(r))[None, :]).T
 
 
 def performer_features(key, num_features: int, head_dim: int, *, orthogonal: bool = True):
@@ -243,19 +319,22 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
     gaussians = jax.random.normal(gauss_key, (num_blocks, head_dim, head_dim), jnp.float32)
     # One QR per block (lax.map): a batched QR inside a training step deadlocked XLA:CPU (jax 0.10.2)
     # from the step's second call; tests/test_scaling.py runs such a step.
-    directions = jax.lax.map(lambda g: jnp.linalg.qr(g)[0].T, gaussians)  # [blocks, H, H]: orthonormal rows
+    directions = jax.lax.map(_haar_orthogonal_rows, gaussians)  # [blocks, H, H]: orthonormal rows
     directions = directions.reshape(-1, head_dim)[:num_features]  # [M, H]
     norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
     return directions * norms[:, None]
 
 
-def _favor_features(x, features, *, scale: float, per_row: bool):
+def _favor_features(x, valid=None, *, features, scale: float, per_row: bool):
     """FAVOR+ features of ``x`` ``[L, H]`` divided by ``exp(shift)``, and the shift ``[L, 1]`` or
-    ``[]`` (a max of the exponents, without gradient)."""
+    ``[]`` (a max of the exponents, without gradient). Rows that ``valid [L]`` leaves out get zero
+    features and no say in the shift (-inf where no row is valid)."""
     x = x.astype(jnp.float32) * scale**0.5
     exponent = x @ features.T - 0.5 * jnp.sum(x * x, -1, keepdims=True)  # [L, M]
+    if valid is not None:
+        exponent = jnp.where(valid[:, None], exponent, -jnp.inf)
     shift = jax.lax.stop_gradient(exponent.max(-1, keepdims=True) if per_row else exponent.max())
-    return jnp.exp(exponent - shift) / features.shape[0] ** 0.5, shift
+    return jnp.exp(exponent - _finite(shift)) / features.shape[0] ** 0.5, shift
 
 
 def positive_random_features(x, features, *, scale: float, stabilizer: str):
@@ -269,12 +348,21 @@ def positive_random_features(x, features, *, scale: float, stabilizer: str):
     Returns:
       ``[L, M]`` float32.
     """
-    return _favor_features(x, features, scale=scale, per_row=stabilizer == "row")[0]
+    return _favor_features(x, features=features, scale=scale, per_row=stabilizer == "row")[0]
 
 
 @functools.partial(jax.jit, static_argnames=("num_features", "causal", "orthogonal", "scale"))
 def performer_attention(
-    q, k, v, *, key, num_features: int = 256, causal: bool = False, orthogonal: bool = True, scale=None
+    q,
+    k,
+    v,
+    *,
+    key,
+    num_features: int = 256,
+    causal: bool = False,
+    orthogonal: bool = True,
+    scale=None,
+    mask=None,
 ):
     """Performer attention, FAVOR+ (Choromanski et al. 2021): softmax attention estimated with
     ``num_features`` positive random features; O((T + S)·M) time and memory.
@@ -287,10 +375,11 @@ def performer_attention(
       causal: query t sees keys s <= t (needs T == S), by prefix sums in O(T) memory.
       orthogonal: orthogonal random features (lower variance).
       scale: of the softmax kernel ``exp(scale · q·k)``; defaults to ``1 / sqrt(H)``.
+      mask: None, or ``masks.padding(q_lengths, kv_lengths)`` for a padded batch.
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype.
     """
-    problem = make_problem(q, k, v, scale=scale)
+    padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "performer_attention")
     _check_causal_lengths(problem, causal, "performer_attention")
     features = performer_features(key, num_features, problem.head_dim, orthogonal=orthogonal)
     phi_q = functools.partial(
@@ -298,10 +387,12 @@ def performer_attention(
     )
     phi_k = functools.partial(_favor_features, features=features, scale=problem.scale, per_row=causal)
 
-    def per_head(q_h, k_h, v_h):
-        return normalized_kernel_attention(q_h, k_h, v_h, phi_q=phi_q, phi_k=phi_k, causal=causal)
+    def per_head(q_h, k_h, v_h, kv_len):
+        return normalized_kernel_attention(
+            q_h, k_h, v_h, phi_q=phi_q, phi_k=phi_k, causal=causal, kv_len=kv_len
+        )
 
-    return _per_head_output(problem, per_head)
+    return _per_head_output(problem, per_head, padded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +415,7 @@ def _check_projection(name: str, proj, kv_len: int):
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None):
+def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None, mask=None):
     """Linformer (Wang et al. 2020): softmax attention over keys and values projected along the
     sequence axis to ``projected_len`` positions; O(T·projected_len).
 
@@ -333,10 +424,13 @@ def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None):
       proj_k, proj_v: ``[max_len, P]`` projections (shared by all heads, the paper's headwise
         sharing); the first S rows are used, so S <= max_len.
       scale: defaults to ``1 / sqrt(H)``.
+      mask: None, or ``masks.padding(q_lengths, kv_lengths)``: padded keys and values are left out
+        of the projections, padded queries return zeros.
     Returns:
-      ``[B..., T, N, Hv]`` in q's dtype.
+      ``[B..., T, N, Hv]`` in q's dtype. The projections, and the attention over the P projected
+      positions, are computed in float32 whatever the input dtype (O(T·P) work).
     """
-    problem = make_problem(q, k, v, scale=scale)
+    padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "linformer_attention")
     for name, proj in (("proj_k", proj_k), ("proj_v", proj_v)):
         _check_projection(name, proj, problem.kv_len)
     if proj_k.shape[1] != proj_v.shape[1]:
@@ -345,9 +439,12 @@ def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None):
             f"proj_v.shape={tuple(proj_v.shape)}"
         )
 
-    def project(proj, x):  # [S, P], [B, S, K, H] -> [B, P, K, H]
-        proj = proj[: problem.kv_len].astype(x.dtype)
-        return jnp.einsum("sp,bskh->bpkh", proj, x, preferred_element_type=jnp.float32).astype(x.dtype)
+    def project(proj, x):  # [S, P], [B, S, K, H] -> float32 [B, P, K, H]
+        proj = jnp.asarray(proj[: problem.kv_len], jnp.float32)
+        return jnp.einsum("sp,bskh->bpkh", proj, x.astype(jnp.float32))
 
-    out = attention(problem.q, project(proj_k, problem.k), project(proj_v, problem.v), scale=problem.scale)
-    return out.reshape(*problem.batch_shape, *out.shape[1:])
+    q32 = problem.q.astype(jnp.float32)
+    out = attention(q32, project(proj_k, problem.k), project(proj_v, problem.v), scale=problem.scale)
+    if padded is not None:
+        out = padded.zero(out, padded.q_valid)
+    return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(problem.dtype)
