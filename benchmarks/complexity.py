@@ -7,7 +7,8 @@ growth of every implementation that streams over blocks), XLA's memory analysis 
 and the compiled program is run for the median wall time. A log-log fit over N gives the
 growth exponent: about 2 for full attention, about 1 for the sparse and linear-cost variants.
 
-    .venv/bin/python benchmarks/complexity.py                      # the RESULTS.md table (about 15 min)
+    # the RESULTS.md table (about 8 min):
+    .venv/bin/python benchmarks/complexity.py --max-wall-len 8192 --max-quadratic-wall-len 4096
     .venv/bin/python benchmarks/complexity.py --lengths 1024 2048 --max-wall-len 0   # a quick look
 
 Wall time is measured only up to ``--max-wall-len`` (and for the quadratic variants up to
@@ -68,11 +69,12 @@ VARIANTS: dict[str, Callable[[int], Callable]] = {
 
 
 def fwd_bwd(attend: Callable):
-    """Gradients of Σ attend(q, k, v) · d_out with respect to q, k and v."""
+    """The output and the gradients of Σ attend(q, k, v) · d_out with respect to q, k and v (the
+    output returned, as a layer's is used: XLA would otherwise drop the forward's P·V matmul)."""
 
     def grads(q, k, v, d_out):
         out, pullback = jax.vjp(attend, q, k, v)
-        return pullback(d_out)
+        return out, pullback(d_out)
 
     return jax.jit(grads)
 
@@ -143,7 +145,9 @@ def main():
     results: dict[str, dict[int, dict]] = {}
     for name in args.variants:
         results[name] = {}
-        wall_cap = args.max_quadratic_wall_len if name in QUADRATIC else args.max_wall_len
+        wall_cap = (
+            min(args.max_wall_len, args.max_quadratic_wall_len) if name in QUADRATIC else args.max_wall_len
+        )
         for length in args.lengths:
             results[name][length] = measure(name, length, length <= wall_cap, args.repeats)
             print(f"{name:40s} N={length:6d} {results[name][length]}", flush=True)

@@ -118,6 +118,11 @@ def test_fit_with_failed_long_lengths_uses_the_two_longest_measured():
     assert scaling.fit_exponent({64: 1.0, 128: None}, min_length=64) is None
 
 
+def test_fit_leaves_out_points_that_are_not_finite():
+    fit = scaling.fit_exponent({256: 1.0, 512: 4.0, 1024: float("inf"), 2048: float("nan")}, min_length=256)
+    assert fit.lengths == (256, 512) and fit.exponent == pytest.approx(2.0)
+
+
 @settings(deadline=None, max_examples=25)
 @given(log2_cross=st.floats(6.5, 13.5))
 def test_crossover_of_linear_against_quadratic(log2_cross):
@@ -285,6 +290,24 @@ def test_analytic_flops_agree_with_xla_for_full_attention(tmp_path):
         step = scaling._op_step(variant, cfg, 128, pass_name)
         xla = scaling.compiled_flops(jax.jit(step.fn).lower(*step.args).compile())
         assert step.analytic_flops == pytest.approx(xla, rel=0.35)
+
+
+def test_forward_backward_returns_the_output_so_every_implementation_computes_it(tmp_path):
+    """Without the output XLA dropped P·V from autodiff implementations but not from chunked."""
+    cfg = config(tmp_path, [entry("full", implementation="xla")])
+    variant = get_variant("full", implementation="xla")
+    forward = scaling._op_step(variant, cfg, 64, "forward")
+    out, grads = scaling._op_step(variant, cfg, 64, "forward_backward").fn(
+        *forward.args[:4], None, forward.args[0]
+    )
+    np.testing.assert_allclose(out, forward.fn(*forward.args), atol=1e-6)
+    assert len(grads) == 4
+
+
+def test_a_sweep_saves_its_resolved_config(tmp_path):
+    cfg = config(tmp_path, [entry("full")], lengths=(16,))
+    scaling.run_sweep(cfg, progress=False)
+    assert scaling.load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_guards_record_failures_and_skip_longer_lengths(tmp_path, capsys):

@@ -203,7 +203,8 @@ class ScalingConfig:
       time_budget_s: the longest one call may take; longer (measured or predicted) is a ``timeout``.
       memory_budget_gb: the most the compiled step may allocate; more is ``over_memory``, not run.
       fit_min_length: exponents are fitted on the lengths from here on (past the overhead regime).
-      out_dir: the run folder (``scaling.csv``, ``scaling.md``, PNGs).
+      out_dir: the run folder (``scaling.csv``, ``scaling.md``, PNGs, and ``config.yaml``: the
+        resolved config of its latest sweep).
       resume: keep the rows already in ``out_dir/scaling.csv`` and measure only the missing ones.
       seed: inputs and parameters.
     """
@@ -430,8 +431,10 @@ def _op_step(variant: Variant, config: ScalingConfig, length: int, pass_name: st
         return variant(q, k, v, causal=causal, params=params, key=key)  # [B, T, N, H]
 
     def forward_backward(q, k, v, params, key, dout):
-        _, pullback = jax.vjp(lambda *qkvp: forward(*qkvp, key), q, k, v, params)
-        return pullback(dout)  # (dq, dk, dv, dparams)
+        # The output is returned, as a layer's is used: without it XLA drops the forward's P·V
+        # matmul from autodiff implementations but not from custom-VJP ones, which need it.
+        out, pullback = jax.vjp(lambda *qkvp: forward(*qkvp, key), q, k, v, params)
+        return out, pullback(dout)  # [B, T, N, H], (dq, dk, dv, dparams)
 
     flops = analytic_flops(variant, config, length, pass_name)
     if pass_name == "forward":
@@ -1001,6 +1004,7 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
 
     existing = check_sweep(config)
     variants = build_variants(config)
+    config_lib.save_config(config, Path(config.out_dir) / "config.yaml")  # this sweep's, resolved
     csv_path = Path(config.out_dir) / "scaling.csv"
     if not config.resume:
         csv_path.unlink(missing_ok=True)
@@ -1025,7 +1029,8 @@ def run_sweep(config: ScalingConfig, *, progress: bool = True) -> list[dict[str,
         track.record(point.length, row["status"], row.get("time_s"))
         if is_reported_failure(row):
             bar.write(
-                f"{point.entry.name} {point.pass_name} L={point.length}: {row['status']} ({row['detail']})"
+                f"{point.level} {point.entry.name} {point.pass_name} L={point.length}: "
+                f"{row['status']} ({row['detail']})"
             )
     bar.close()
     return read_rows(csv_path)
@@ -1084,7 +1089,7 @@ def fit_exponent(points: Mapping[int, float | None], min_length: int) -> Fit | N
     If fewer than two such points exist (the long lengths failed), the two longest points are used;
     None with fewer than two positive points in all.
     """
-    usable = {length: y for length, y in points.items() if y is not None and y > 0}
+    usable = {length: y for length, y in points.items() if y is not None and math.isfinite(y) and y > 0}
     chosen = sorted(length for length in usable if length >= min_length)
     if len(chosen) < 2:
         chosen = sorted(usable)[-2:]
