@@ -52,7 +52,6 @@ import numpy as np
 
 from jattn import flops
 from jattn import masks as masks_lib
-from jattn.attention import implementations
 from jattn.data import TaskSpec
 from jattn.train import config as config_lib
 from jattn.train.build import build_model, build_optimizer
@@ -124,13 +123,6 @@ def _is_positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
-def _check_implementation(name: Any) -> None:
-    """An ``implementation`` option must be None (``jattn.attention`` picks) or a registered name."""
-    known = sorted(implementations())
-    if name is not None and name not in known:
-        raise ValueError(f"unknown implementation={name!r}; known: {known}")
-
-
 @dataclasses.dataclass(frozen=True)
 class VariantEntry:
     """One curve of the study: a registered variant with options, under a display name.
@@ -171,10 +163,8 @@ class VariantEntry:
 
     def build(self) -> Variant:
         """The configured variant; raises ``ConfigError`` naming an option the variant does not take
-        or a bad option value, ``implementation`` included (which ``jattn.attention`` checks only
-        when it is called)."""
+        or a bad option value, ``implementation`` included."""
         try:
-            _check_implementation(self.options.get("implementation"))
             return get_variant(self.variant, **self.options)
         except (TypeError, ValueError) as err:
             raise config_lib.ConfigError(f"scaling config: variants[{self.name}]: {err}") from None

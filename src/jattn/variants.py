@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jattn import masks as masks_lib
 from jattn._checks import check_int
-from jattn.attention import attention
+from jattn.attention import attention, implementations
 from jattn.core import linear as linear_lib
 from jattn.parallel import ring as ring_lib
 
@@ -115,9 +115,14 @@ def softmax_variant(
     """An exact variant from ``pattern(causal) -> mask`` (None: no mask).
 
     Its ``fn`` also takes ``mask=``, a caller's mask (e.g. ``masks.padding``) combined with the
-    pattern; approximate variants without that argument cannot mask padding. ``attend(q, k, v, *,
-    mask, implementation)`` computes it (default ``jattn.attention``).
+    pattern. ``attend(q, k, v, *, mask, implementation)`` computes it (default ``jattn.attention``,
+    whose implementation names are checked here, before any call).
     """
+    if attend is attention and implementation is not None and implementation not in implementations():
+        raise ValueError(
+            f"implementation must be one of {sorted(implementations())} or None (auto), "
+            f"got {implementation!r}"
+        )
 
     def pattern_mask(causal: bool) -> masks_lib.Mask | None:
         combined = pattern(causal)

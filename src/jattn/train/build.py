@@ -10,7 +10,6 @@ import optax
 from flax import nnx
 
 from jattn import nn
-from jattn.attention import implementations
 from jattn.data import TASKS, Task, TaskSpec
 from jattn.train.config import ConfigError, from_dict
 from jattn.train.schema import AttentionConfig, ExperimentConfig, ModelConfig, OptimizerConfig
@@ -37,12 +36,6 @@ def build_variant(attention: AttentionConfig, key: str = "attention") -> Variant
         variant = get_variant(attention.variant, **attention.options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key '{key}.options' for variant {attention.variant!r}: {err}") from None
-    implementation = attention.options.get("implementation")
-    if implementation is not None and implementation not in implementations():
-        raise ConfigError(
-            f"config key '{key}.options.implementation': unknown implementation {implementation!r}; "
-            f"known: {sorted(implementations())} or null (chosen per call)"
-        )
     return variant
 
 
