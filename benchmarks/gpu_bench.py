@@ -154,6 +154,18 @@ def check_correctness(setup: Setup) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# The tiles Pallas mha is timed with (its warps are its own defaults: 4 at head dim <= 64, else 8,
+# forward; 4 backward, as these backward tiles are under 128x128); triton_static.py compiles the same.
+PALLAS_MHA_BLOCKS = {
+    "block_q": 128,
+    "block_k": 64,
+    "block_q_dkv": 64,
+    "block_kv_dkv": 64,
+    "block_q_dq": 64,
+    "block_kv_dq": 64,
+}
+
+
 def _pallas_mha():
     """JAX's built-in Pallas Triton kernel, or None where it is missing (deprecated in 0.11)."""
     if _interpret():
@@ -163,9 +175,7 @@ def _pallas_mha():
     except Exception as error:  # noqa: BLE001 - any import failure means "peer not available"
         print(f"(pallas mha unavailable: {type(error).__name__}: {error})", file=sys.stderr)
         return None
-    sizes = pallas_attention.BlockSizes(
-        block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64
-    )
+    sizes = pallas_attention.BlockSizes(**PALLAS_MHA_BLOCKS)
     return lambda q, k, v, causal: pallas_attention.mha(
         q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal, block_sizes=sizes
     )

@@ -6,14 +6,18 @@
     PYTHONPATH=src python benchmarks/triton_static.py --sweep   # launch settings of jattn's kernels
     PYTHONPATH=src python benchmarks/triton_static.py --choose --arch 86 --write   # sm86's table entries
 
-The kernels are lowered to Triton IR by JAX (``jax.export`` for CUDA, as in the tests), then
-compiled by the ``triton`` package for ``--arch`` (sm_90 by default; 80 for an A100, 86/89 for the
-99 KiB parts) and assembled by its ``ptxas``. For each kernel it prints what decides whether it can
+The kernels are lowered to Triton IR by JAX (``jax.export`` for CUDA, as in the tests), put through
+Triton's first optimisation stage (canonicalize, combine, CSE, loop unrolling: XLA runs it on a GPU,
+and ``triton.compile`` skips it for IR it is given), then compiled by the ``triton`` package for
+``--arch`` (sm_90 by default; 80 for an A100, 86/89 for the 99 KiB parts) and assembled by its
+``ptxas``. For each kernel it prints what decides whether it can
 be fast, all read from the compiler's output:
 
 * ``smem``: shared memory per program (``SHARED_KIB``: 227 KiB on an H100; more does not launch);
 * ``pipelined``: the K/V loads are asynchronous copies (``cp.async``) issued ahead of their use;
 * ``async mma``: matmuls issued as asynchronous wgmma (sm_90 only), overlapping the softmax;
+* ``sync mma``: matmuls left on the older synchronous ``mma.sync`` path (on sm_90, those with
+  fewer than 64 rows per program: wgmma wants a warpgroup's 64);
 * ``regs`` and ``spill``: registers per thread (at most 255) and bytes spilled to local memory.
 
 These are static facts, not timings: they say which configurations cannot be fast (no pipelining,
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 import block_table
+import gpu_bench
 from jattn import masks
 from jattn.attention import make_problem
 from jattn.kernels import aot, flash
@@ -64,6 +69,7 @@ class Compiled:
     shared_bytes: int
     pipelined: bool
     async_mma: int
+    sync_mma: int
     registers: int
     spill_bytes: int
     arch: int = 90
@@ -71,6 +77,11 @@ class Compiled:
     @property
     def launches(self) -> bool:
         return self.shared_bytes <= SHARED_KIB[self.arch] * 1024
+
+    @property
+    def wgmma_only(self) -> bool:
+        """Every matmul an asynchronous wgmma (what Hopper's tensor cores run at full rate)."""
+        return self.async_mma > 0 and self.sync_mma == 0
 
 
 @contextlib.contextmanager
@@ -121,13 +132,28 @@ def jattn_kernels(
 
 
 def mha_kernels(head_dim: int, causal: bool, length: int) -> dict[str, str]:
-    """Triton IR of JAX's Pallas ``mha`` forward and backward, its defaults (bfloat16, 16 heads)."""
+    """Triton IR of JAX's Pallas ``mha`` forward and backward with the tiles ``gpu_bench.py`` times
+    it with (bfloat16, 16 heads)."""
     from jax.experimental.pallas.ops.gpu import attention
 
+    sizes = attention.BlockSizes(**gpu_bench.PALLAS_MHA_BLOCKS)
     x = jax.ShapeDtypeStruct((16384 // length, length, 16, head_dim), jnp.bfloat16)
+
+    def attend(q, k, v):
+        return attention.mha(q, k, v, segment_ids=None, causal=causal, block_sizes=sizes)
+
     with captured_triton_ir() as modules:
-        lower(with_gradient(lambda q, k, v: attention.mha(q, k, v, segment_ids=None, causal=causal)), x, x, x)
+        lower(with_gradient(attend), x, x, x)
     return {name: ir for name, ir in modules.items() if "preprocess" not in name}
+
+
+def mha_launch(head_dim: int, kernel: str) -> tuple[str, int]:
+    """(tiles, num_warps) of a Pallas mha kernel at ``PALLAS_MHA_BLOCKS``, by mha's own rule."""
+    blocks = gpu_bench.PALLAS_MHA_BLOCKS
+    if kernel.endswith("forward"):
+        return f"{blocks['block_q']}x{blocks['block_k']}", 4 if head_dim <= 64 else 8
+    under = min(blocks["block_q_dkv"] * blocks["block_kv_dkv"], blocks["block_q_dq"] * blocks["block_kv_dq"])
+    return f"{blocks['block_q_dkv']}x{blocks['block_kv_dkv']}", 4 if under < 128 * 128 else 8
 
 
 def launch_settings(sizes: flash.BlockSizes, kernel: str) -> tuple[int, int]:
@@ -135,6 +161,25 @@ def launch_settings(sizes: flash.BlockSizes, kernel: str) -> tuple[int, int]:
     if kernel.endswith("forward"):
         return sizes.num_warps, sizes.num_stages
     return sizes.backward_num_warps, sizes.backward_num_stages
+
+
+def optimized_ttir(ir: str, arch: int) -> str:
+    """Triton IR after Triton's first stage (``make_ttir``), as XLA compiles it on a GPU."""
+    from triton._C.libtriton import ir as triton_ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    context = triton_ir.context()
+    triton_ir.load_dialects(context)
+    backend.load_dialects(context)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ttir")
+        with open(source, "w") as f:
+            f.write(ir)
+        module = triton_ir.parse_mlir_module(source, context)
+    module.context = context
+    return str(backend.make_ttir(module, {}, backend.parse_options({}), arch))
 
 
 def compile_for(ir: str, num_warps: int, num_stages: int, arch: int = 90) -> Compiled:
@@ -145,7 +190,7 @@ def compile_for(ir: str, num_warps: int, num_stages: int, arch: int = 90) -> Com
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ttir")
         with open(source, "w") as f:
-            f.write(ir)
+            f.write(optimized_ttir(ir, arch))
         kernel = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
@@ -167,26 +212,39 @@ def compile_for(ir: str, num_warps: int, num_stages: int, arch: int = 90) -> Com
         shared_bytes=int(kernel.metadata.shared),
         pipelined="cp.async" in kernel.asm["ptx"],
         async_mma=len(re.findall(r"warp_group_dot.*isAsync = true", kernel.asm["ttgir"])),
+        sync_mma=len(re.findall(r"= tt\.dot ", kernel.asm["ttgir"])),
         registers=int(registers.group(1)) if registers else -1,
         spill_bytes=int(spills.group(1)) if spills else 0,
         arch=arch,
     )
 
 
-COLUMNS = ("kernel", "head dim", "mask", "tiles", "warps", "stages", "smem KiB", "pipelined", "async mma")
+COLUMNS = (
+    "kernel",
+    "head dim",
+    "mask",
+    "tiles",
+    "warps",
+    "stages",
+    "smem KiB",
+    "pipelined",
+    "async mma",
+    "sync mma",
+)
 HEADER = "| " + " | ".join((*COLUMNS, "regs", "spill B")) + " |\n|" + "---|" * (len(COLUMNS) + 2)
 
 
 def row(kernel: str, head_dim: int, causal: bool, tiles: str, warps: int, stages: int, c: Compiled) -> str:
     smem = f"{c.shared_bytes / 1024:.0f}" + ("" if c.launches else " (too much)")
     mask = "causal" if causal else "none"
-    cells = (kernel, head_dim, mask, tiles, warps, stages, smem, "yes" if c.pipelined else "no", c.async_mma)
+    pipelined = "yes" if c.pipelined else "no"
+    cells = (kernel, head_dim, mask, tiles, warps, stages, smem, pipelined, c.async_mma, c.sync_mma)
     return "| " + " | ".join(map(str, (*cells, c.registers, c.spill_bytes))) + " |"
 
 
 def compare(head_dims, length: int, arch: int, dtype: str, target: str | None) -> None:
     """jattn's tabulated settings (``target``'s table, default the one ``sm_{arch}`` reads) compiled
-    for ``sm_{arch}``, against Pallas mha's defaults (bfloat16 only)."""
+    for ``sm_{arch}``, against Pallas mha as ``gpu_bench.py`` times it (bfloat16 only)."""
     target = target or table_target(arch)
     print(
         f"{dtype}, {length} tokens per sequence, 16 heads; table {target}, compiled for sm_{arch} by Triton\n"
@@ -200,9 +258,8 @@ def compare(head_dims, length: int, arch: int, dtype: str, target: str | None) -
             print(row(name, head_dim, causal, tiles, warps, stages, compile_for(ir, warps, stages, arch)))
         if dtype != "bfloat16":
             continue
-        warps = 4 if head_dim <= 64 else 8  # mha's defaults: 128x128 forward, 32x32 backward, 2 stages
         for name, ir in sorted(mha_kernels(head_dim, causal, length).items()):
-            tiles = "128x128" if name.endswith("forward") else "32x32"
+            tiles, warps = mha_launch(head_dim, name)  # mha's default: 2 stages
             print(row(f"pallas {name}", head_dim, causal, tiles, warps, 2, compile_for(ir, warps, 2, arch)))
 
 
@@ -259,7 +316,7 @@ class Choice:
 
 
 def _best_launch(ir: str, arch: int, limits: Limits) -> tuple[tuple[int, int], Compiled] | None:
-    """The launch setting with the fewest spills among those that fit; ties: async mma, then
+    """The launch setting with the fewest spills among those that fit; ties: wgmma only, then
     more stages, then more warps."""
     fitting = [
         (launch, c)
@@ -268,12 +325,13 @@ def _best_launch(ir: str, arch: int, limits: Limits) -> tuple[tuple[int, int], C
     ]
     if not fitting:
         return None
-    return min(fitting, key=lambda lc: (lc[1].spill_bytes, -lc[1].async_mma, -lc[0][1], -lc[0][0]))
+    return min(fitting, key=lambda lc: (lc[1].spill_bytes, not lc[1].wgmma_only, -lc[0][1], -lc[0][0]))
 
 
 def _backward_on(tile, head_dim: int, dtype, arch: int, length: int, limits: Limits):
-    """The backward steps and launch setting on ``tile`` with the fewest spills (dq + dk/dv), or
-    None; ties: more stages, then more warps, then larger steps."""
+    """The backward steps and launch setting on ``tile`` with the fewest spills (dq + dk/dv), on
+    sm_90 among those whose matmuls are all wgmma first, or None; ties: more stages, then more
+    warps, then larger steps."""
     candidates = []
     for step in {(min(q, tile[0]), min(kv, tile[1])) for q, kv in BACKWARD_STEPS}:
         sizes = flash.BlockSizes(*tile, backward_q_step=step[0], backward_kv_step=step[1])
@@ -284,7 +342,9 @@ def _backward_on(tile, head_dim: int, dtype, arch: int, length: int, limits: Lim
             }
             if all(limits.fits(c, launch[1]) for c in facts.values()):
                 spill = sum(c.spill_bytes for c in facts.values())
-                candidates.append(((spill, -launch[1], -launch[0], -step[0] * step[1]), step, launch, facts))
+                not_wgmma = arch == 90 and not all(c.wgmma_only for c in facts.values())
+                rank = (not_wgmma, spill, -launch[1], -launch[0], -step[0] * step[1])
+                candidates.append((rank, step, launch, facts))
     return min(candidates, key=lambda c: c[0]) if candidates else None
 
 
@@ -292,9 +352,10 @@ def choose(head_dim: int, dtype, arch: int, length: int = 4096) -> Choice:
     """A table entry by the rule of docs/flash.md, from compile facts alone:
 
     1. forward: the tile (and launch setting) whose forward kernel spills least, on sm_90 those
-       that issue async wgmma first; ties go to the larger tile;
-    2. backward, on that tile: the steps and launch setting whose dq and dk/dv spill least; a tile
-       whose backward fits no setting, or spills more than 1 KiB per thread, is passed over;
+       whose matmuls are all async wgmma first; ties go to the larger tile;
+    2. backward, on that tile: the steps and launch setting whose dq and dk/dv spill least (on
+       sm_90, those with wgmma only first); a tile whose backward fits no setting, or spills more
+       than 1 KiB per thread, is passed over;
     3. every kernel pipelined and within 90% of the architecture's shared memory; only where no
        tile qualifies, unpipelined launches (one stage), and after those the whole shared memory.
     """
@@ -311,11 +372,11 @@ def _choose_within(limits: Limits, head_dim: int, dtype, arch: int, length: int)
         if (best := _best_launch(kernels["jattn_flash_forward"], arch, limits)) is not None:
             launch, c = best
             forwards.append(
-                ((arch == 90 and not c.async_mma, c.spill_bytes, -tile[0] * tile[1]), tile, launch, c)
+                ((arch == 90 and not c.wgmma_only, c.spill_bytes, -tile[0] * tile[1]), tile, launch, c)
             )
     for _, tile, launch, forward in sorted(forwards, key=lambda f: f[0]):
         backward = _backward_on(tile, head_dim, dtype, arch, length, limits)
-        if backward is not None and backward[0][0] <= MAX_BACKWARD_SPILL:
+        if backward is not None and backward[0][1] <= MAX_BACKWARD_SPILL:
             _, step, bwd_launch, facts = backward
             sizes = flash.BlockSizes(*tile, *launch, *bwd_launch, *step)
             return Choice(sizes, {"jattn_flash_forward": forward, **facts})

@@ -7,6 +7,11 @@ Mosaic has no cheap 1-D <-> 2-D reshapes, and Triton is indifferent.
 
 A tile is *masked* (the layout said PARTIAL, or it crosses the end of the keys) or *full*; full
 tiles call these functions with ``allowed=None`` and pay no elementwise masking at all.
+
+A kernel that accumulates per-key gradients (dk, dv ``[bkv, H]``) wants its tiles *keys first*,
+``[bkv, bq]``: then ``dv += pᵀ·dO`` and ``dk += dSᵀ·q`` take them as they come, with no transpose
+through shared memory, and every matmul has ``bkv`` rows (Triton issues Hopper's wgmma only for
+at least 64 rows). ``allowed_in_tile`` and ``probs_and_dscores`` take ``keys_first``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ def exp(x):
     ``expf``, about ten instructions around one ``ex2.approx``; ``exp2`` is that one instruction
     (and a multiply), and the softmax's exponentials compete with the matmuls for issue slots."""
     return jnp.exp2(x * LOG2_E)
+
+
+def exp_of_difference(s, row):
+    """``e ** (s - row)`` as ``2 ** (s · log2 e - row · log2 e)``: the row term (a running max or
+    log-sum-exp, one per row or column) is scaled once, so each score costs one FFMA and one
+    ``ex2`` instead of a subtraction, a multiply and the ``ex2``. It is clamped to a finite value:
+    ``MASK_VALUE · log2 e`` overflows float32, and ``-inf - -inf`` would be NaN."""
+    row = jnp.maximum(row * LOG2_E, jnp.finfo(jnp.float32).min)
+    return jnp.exp2(s * LOG2_E - row)
 
 
 def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
@@ -52,38 +66,59 @@ def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
 
 
 def allowed_in_tile(
-    formula, q_start, kv_start, block_q, block_kv, q_len, kv_len, q_vectors, kv_vectors, table_tile
+    formula,
+    q_start,
+    kv_start,
+    block_q,
+    block_kv,
+    q_len,
+    kv_len,
+    q_vectors,
+    kv_vectors,
+    table_tile,
+    *,
+    keys_first: bool = False,
 ):
     """The formula's mask of the tile at (q_start, kv_start), queries past ``q_len`` and keys past
     ``kv_len`` excluded. A padded query row must attend nothing: from positions alone a causal
     formula gives it keys no real query attends, and NaN there (an unfilled cache) would reach
     every row of the tile through ``0 · NaN``.
 
+    With ``keys_first`` the tile is ``[bkv, bq]``: the query vectors are rows ``[1, bq]``, the key
+    vectors columns ``[bkv, 1]`` and the table tile ``[bkv, bq]``.
+
     Returns:
-      bool ``[bq, bkv]``.
+      bool ``[bq, bkv]``, or ``[bkv, bq]`` with ``keys_first``.
     """
-    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)  # [bq, 1]
-    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bkv]
+    q_axis, kv_axis = (1, 0) if keys_first else (0, 1)
+    shape = (block_kv, block_q) if keys_first else (block_q, block_kv)
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, _along(q_axis, block_q), q_axis)
+    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, _along(kv_axis, block_kv), kv_axis)
     allowed = (q_pos < q_len) & (kv_pos < kv_len)
     if formula is not None:
         allowed = allowed & evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile)
-    return jnp.broadcast_to(allowed, (block_q, block_kv))
+    return jnp.broadcast_to(allowed, shape)
 
 
-def _rows_used(allowed):
+def _along(axis: int, size: int) -> tuple[int, int]:
+    """The 2-D shape of ``size`` positions along ``axis``: ``(size, 1)`` or ``(1, size)``."""
+    return (size, 1) if axis == 0 else (1, size)
+
+
+def _rows_used(allowed, keys_first: bool = False):
     """Which query rows ``[bq, 1]`` and key rows ``[bkv, 1]`` of a tile attend anything."""
-    as_float = allowed.astype(jnp.float32)  # [bq, bkv]
-    q_used = jnp.max(as_float, axis=1, keepdims=True) > 0  # [bq, 1]
-    kv_used = jnp.max(as_float.T, axis=1, keepdims=True) > 0  # [bkv, 1]
-    return q_used, kv_used
+    as_float = allowed.astype(jnp.float32)  # [bq, bkv], or [bkv, bq] keys first
+    along_rows = jnp.max(as_float, axis=1, keepdims=True) > 0
+    along_columns = jnp.max(as_float.T, axis=1, keepdims=True) > 0
+    return (along_columns, along_rows) if keys_first else (along_rows, along_columns)
 
 
-def sanitize(allowed, q, k, v, d_out=None):
+def sanitize(allowed, q, k, v, d_out=None, *, keys_first: bool = False):
     """Zero the rows of a masked tile that nothing attends (padding may hold NaN; ``0 · NaN``
     would otherwise reach the output through a matmul). Full tiles have no such rows."""
     if allowed is None:
         return q, k, v, d_out
-    q_used, kv_used = _rows_used(allowed)
+    q_used, kv_used = _rows_used(allowed, keys_first)
     q = jnp.where(q_used, q, jnp.zeros_like(q))
     k = jnp.where(kv_used, k, jnp.zeros_like(k))
     v = jnp.where(kv_used, v, jnp.zeros_like(v))
@@ -118,10 +153,11 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
       allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
     """
     m, row_sum, acc = stats
-    q, k, v, _ = sanitize(allowed, q, k, v)
+    if allowed is not None:  # q and k reach only s, whose masked entries are replaced: zero v only
+        v = jnp.where(_rows_used(allowed)[1], v, jnp.zeros_like(v))
     s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
-    p = exp(s - m_new)
+    p = exp_of_difference(s, m_new)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
     alpha = exp(m - m_new)
@@ -140,23 +176,30 @@ def finish_statistics(stats, empty_lse: float = 0.0):
     return acc / safe_sum, jnp.where(attended, m + jnp.log(safe_sum), empty_lse)
 
 
-def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softcap):
+def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softcap, keys_first=False):
     """Recompute a tile's probabilities from the saved log-sum-exp and form dS.
 
     Args:
       q ``[bq, H]``, k ``[bkv, H]``, v ``[bkv, Hv]``, d_out ``[bq, Hv]``; lse, delta ``[bq, 1]``
       float32 (delta = rowsum(dO ∘ O)); bias ``[bq, bkv]`` or None; allowed as in
-      ``online_softmax_step``.
+      ``online_softmax_step``. With ``keys_first``: lse and delta ``[1, bq]``, bias and allowed
+      ``[bkv, bq]``.
     Returns:
-      ``(p, ds, q, k, d_out)``: p and ds ``[bq, bkv]`` float32 (ds through the softcap, before
-      ``scale``), and the sanitized q, k, d_out the gradient matmuls must use.
+      ``(p, ds, q, k, d_out)``: p and ds ``[bq, bkv]`` (``[bkv, bq]`` keys first) float32 (ds
+      through the softcap, before ``scale``), and the sanitized q, k, d_out the gradient matmuls
+      must use.
     """
-    q, k, v, d_out = sanitize(allowed, q, k, v, d_out)
-    s, capped = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)
-    p = exp(s - lse)  # [bq, bkv]
+    q, k, v, d_out = sanitize(allowed, q, k, v, d_out, keys_first=keys_first)
+    if keys_first:  # k·(q·scale)ᵀ: the very products the forward formed as (q·scale)·kᵀ
+        q_scaled = q * jnp.asarray(scale, q.dtype)
+        s, capped = masked_logits(k, q_scaled, bias, allowed, scale=1.0, softcap=softcap)
+        dp = jax.lax.dot_general(v, d_out, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        s, capped = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)
+        dp = jax.lax.dot_general(d_out, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    p = exp_of_difference(s, lse)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
-    dp = jax.lax.dot_general(d_out, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta)
     if capped is not None:
         ds = ds * (1.0 - capped * capped)

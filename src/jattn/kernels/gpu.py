@@ -302,11 +302,11 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         )
         if dbias_ref is not None:
             dbias_ref[0, :, pl.ds(kv_start, kv_step)] = ds
-        return dq + cfg.scale * _tile.matmul(ds, k_used)
+        return dq + _tile.matmul(ds, k_used)  # the scale once, after the loop: the wgmma accumulates
 
     steps = cfg.block_kv // kv_step
     dq = _loop_full_then_masked(sched_ref, visit, jnp.zeros(q.shape, jnp.float32), steps)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq_ref[...] = (cfg.scale * dq).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group: int):
@@ -314,7 +314,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
     sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = fixed
     kv_start = pl.program_id(0) * cfg.block_kv
     k, v = k_ref[...], v_ref[...]  # [bkv, H], [bkv, Hv]
-    kv_vectors = [ref[...] for ref in kv_vec_refs]  # [1, bkv]
+    kv_vectors = [ref[0, :][:, None] for ref in kv_vec_refs]  # [bkv, 1]: the tiles are keys first
     q_step = cfg.backward_q_step
 
     def visit(g, masked: bool, j, step, grads):  # queries [q_start, q_start + q_step) of the j-th tile
@@ -322,17 +322,17 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
         q_start = pl.multiple_of(q_id * cfg.block_q + step * q_step, q_step)
         q = q_ref[pl.ds(q_start, q_step), g, :]  # [q_step, H]
         d_out = do_ref[pl.ds(q_start, q_step), g, :]  # [q_step, Hv]
-        lse = lse_ref[g, pl.ds(q_start, q_step), :]  # [q_step, 1]
-        delta = delta_ref[g, pl.ds(q_start, q_step), :]
+        lse = lse_ref[g, pl.ds(q_start, q_step), 0][None, :]  # [1, q_step]
+        delta = delta_ref[g, pl.ds(q_start, q_step), 0][None, :]
         bias_head = g if bias_ref is not None and bias_ref.shape[0] > 1 else 0
-        bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, q_step), :]  # [q_step, bkv]
+        bias = None if bias_ref is None else bias_ref[bias_head, pl.ds(q_start, q_step), :].T  # [bkv, q_step]
         allowed = None
         if masked:
-            q_vectors = [ref[pl.ds(q_start, q_step), :] for ref in q_vec_refs]  # [q_step, 1]
+            q_vectors = [ref[pl.ds(q_start, q_step), 0][None, :] for ref in q_vec_refs]  # [1, q_step]
             table_head = g if table_ref is not None and table_ref.shape[0] > 1 else 0
             table_tile = None
             if table_ref is not None:
-                table_tile = table_ref[table_head, table_id, pl.ds(step * q_step, q_step), :]
+                table_tile = table_ref[table_head, table_id, pl.ds(step * q_step, q_step), :].T
             allowed = _tile.allowed_in_tile(
                 cfg.formula,
                 q_start,
@@ -344,20 +344,21 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
                 q_vectors,
                 kv_vectors,
                 table_tile,
+                keys_first=True,
             )
         dk, dv = grads
-        p, ds, q_used, _, do_used = _tile.probs_and_dscores(
-            q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
-        )
-        dv = dv + _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
-        return dk + cfg.scale * _tile.matmul(ds, q_used, transpose_a=True), dv
+        p_t, ds_t, q_used, _, do_used = _tile.probs_and_dscores(
+            q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap, keys_first=True
+        )  # pᵀ, dSᵀ [bkv, q_step]
+        dv = dv + _tile.matmul(p_t, do_used)  # [bkv, Hv]
+        return dk + _tile.matmul(ds_t, q_used), dv  # the scale once, after the loops
 
     def one_head(g, grads):
         return _loop_full_then_masked(sched_ref, functools.partial(visit, g), grads, cfg.block_q // q_step)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, group, one_head, init)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dk_ref[...] = (cfg.scale * dk).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
