@@ -169,6 +169,10 @@ def test_errors_name_the_problem():
         )
     with pytest.raises(ValueError, match="implementation must be None when a variant is given"):
         nn.MultiHeadAttention(16, 2, variant="full", implementation="xla", rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"implementation must be one of \[.*'xla'\] or None \(auto\), got 'nope'"
+    ):
+        get_variant("full", implementation="nope")  # when it is built, not at the module's first call
 
 
 def test_bfloat16_compute_gives_float32_logits():
