@@ -37,7 +37,10 @@ from jattn.core.linear import (
     _check_causal_lengths,
     _favor_features,
     _padded,
+    check_projections,
+    keep_rows,
     performer_features,
+    project_sequence,
     resolve_feature_map,
 )
 from jattn.variants import Variant
@@ -322,7 +325,7 @@ def linear_attention_weights(
         return feature_map(x.astype(jnp.float32))
 
     def phi_k(x, valid):
-        return phi(x) if valid is None else jnp.where(valid[:, None], phi(x), 0.0)
+        return keep_rows(phi(x), valid)
 
     return _kernel_weights(problem, phi, phi_k, causal, "linear_attention_weights")
 
@@ -379,13 +382,8 @@ def linformer_attention_weights(q, k, v, proj_k, proj_v, *, scale=None, mask=Non
     if over not in LINFORMER_AXES:
         raise ValueError(f"over must be one of {LINFORMER_AXES}, got {over!r}")
     padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "linformer_attention_weights")
-    for name, proj in (("proj_k", proj_k), ("proj_v", proj_v)):
-        if getattr(proj, "ndim", None) != 2 or proj.shape[0] < problem.kv_len:
-            raise ValueError(
-                f"{name} must be [max_len >= {problem.kv_len}, P], got shape {getattr(proj, 'shape', proj)}"
-            )
-    used_k = jnp.asarray(proj_k, jnp.float32)[: problem.kv_len]  # [S, P]
-    projected_k = jnp.einsum("sp,bskh->bpkh", used_k, problem.k.astype(jnp.float32))
+    check_projections(proj_k, proj_v, problem.kv_len)
+    projected_k = project_sequence(proj_k, problem.k)  # [B, P, K, H]
     weights = attention_weights(problem.q.astype(jnp.float32), projected_k, projected_k, scale=problem.scale)
     if over == "keys":
         used_v = jnp.asarray(proj_v, jnp.float32)[: problem.kv_len]  # [S, P]

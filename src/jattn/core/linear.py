@@ -86,6 +86,11 @@ def _padded(problem: Problem, fn_name: str) -> tuple[_Padded | None, Problem]:
     return padded, dataclasses.replace(problem, q=q, k=k, v=v, mask=None)
 
 
+def keep_rows(features, valid):
+    """``features [L, F]`` with the rows ``valid [L]`` leaves out set to zero (None: all kept)."""
+    return features if valid is None else jnp.where(valid[:, None], features, 0.0)
+
+
 def _per_head_output(problem: Problem, per_head: Callable, padded: _Padded | None = None):
     """vmap ``per_head(q [T, H], k [S, H], v [S, Hv], kv_len) -> [T, Hv]`` (kv_len a scalar, or
     None without padding); output ``[B..., T, N, Hv]``, zero in padded query rows."""
@@ -259,8 +264,7 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
         return feature_map(x.astype(jnp.float32))
 
     def phi_k(x, valid):
-        features = phi(x)
-        return (features if valid is None else jnp.where(valid[:, None], features, 0.0)), 0.0
+        return keep_rows(phi(x), valid), 0.0
 
     def per_head(q_h, k_h, v_h, kv_len):
         return normalized_kernel_attention(
@@ -400,18 +404,33 @@ def performer_attention(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_projection(name: str, proj, kv_len: int):
-    _check_array(name, proj)
-    if proj.ndim != 2 or proj.shape[1] == 0:
+def check_projections(proj_k, proj_v, kv_len: int) -> None:
+    """Linformer's projections: 2-D ``[max_len >= kv_len, P]`` arrays with the same P > 0."""
+    for name, proj in (("proj_k", proj_k), ("proj_v", proj_v)):
+        _check_array(name, proj)
+        if proj.ndim != 2 or proj.shape[1] == 0:
+            raise ValueError(
+                f"{name} must be a 2-D array [max_len, projected_len] with projected_len > 0, got "
+                f"{name}.shape={tuple(proj.shape)}"
+            )
+        if kv_len > proj.shape[0]:
+            raise ValueError(
+                f"{name} must be [max_len >= {kv_len}, P]: the key/value length S={kv_len} exceeds "
+                f"{name}'s max_len={proj.shape[0]} ({name}.shape={tuple(proj.shape)}); use projections "
+                f"with at least {kv_len} rows"
+            )
+    if proj_k.shape[1] != proj_v.shape[1]:
         raise ValueError(
-            f"{name} must be a 2-D array [max_len, projected_len] with projected_len > 0, got "
-            f"{name}.shape={tuple(proj.shape)}"
+            f"proj_k and proj_v must project to the same length, got proj_k.shape={tuple(proj_k.shape)} and "
+            f"proj_v.shape={tuple(proj_v.shape)}"
         )
-    if kv_len > proj.shape[0]:
-        raise ValueError(
-            f"linformer_attention: the key/value length S={kv_len} exceeds {name}'s max_len={proj.shape[0]} "
-            f"({name}.shape={tuple(proj.shape)}); use projections with at least {kv_len} rows"
-        )
+
+
+def project_sequence(proj, x):
+    """Linformer's projection along the sequence: ``proj [max_len, P]`` (its first S rows) and
+    ``x [B, S, K, H]`` -> float32 ``[B, P, K, H]``."""
+    used = jnp.asarray(proj, jnp.float32)[: x.shape[1]]  # [S, P]
+    return jnp.einsum("sp,bskh->bpkh", used, x.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -431,20 +450,10 @@ def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None, mask=None):
       positions, are computed in float32 whatever the input dtype (O(T·P) work).
     """
     padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "linformer_attention")
-    for name, proj in (("proj_k", proj_k), ("proj_v", proj_v)):
-        _check_projection(name, proj, problem.kv_len)
-    if proj_k.shape[1] != proj_v.shape[1]:
-        raise ValueError(
-            f"proj_k and proj_v must project to the same length, got proj_k.shape={tuple(proj_k.shape)} and "
-            f"proj_v.shape={tuple(proj_v.shape)}"
-        )
-
-    def project(proj, x):  # [S, P], [B, S, K, H] -> float32 [B, P, K, H]
-        proj = jnp.asarray(proj[: problem.kv_len], jnp.float32)
-        return jnp.einsum("sp,bskh->bpkh", proj, x.astype(jnp.float32))
-
+    check_projections(proj_k, proj_v, problem.kv_len)
     q32 = problem.q.astype(jnp.float32)
-    out = attention(q32, project(proj_k, problem.k), project(proj_v, problem.v), scale=problem.scale)
+    keys, values = project_sequence(proj_k, problem.k), project_sequence(proj_v, problem.v)  # [B, P, K, H]
+    out = attention(q32, keys, values, scale=problem.scale)
     if padded is not None:
         out = padded.zero(out, padded.q_valid)
     return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(problem.dtype)

@@ -226,7 +226,8 @@ def _valid_lengths(name: str, lengths, batch: int, length: int) -> jax.Array:
 
 
 def _padding_mask(variant: Variant | None, lengths):
-    """A padding mask where the attention can apply one (exact variants), else None."""
+    """A padding mask where the attention can apply one (every registered variant; a custom one
+    without a ``mask`` argument cannot), else None."""
     if lengths is None or (variant is not None and not takes_mask(variant)):
         return None
     return masks_lib.padding(lengths)
@@ -276,7 +277,7 @@ class _Transformer(nnx.Module):
 
     @property
     def masks_padding(self) -> bool:
-        """Whether padded positions are masked out of attention (exact variants) or attended."""
+        """Whether padded positions are masked out of attention (a variant that takes a mask) or attended."""
         return self.variant is None or takes_mask(self.variant)
 
 
