@@ -163,8 +163,9 @@ def launch_settings(sizes: flash.BlockSizes, kernel: str) -> tuple[int, int]:
     return sizes.backward_num_warps, sizes.backward_num_stages
 
 
-def optimized_ttir(ir: str, arch: int) -> str:
-    """Triton IR after Triton's first stage (``make_ttir``), as XLA compiles it on a GPU."""
+def optimized_ttir(source: str, arch: int) -> str:
+    """The Triton IR in file ``source`` after Triton's first stage (``make_ttir``), as XLA compiles
+    it on a GPU."""
     from triton._C.libtriton import ir as triton_ir
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -173,11 +174,7 @@ def optimized_ttir(ir: str, arch: int) -> str:
     context = triton_ir.context()
     triton_ir.load_dialects(context)
     backend.load_dialects(context)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "kernel.ttir")
-        with open(source, "w") as f:
-            f.write(ir)
-        module = triton_ir.parse_mlir_module(source, context)
+    module = triton_ir.parse_mlir_module(source, context)
     module.context = context
     return str(backend.make_ttir(module, {}, backend.parse_options({}), arch))
 
@@ -188,9 +185,11 @@ def compile_for(ir: str, num_warps: int, num_stages: int, arch: int = 90) -> Com
     from triton.backends.compiler import GPUTarget
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "kernel.ttir")
+        lowered, source = os.path.join(tmp, "lowered.ttir"), os.path.join(tmp, "kernel.ttir")
+        with open(lowered, "w") as f:
+            f.write(ir)
         with open(source, "w") as f:
-            f.write(optimized_ttir(ir, arch))
+            f.write(optimized_ttir(lowered, arch))
         kernel = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
