@@ -365,6 +365,29 @@ def test_block_size_table_lookup_and_override():
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
 
 
+@pytest.mark.parametrize("precision", ["highest", "float32", "F32_F32_F32"])
+def test_ieee_float32_takes_tiles_that_do_not_spill(precision):
+    """IEEE float32 matmuls run as FMA loops on CUDA cores, where the table's float32 tiles (chosen
+    for TF32 tensor cores) spill: under precision "highest" the Triton tiles are capped. Other
+    dtypes, precisions and lowerings keep the table's tiles, and block sizes passed in still win."""
+    x = jnp.zeros((4096, 2, 64), jnp.float32)
+    entry = flash.lookup_block_sizes("triton", jnp.float32, 64)
+    assert (entry.block_q, entry.block_kv) == (128, 128)  # sm90's TF32 entry
+    assert flash.choose_block_sizes("triton", make_problem(x, x, x)) == entry
+    with jax.default_matmul_precision(precision):
+        assert flash.ieee_float32(jnp.float32) and not flash.ieee_float32(jnp.bfloat16)
+        capped = flash.choose_block_sizes("triton", make_problem(x, x, x))
+        assert (capped.block_q, capped.block_kv) == flash.IEEE_FLOAT32_MAX_TILES
+        assert (capped.num_warps, capped.num_stages) == (entry.num_warps, entry.num_stages)
+        assert flash.choose_block_sizes("mosaic_tpu", make_problem(x, x, x)).block_q >= 128
+        assert flash.choose_block_sizes("triton", make_problem(x, x, x), block_q=128).block_q == 128
+        bf16 = x.astype(jnp.bfloat16)
+        assert flash.choose_block_sizes("triton", make_problem(bf16, bf16, bf16)).block_q == 128
+    for precision in (None, "default", "high", "tensorfloat32", "bfloat16", "BF16_BF16_F32"):
+        with jax.default_matmul_precision(precision):
+            assert not flash.ieee_float32(jnp.float32), precision
+
+
 @pytest.mark.parametrize(
     ("capability", "target"),
     [

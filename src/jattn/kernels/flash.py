@@ -152,16 +152,47 @@ def lookup_block_sizes(lowering: str, dtype, head_dim: int, target: str | None =
     return by_dim[fitting[0] if fitting else max(by_dim)]
 
 
+# The largest Triton tiles for IEEE float32 matmuls (precision "highest" or "float32"). Triton runs
+# those as FMA loops on CUDA cores, not as TF32 on tensor cores, and the table's float32 tiles, chosen
+# for TF32, spill there: at head dim 64 on sm_90, 128x128 spills 45 KB a thread and takes 208 of the
+# 227 KiB of shared memory.
+IEEE_FLOAT32_MAX_TILES = (64, 32)
+
+
+def ieee_float32(dtype) -> bool:
+    """Whether the kernel's matmuls on ``dtype`` are IEEE float32 under JAX's current default matmul
+    precision (``jax.default_matmul_precision``), which the kernel's dots follow."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return False
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+    if precision is None:
+        return False
+    if precision in jax.lax.DotAlgorithmPreset.__members__:
+        return precision == "F32_F32_F32"
+    return jax.lax.Precision(precision) == jax.lax.Precision.HIGHEST
+
+
+def tabulated_block_sizes(lowering: str, dtype, head_dim: int, target: str | None = None) -> BlockSizes:
+    """``lookup_block_sizes``' entry, on Triton within ``IEEE_FLOAT32_MAX_TILES`` where the matmuls
+    are IEEE float32 (``ieee_float32``)."""
+    sizes = lookup_block_sizes(lowering, dtype, head_dim, target)
+    if lowering == "triton" and ieee_float32(dtype):
+        max_q, max_kv = IEEE_FLOAT32_MAX_TILES
+        sizes = sizes.with_tiles(min(sizes.block_q, max_q), min(sizes.block_kv, max_kv))
+    return sizes
+
+
 def _fit_to_length(block: int, length: int, minimum: int) -> int:
     """A tile no longer than the (power-of-two-rounded) sequence, at least ``minimum``."""
     return min(block, max(minimum, 1 << (length - 1).bit_length()))
 
 
 def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=None) -> BlockSizes:
-    """Table lookup by dtype and head dim, fitted to the lengths; ``block_q``/``block_kv`` override."""
+    """The tabulated sizes (``tabulated_block_sizes``) fitted to the lengths; ``block_q``/``block_kv``
+    override."""
     minimum = LOWERINGS[lowering].MIN_BLOCK
     head_dim = max(problem.head_dim, problem.value_head_dim)
-    table = lookup_block_sizes(lowering, problem.dtype, LOWERINGS[lowering].padded_head_dim(head_dim))
+    table = tabulated_block_sizes(lowering, problem.dtype, LOWERINGS[lowering].padded_head_dim(head_dim))
     bq = (
         _fit_to_length(table.block_q, problem.q_len, minimum)
         if block_q is None
