@@ -3,10 +3,12 @@
     PYTHONPATH=src python3 benchmarks/autotune_flash.py   # rewrites src/jattn/kernels/block_sizes.json
     PYTHONPATH=src python3 benchmarks/autotune_flash.py --output /tmp/t.json
 
-For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times, for every
-tile shape, the forward under each forward launch setting (warps, stages), then forward+backward
-under each backward candidate (8 warps, 2 or 3 stages, whole-tile or smaller backward steps) with
-that tile's best forward; the tile and settings with the fastest forward+backward are kept. Four
+For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times the table's
+current entry, then, for every tile shape, the forward under each forward launch setting (warps,
+stages), then forward+backward under each backward candidate (8 warps, 2 or 3 stages, whole-tile or
+smaller backward steps) with that tile's best forward; the fastest forward+backward is kept, so the
+current entry stays unless a candidate beats it. Each time is the median of 5 runs of 10
+back-to-back calls (``gpu_bench.time_call``), as the GPU check times its cells. Four
 warps are not tried for the backward: compiled for sm_90 they spill in every configuration
 (``benchmarks/triton_static.py --sweep``). Candidates that fail to compile (too much shared memory)
 are skipped. The entries go to the table of the GPU's architecture (``flash.device_target``:
@@ -24,14 +26,13 @@ import argparse
 import dataclasses
 import itertools
 import os
-import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 import block_table
+import gpu_bench
 from jattn import masks
 from jattn.attention import make_problem
 from jattn.kernels import flash
@@ -64,22 +65,15 @@ def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradien
     """Median time of the causal forward (or forward+backward) with these sizes."""
     key = jax.random.key(head_dim)
     shape = (TOKENS // LENGTH, LENGTH, HEADS, head_dim)
-    q, k, v = (jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 3))
+    inputs = tuple(jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 4))  # q, k, v, d_out
     platform = jax.default_backend()
 
     def attend(q, k, v):
         problem = make_problem(q, k, v, mask=masks.causal())
         return flash.flash_problem(problem, platform=platform, interpret=platform == "cpu", sizes=sizes)
 
-    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if gradient else attend)
-    jax.block_until_ready(step(q, k, v))
-    samples = []
-    for _ in range(1 if TINY else 5):
-        start = time.perf_counter()
-        jax.block_until_ready(step(q, k, v))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    repeats, calls = (1, 1) if TINY else (5, 10)
+    return gpu_bench.time_call(gpu_bench.jitted_step(attend, gradient), inputs, repeats, calls)
 
 
 def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
@@ -100,9 +94,15 @@ def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
     return best, timings[best]
 
 
+def current_entry(dtype: str, head_dim: int) -> flash.BlockSizes:
+    """The attached GPU's table entry for this pair, on tiles no longer than the swept length."""
+    entry = flash.lookup_block_sizes("triton", dtype, head_dim)
+    return entry.with_tiles(min(entry.block_q, LENGTH), min(entry.block_kv, LENGTH))
+
+
 def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
-    """The fastest tile and launch settings for causal forward+backward."""
-    best, best_seconds = None, float("inf")
+    """The fastest tile and launch settings for causal forward+backward, the current entry included."""
+    best, best_seconds = fastest([current_entry(dtype, head_dim)], dtype, head_dim, gradient=True)
     for bq, bkv in TILES:
         forward = [flash.BlockSizes(bq, bkv, w, s) for w, s in LAUNCH]
         tile_forward, _ = fastest(forward, dtype, head_dim, gradient=False)

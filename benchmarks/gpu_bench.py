@@ -1,33 +1,42 @@
 """The flash kernel on a GPU: correctness against the float64 oracle, then throughput against peers.
 
-Run through ``bash benchmarks/gpu_check.sh`` (at most 5 minutes on an H100). Part 1 checks
+Run through ``bash benchmarks/gpu_check.sh`` (at most 5.5 minutes on an H100), which runs the two
+parts as two processes (``--part correctness``, then ``--part throughput``), so that a kernel that
+brings its process down in part 1 still leaves part 2 its run. Part 1 checks
 ``jattn.flash_attention`` against ``jattn.reference`` in bfloat16 and float32, forward and
 gradients, causal and a sparse (BigBird) mask, at head dims 64 and 128. Float32 is checked with
 ``jax.default_matmul_precision("highest")`` (IEEE float32 matmuls) against the 1e-4 bar, and once at
 JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the kernel's included.
-Then flash against cuDNN at the longest timed shape (N = 16384, head dim 128, causal, bfloat16),
-forward and gradients, within 1e-2: the oracle runs at 300 tokens, this at the size the tables time
-(the steps are shared with the tables, so it adds no compilation). Part 2, ordered so that what the
-bars need comes first when time runs short: a sliding window of 1024 against dense causal at N =
-16384, the forward+backward temporary memory from XLA's compiled memory analysis, then TFLOP/s for
-JAX's Pallas kernel (``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN, jattn flash and XLA
-(``jax.nn.dot_product_attention``) in the FlashAttention setup (16384 tokens per batch, 16 heads,
-bfloat16), and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
+Part 2 first checks flash against cuDNN at the longest timed shape (N = 16384, head dim 128,
+bfloat16, causal and not), forward and gradients with a random output gradient, within 1e-2: the
+oracle runs at 300 tokens, this at the size the tables time. Every step is compiled once and shared
+by the agreement check, the memory table and the TFLOP/s table. Then, ordered so that what the bars
+need comes first when time runs short: a sliding window of 1024 against dense causal at N = 16384,
+the forward+backward temporary memory from XLA's compiled memory analysis (flash and the O(N)
+peers), then TFLOP/s for jattn flash, JAX's Pallas kernel
+(``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN and XLA (``jax.nn.dot_product_attention``)
+in the FlashAttention setup (16384 tokens per batch, 16 heads, bfloat16), head dim 128 and the longest
+sequences first, and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
 
 FLOPs as in the FlashAttention papers: forward = 4·B·heads·N²·D, halved when causal; forward+backward =
-3.5 × forward. Time: median of repeats of back-to-back calls after warm-up, ``block_until_ready``.
+3.5 × forward. A forward+backward step returns the output and the gradients for an output
+gradient drawn at random, as a training step uses both (returning only the gradients would let XLA
+drop the forward's P·V from the dense peer). Time: median of repeats of back-to-back calls after
+warm-up, ``block_until_ready``.
 
 ``JATTN_GPU_CHECK_TINY=1``: the same script at tiny sizes in interpret mode on CPU (a smoke test).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
 import statistics
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +49,8 @@ from jattn.reference import attention_reference, attention_vjp_reference
 
 TINY = os.environ.get("JATTN_GPU_CHECK_TINY") == "1"
 TIME_BUDGET_S = float(os.environ.get("JATTN_GPU_CHECK_BUDGET_S", "270"))  # cells after this are skipped
-_START = time.perf_counter()
+# Seconds since the epoch when gpu_check.sh started, so that both parts count against one budget.
+_START = float(os.environ.get("JATTN_GPU_CHECK_START", time.time()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +101,13 @@ def _within(errors: list[float], bar: float) -> bool:
 
 
 def _failure(error: Exception) -> str:
-    """A table cell for a call that failed; the full message goes to stderr (one GPU run is all
-    a session may get, so a failure must say enough to fix it without a second run)."""
-    print(f"{type(error).__name__}: {str(error)[:1000]}", file=sys.stderr)
+    """A table cell for a call that failed; the traceback goes to stderr (one GPU run is all a
+    session may get, so a failure must say enough to fix it without a second run). Compiler
+    errors put the decisive line after pages of IR, so a long one keeps its start and its end."""
+    text = "".join(traceback.format_exception(error))
+    if len(text) > 6000:
+        text = f"{text[:3000]}\n[... {len(text) - 6000} characters ...]\n{text[-3000:]}"
+    print(text, file=sys.stderr)
     return f"n/a ({type(error).__name__})"
 
 
@@ -183,8 +197,13 @@ def _pallas_mha():
 
 def implementations() -> dict:
     """name -> attend(q, k, v, causal) for every peer available on this machine, in the order they
-    are measured: the peers the bars compare against first, XLA (no bar) last."""
-    impls = {}
+    are measured: jattn flash (the one whose numbers are new) first, then the peers the bars compare
+    it with, and XLA (no bar) last."""
+    impls = {
+        "jattn_flash": lambda q, k, v, causal: jattn.flash_attention(
+            q, k, v, mask=masks.causal() if causal else None
+        )
+    }
     mha = _pallas_mha()
     if mha is not None:
         impls["pallas_triton"] = mha
@@ -192,9 +211,6 @@ def implementations() -> dict:
         impls["jax_cudnn"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"
         )
-    impls["jattn_flash"] = lambda q, k, v, causal: jattn.flash_attention(
-        q, k, v, mask=masks.causal() if causal else None
-    )
     impls["jax_xla"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="xla"
     )
@@ -206,93 +222,109 @@ def flops(batch: int, heads: int, length: int, head_dim: int, causal: bool, back
     return forward * (3.5 if backward else 1.0)
 
 
-def _step(attend, backward: bool):
+def jitted_step(attend, backward: bool):
+    """``(q, k, v, d_out) -> out`` or, with ``backward``, ``-> (out, (dq, dk, dv))`` for the output
+    gradient ``d_out`` (unused by the forward step, so that every step takes the same inputs)."""
     if not backward:
-        return jax.jit(attend)
+        return jax.jit(lambda q, k, v, d_out: attend(q, k, v))
 
-    def loss(q, k, v):
-        return attend(q, k, v).astype(jnp.float32).sum()
+    def forward_backward(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(d_out)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return jax.jit(forward_backward)
 
 
 @functools.cache
-def timed_step(name: str, causal: bool, backward: bool):
-    """The jitted step of one implementation, made once: the agreement check and the throughput
-    table call the same function, so their shared cells compile once."""
-    return _step(functools.partial(implementations()[name], causal=causal), backward)
+def _inputs(setup: Setup, length: int, head_dim: int):
+    """q, k, v and an output gradient, [tokens / length, length, heads, head_dim] bfloat16."""
+    key = jax.random.key(length + head_dim)
+    shape = (setup.tokens // length, length, setup.heads, head_dim)
+    return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k in jax.random.split(key, 4))
+
+
+@functools.cache
+def compiled_step(setup: Setup, name: str, causal: bool, backward: bool, length: int, head_dim: int):
+    """One implementation's step compiled once for one shape: the agreement check, the sliding-window
+    comparison, the memory table and the throughput table share it (a jitted function called after
+    ``.lower().compile()`` would compile again)."""
+    attend = functools.partial(implementations()[name], causal=causal)
+    return jitted_step(attend, backward).lower(*_inputs(setup, length, head_dim)).compile()
 
 
 def agreement_at_scale(setup: Setup) -> bool:
-    """Flash against cuDNN (XLA without a GPU) at the longest timed shape, causal, forward and
-    gradients: the oracle check runs at ``check_len`` tokens, this one at the size the tables time."""
-    length, head_dim = setup.window_len, setup.head_dims[-1]
+    """Flash against cuDNN (XLA without a GPU) at the longest timed shape, causal and not, forward
+    and gradients: the oracle check runs at ``check_len`` tokens, this one at the size the tables
+    time."""
+    length, head_dim = setup.window_len, max(setup.head_dims)
     peer = "jax_cudnn" if "jax_cudnn" in implementations() else "jax_xla"
-    q, k, v = _inputs(setup, length, head_dim)
-    title = f"N={length}, head_dim {head_dim}, causal, bfloat16"
+    inputs = _inputs(setup, length, head_dim)
+    title = f"N={length}, head_dim {head_dim}, bfloat16"
     print(f"## Flash against {peer} at {title} (relative max difference)\n")
-    print("| pass | out or dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|")
+    print("| pass | causal | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|")
     all_ok = True
-    for backward, pass_name in PASSES:
-        try:
-            ours, theirs = (
-                jax.tree.leaves(timed_step(name, True, backward)(q, k, v)) for name in ("jattn_flash", peer)
-            )
-        except Exception as error:  # noqa: BLE001
-            all_ok = False
-            print(f"| {pass_name} | {_failure(error)} | | | {AGREEMENT_BAR:.0e} | NO |")
-            continue
-        errors = [relative_error(a, as_float64(b)) for a, b in zip(ours, theirs, strict=True)]
-        ok = _within(errors, AGREEMENT_BAR)
-        all_ok &= ok
-        cells = " | ".join([f"{e:.1e}" for e in errors] + [""] * (3 - len(errors)))  # fwd: out only
-        print(f"| {pass_name} | {cells} | {AGREEMENT_BAR:.0e} | {'yes' if ok else 'NO'} |")
+    for causal in (True, False):
+        for backward, pass_name in PASSES:
+            row = f"| {pass_name} | {'yes' if causal else 'no'} |"
+            try:
+                ours, theirs = (
+                    jax.tree.leaves(compiled_step(setup, name, causal, backward, length, head_dim)(*inputs))
+                    for name in ("jattn_flash", peer)
+                )
+            except Exception as error:  # noqa: BLE001
+                all_ok = False
+                print(f"{row} {_failure(error)} | | | | {AGREEMENT_BAR:.0e} | NO |")
+                continue
+            errors = [relative_error(a, as_float64(b)) for a, b in zip(ours, theirs, strict=True)]
+            ok = _within(errors, AGREEMENT_BAR)
+            all_ok &= ok
+            cells = " | ".join([f"{e:.1e}" for e in errors] + [""] * (4 - len(errors)))  # fwd: out only
+            print(f"{row} {cells} | {AGREEMENT_BAR:.0e} | {'yes' if ok else 'NO'} |")
     print()
     return all_ok
 
 
-def time_call(fn, args, setup: Setup) -> float:
-    """Median seconds per call over ``setup.repeats`` runs of ``setup.calls`` calls, after warm-up."""
+def time_call(fn, args, repeats: int, calls: int) -> float:
+    """Median seconds per call over ``repeats`` runs of ``calls`` back-to-back calls, after two
+    warm-up calls (``autotune_flash.py`` times its candidates with this too)."""
     for _ in range(2):
         jax.block_until_ready(fn(*args))
     samples = []
-    for _ in range(setup.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(setup.calls):
+        for _ in range(calls):
             result = fn(*args)
         jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / setup.calls)
+        samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 
 
-def _inputs(setup: Setup, length: int, head_dim: int):
-    key = jax.random.key(length + head_dim)
-    shape = (setup.tokens // length, length, setup.heads, head_dim)
-    return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k in jax.random.split(key, 3))
-
-
 def _over_budget() -> bool:
-    return time.perf_counter() - _START > TIME_BUDGET_S
+    return time.time() - _START > TIME_BUDGET_S
 
 
 PASSES = ((False, "fwd"), (True, "fwd_bwd"))
 
 
 def measure_throughput(setup: Setup) -> dict:
-    """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N)."""
+    """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N),
+    the cells the bars need first: flash before its peers, head dim 128 before 64, and the longest
+    sequences first (the ratio bars hold from ``bar_len`` on)."""
     results = {}
     for name in implementations():
-        for head_dim in setup.head_dims:
+        for head_dim in sorted(setup.head_dims, reverse=True):
             for backward, pass_name in PASSES:
                 for causal in (False, True):
-                    for length in setup.lengths:
+                    for length in sorted(setup.lengths, reverse=True):
                         cell = (name, head_dim, pass_name, causal, length)
                         if _over_budget():
                             results[cell] = "skipped (time budget)"
                             continue
-                        q, k, v = _inputs(setup, length, head_dim)
                         try:
-                            results[cell] = time_call(timed_step(name, causal, backward), (q, k, v), setup)
+                            step = compiled_step(setup, name, causal, backward, length, head_dim)
+                            results[cell] = time_call(
+                                step, _inputs(setup, length, head_dim), setup.repeats, setup.calls
+                            )
                         except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
                             results[cell] = _failure(error)
                         # The tables print at the end: if the run is cut short, these lines remain.
@@ -375,17 +407,18 @@ def print_ratios(setup: Setup, results: dict) -> None:
 
 
 def sliding_window_vs_causal(setup: Setup) -> None:
-    length, head_dim = setup.window_len, setup.head_dims[-1]
-    q, k, v = _inputs(setup, length, head_dim)
+    length, head_dim = setup.window_len, max(setup.head_dims)
+    inputs = _inputs(setup, length, head_dim)
     print(f"## Sliding window {setup.window} vs dense causal, flash, N={length}, head_dim {head_dim}\n")
     print(f"| pass | causal ms | window ms | speedup (bar: >= {WINDOW_BAR:.0f}x) |\n|---|---|---|---|")
+    window = functools.partial(jattn.flash_attention, mask=masks.sliding_window(setup.window))
     for backward, pass_name in PASSES:
         try:
             steps = [
-                _step(functools.partial(jattn.flash_attention, mask=mask), backward)
-                for mask in (masks.causal(), masks.sliding_window(setup.window))
+                compiled_step(setup, "jattn_flash", True, backward, length, head_dim),
+                jitted_step(window, backward),
             ]
-            times = [time_call(step, (q, k, v), setup) for step in steps]
+            times = [time_call(step, inputs, setup.repeats, setup.calls) for step in steps]
         except Exception as error:  # noqa: BLE001
             print(f"| {pass_name} | {_failure(error)} | | |")
             continue
@@ -396,14 +429,17 @@ def sliding_window_vs_causal(setup: Setup) -> None:
 
 
 def temp_memory(setup: Setup) -> None:
-    length, head_dim = setup.window_len, setup.head_dims[-1]
-    q, k, v = _inputs(setup, length, head_dim)
+    """XLA's temporary memory of the causal forward+backward step at N = ``window_len``, for flash
+    and the O(N) peers (XLA's dense step would cost a compile of its N×N scores before any TFLOP/s
+    cell; ``../shared/anchors`` has it at 40960 MiB)."""
+    length, head_dim = setup.window_len, max(setup.head_dims)
     print(f"## Forward+backward temporary memory, N={length}, head_dim {head_dim}, causal\n")
     print(f"| implementation | temp MiB (flash bar: <= {MEMORY_BAR_MIB:.0f}) |\n|---|---|")
     for name in implementations():
+        if name == "jax_xla":
+            continue
         try:
-            compiled = timed_step(name, True, True).lower(q, k, v).compile()
-            analysis = compiled.memory_analysis()
+            analysis = compiled_step(setup, name, True, True, length, head_dim).memory_analysis()
             mib = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
             cell = "n/a" if mib is None else f"{mib:.0f}"
             if mib is not None and name == "jattn_flash":
@@ -415,21 +451,29 @@ def temp_memory(setup: Setup) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("correctness", "throughput", "all"), default="all")
+    part = parser.parse_args().part
     setup = CPU_TINY if TINY else GPU
-    device = jax.devices()[0]
-    print(f"# jattn flash check: {device.device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(f"tile table: {flash.device_target('triton')} (block_sizes.json)\n")
+    if part != "throughput":
+        device, day = jax.devices()[0].device_kind, time.strftime("%Y-%m-%d")
+        print(f"# jattn flash check: {device}, jax {jax.__version__}, {day}")
+        print(f"tile table: {flash.device_target('triton')} (block_sizes.json)\n")
     if not TINY and jax.default_backend() != "gpu":
         print("no GPU: set JATTN_GPU_CHECK_TINY=1 for the CPU smoke test", file=sys.stderr)
         return 2
-    correct = check_correctness(setup)
-    correct &= agreement_at_scale(setup)
-    sliding_window_vs_causal(setup)
-    temp_memory(setup)
-    results = measure_throughput(setup)
-    print_throughput(setup, results)
-    print_ratios(setup, results)
-    print(f"total {time.perf_counter() - _START:.0f} s; correctness {'passed' if correct else 'FAILED'}")
+    correct = True
+    if part != "throughput":
+        correct &= check_correctness(setup)
+    if part != "correctness":
+        correct &= agreement_at_scale(setup)
+        sliding_window_vs_causal(setup)
+        temp_memory(setup)
+        results = measure_throughput(setup)
+        print_throughput(setup, results)
+        print_ratios(setup, results)
+    verdict = "passed" if correct else "FAILED"
+    print(f"({part} part done {time.time() - _START:.0f} s after the start; correctness {verdict})\n")
     return 0 if correct else 1
 
 

@@ -7,14 +7,34 @@
 # mha, the sliding-window speedup and the forward+backward temporary memory. Paste the output into
 # benchmarks/RESULTS.md.
 # CPU smoke test (tiny sizes, interpret mode): JATTN_GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh
-# On the device, keep both streams (stderr has every measured cell in ms and TFLOP/s, should the
-# run be cut short):
+# On the device, keep both streams (stderr has every measured cell in ms and TFLOP/s, and the
+# traceback of anything that failed, should the run be cut short):
 #     bash benchmarks/gpu_check.sh > gpu_check.md 2> gpu_check.err
-# A hang cannot outlast JATTN_GPU_CHECK_TIMEOUT_S (default 330 s); output is unbuffered, so what was
-# printed before a timeout is kept.
-set -euo pipefail
+# The correctness part and the throughput part run as two processes: a kernel that brings its
+# process down (an illegal address is sticky) still leaves the throughput part its run. Both parts
+# together cannot outlast JATTN_GPU_CHECK_TIMEOUT_S (default 330 s); output is unbuffered, so what
+# was printed before a timeout is kept. The exit status is 1 if a correctness bar failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export JATTN_GPU_CHECK_START="${JATTN_GPU_CHECK_START:-$(date +%s)}"
 PYTHON="${PYTHON:-python3}"
-exec timeout -k 10 "${JATTN_GPU_CHECK_TIMEOUT_S:-330}" "$PYTHON" benchmarks/gpu_bench.py "$@"
+deadline=$((JATTN_GPU_CHECK_START + ${JATTN_GPU_CHECK_TIMEOUT_S:-330}))
+status=0
+for part in correctness throughput; do
+    left=$((deadline - $(date +%s)))
+    if ((left <= 0)); then
+        echo "gpu_check: no time left for the $part part" >&2
+        status=1
+        break
+    fi
+    timeout -k 10 "$left" "$PYTHON" benchmarks/gpu_bench.py --part "$part" "$@"
+    code=$?
+    if ((code != 0)); then
+        echo "gpu_check: the $part part exited with status $code" >&2
+        status=$((code == 2 ? 2 : (status == 2 ? 2 : 1)))
+        ((code == 2)) && break  # no GPU: the other part would say the same
+    fi
+done
+exit "$status"

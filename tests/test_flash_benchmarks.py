@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -40,6 +41,38 @@ def test_gpu_check_tiny_mode_prints_every_table():
         assert heading in out
     assert "| NO |" not in out and "correctness passed" in out
     assert "| jattn_flash | fwd_bwd | yes |" in out and "| jax_xla | fwd | no |" in out
+
+
+def _fake_python(tmp_path: Path, correctness: str) -> str:
+    """A ``PYTHON`` for gpu_check.sh that runs ``correctness`` (shell) for the correctness part and
+    prints which part ran otherwise, so the script's own logic is tested without a kernel."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        '#!/usr/bin/env bash\n[ "$2 $3" = "--part correctness" ] && { ' + correctness + "; }\necho ran $3\n"
+    )
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def _run_gpu_check(env: dict) -> subprocess.CompletedProcess:
+    command = ["bash", "benchmarks/gpu_check.sh"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_gpu_check_runs_the_throughput_part_after_a_crashed_correctness_part(tmp_path):
+    """A kernel that brings part 1's process down (a segfault, a sticky illegal address) still
+    leaves part 2 its run; the exit status says that part 1 failed."""
+    env = {**os.environ, "PYTHON": _fake_python(tmp_path, "kill -SEGV $$")}
+    result = _run_gpu_check(env)
+    assert result.stdout == "ran throughput\n"
+    assert result.returncode == 1 and "the correctness part exited with status 139" in result.stderr
+
+
+def test_gpu_check_parts_share_one_deadline(tmp_path):
+    env = {**os.environ, "PYTHON": _fake_python(tmp_path, "sleep 3"), "JATTN_GPU_CHECK_TIMEOUT_S": "1"}
+    result = _run_gpu_check(env)
+    assert result.stdout == "" and result.returncode == 1
+    assert "status 124" in result.stderr and "no time left for the throughput part" in result.stderr
 
 
 def test_gpu_check_marks_each_ratio_bar(monkeypatch, capsys):
@@ -116,6 +149,16 @@ def test_autotune_stops_tuning_when_its_budget_is_spent(monkeypatch, tmp_path, c
     assert "budget is spent" in capsys.readouterr().out and not output.exists()
 
 
+def test_autotune_keeps_the_current_entry_unless_a_candidate_beats_it(monkeypatch, capsys):
+    autotune = _autotune(monkeypatch)
+    current = autotune.current_entry("float32", 16)
+    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, *args: 1.0 if sizes == current else 2.0)
+    assert autotune.tune("float32", 16) == current
+    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, *args: 2.0 if sizes == current else 1.0)
+    assert autotune.tune("float32", 16) != current
+    assert "float32 head_dim=16" in capsys.readouterr().out
+
+
 def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path):
     output = tmp_path / "block_sizes.json"
     result = _run(
@@ -124,36 +167,43 @@ def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(output.read_text())
     tuned = table["triton"]["sm90"]["float32"]["16"]  # on CPU: the table of the default target
-    assert (tuned["block_q"], tuned["block_kv"]) in {(16, 16), (32, 16)}
-    assert (tuned["backward_num_warps"], tuned["backward_num_stages"]) == (4, 2)
-    assert tuned["backward_q_step"] in {16, tuned["block_q"]} and tuned["backward_kv_step"] == 16
+    current = flash.lookup_block_sizes("triton", "float32", 16, "sm90")
+    current = current.with_tiles(min(current.block_q, 32), min(current.block_kv, 32))
+    swept = (tuned["block_q"], tuned["block_kv"]) in {(16, 16), (32, 16)}
+    swept &= (tuned["backward_num_warps"], tuned["backward_num_stages"]) == (4, 2)
+    swept &= tuned["backward_q_step"] in {16, tuned["block_q"]} and tuned["backward_kv_step"] == 16
+    assert swept or tuned == dataclasses.asdict(current)  # a candidate won, or the current entry stayed
     assert set(table["triton"]["sm90"]) == {"bfloat16", "float16", "float32"}  # entries not swept are kept
     assert set(table["triton"]) == set(flash.TRITON_TARGETS) and "mosaic_tpu" in table
     assert "autotune_flash.py" in table["sources"]["triton/sm90"]["float32"]
 
 
 TABULATED = [
-    (target, dtype, head_dim)
+    (target, dtype, head_dim, precision)
     for target, by_dtype in flash.block_size_table()["triton"].items()
     for dtype, by_dim in by_dtype.items()
     for head_dim in by_dim
+    for precision in ((None, "highest") if dtype == "float32" else (None,))
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("target", "dtype", "head_dim"), TABULATED)
-def test_tabulated_triton_sizes_fit_their_gpu_and_pipeline(target, dtype, head_dim, monkeypatch):
+@pytest.mark.parametrize(("target", "dtype", "head_dim", "precision"), TABULATED)
+def test_tabulated_triton_sizes_fit_their_gpu_and_pipeline(target, dtype, head_dim, precision, monkeypatch):
     """Every kernel of every Triton table entry, compiled for its architecture by the ``triton``
     package (no GPU needed), fits that GPU's shared memory and pipelines its loads where it has
-    more than one stage. The float32 / 256 entry for sm_90 once asked its dk/dv kernel for 256 KiB,
-    so it would not have launched; the sm_90 entries asked an RTX 4090 (sm_89, 99 KiB) for up to
-    160 KiB."""
+    more than one stage; float32 also with IEEE matmuls (precision "highest"), on the tiles
+    ``IEEE_FLOAT32_MAX_TILES`` caps. The float32 / 256 entry for sm_90 once asked its dk/dv kernel
+    for 256 KiB, so it would not have launched; the sm_90 entries asked an RTX 4090 (sm_89, 99 KiB)
+    for up to 160 KiB; IEEE float32 at head dim 64 on sm_90 took 208 KiB and spilled 45 KB."""
     pytest.importorskip("triton")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     static = importlib.import_module("triton_static")
-    sizes = flash.lookup_block_sizes("triton", dtype, head_dim, target)
-    kernels = static.jattn_kernels(head_dim, True, sizes, 4096, jnp.dtype(dtype))
+    with jax.default_matmul_precision(precision):
+        sizes = flash.tabulated_block_sizes("triton", dtype, head_dim, target)
+        kernels = static.jattn_kernels(head_dim, True, sizes, 4096, jnp.dtype(dtype))
     assert sorted(kernels) == ["jattn_flash_dkv", "jattn_flash_dq", "jattn_flash_forward"]
+    assert all(("tf32" in ir) == (dtype == "float32" and precision is None) for ir in kernels.values())
     arch = int(target.removeprefix("sm"))
     for name, ir in kernels.items():
         warps, stages = static.launch_settings(sizes, name)
