@@ -104,18 +104,20 @@ class AttentionSuite:
     def attend(self, q, k, v, **kwargs):
         return jattn.attention(q, k, v, implementation=self.implementation, **kwargs)
 
-    def check_against_oracle(self, q, k, v, d_out, *, mask=None, bias=None, softcap=None, dtype="float32"):
+    def check_against_oracle(
+        self, q, k, v, d_out, *, mask=None, bias=None, softcap=None, scale=None, dtype="float32"
+    ):
         batch_shape = q.shape[:-3]
         num_heads, q_len, kv_len = q.shape[-2], q.shape[-3], k.shape[-3]
         fwd_tol, grad_tol = TOLERANCES[dtype]
 
         def loss(q, k, v, bias):
-            out = self.attend(q, k, v, mask=mask, bias=bias, softcap=softcap)
+            out = self.attend(q, k, v, mask=mask, bias=bias, softcap=softcap, scale=scale)
             return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
 
         (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
         dense = oracle_mask(mask, batch_shape, num_heads, q_len, kv_len)
-        kwargs = dict(mask=dense, bias=as64(bias), softcap=softcap)
+        kwargs = dict(mask=dense, bias=as64(bias), softcap=softcap, scale=scale)
         expected = attention_reference(as64(q), as64(k), as64(v), **kwargs)
         expected_grads = attention_vjp_reference(as64(q), as64(k), as64(v), as64(d_out), **kwargs)
         assert out.dtype == q.dtype and out.shape == expected.shape
@@ -181,6 +183,19 @@ class AttentionSuite:
         q, k, v, d_out = make_inputs(rng, (1,), 33, 33, 2, 2, 16, 16, jnp.dtype(dtype))
         mask = MASK_CASES[self.supported_masks[min(1, len(self.supported_masks) - 1)]](rng, (1,), 33, 33)
         self.check_against_oracle(q, k, v, d_out, mask=mask, dtype=dtype)
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    def test_a_scale_16_bits_cannot_hold_multiplies_float32_scores(self, dtype):
+        """Folded into a 16-bit q, a scale such as 3 (or 1/√H for H = 32 or 128) would be rounded
+        with q·scale, and every logit with them: in bfloat16 0.096 off the oracle here, against
+        0.011 for ``jax.nn.dot_product_attention``, which scales the float32 scores."""
+        if dtype not in self.dtypes:
+            pytest.skip(f"{self.implementation} does not claim {dtype}")
+        rng = np.random.default_rng(5)
+        q, k, v, d_out = make_inputs(rng, (1,), 64, 64, 2, 2, 16, 16, jnp.dtype(dtype))
+        mask = MASK_CASES[self.supported_masks[0]](rng, (1,), 64, 64)
+        d_out = d_out / 8  # dq and dk grow with the scale (up to 31 here); the tolerances assume order one
+        self.check_against_oracle(q, k, v, d_out, mask=mask, scale=3.0, dtype=dtype)
 
     def test_cross_attention_and_no_batch_dims(self):
         rng = np.random.default_rng(2)

@@ -67,8 +67,10 @@ def pre_ampere_reason(what: str) -> str | None:
 def logits(q, k, bias, *, scale: float, softcap: float | None, allowed=None):
     """Scaled scores of one tile in float32, then bias, then tanh capping.
 
-    The scale multiplies q ([T, H]) rather than the scores ([T, S]): one pass over T·H values instead
-    of T·S, and one [T, S] buffer fewer in XLA's dense forward. A score the bias brings to
+    The scale multiplies the float32 scores, as cuDNN, FlashAttention and ``jax.nn.dot_product_attention``
+    do, not q: folded into a 16-bit q it would be rounded with q·scale, and every logit with them (in
+    bfloat16 at scale 3, 9x the error of scaling the scores). With a bias, the multiply and the add
+    are one FMA; in the kernels the multiply sits beside the exponential's FFMA. A score the bias brings to
     ``MASK_VALUE`` or below (an additive mask of -inf or float32's min) skips the cap, so it leaves
     its key out with a softcap too (``reference.MASKED_LOGIT``).
 
@@ -79,7 +81,7 @@ def logits(q, k, bias, *, scale: float, softcap: float | None, allowed=None):
     Returns:
       ``(s [T, S] float32, tanh [T, S] | None)``; the tanh is kept for the softcap gradient.
     """
-    s = jnp.einsum("th,sh->ts", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("th,sh->ts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     if softcap is None:

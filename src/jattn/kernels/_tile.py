@@ -190,9 +190,8 @@ def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softc
       must use.
     """
     q, k, v, d_out = sanitize(allowed, q, k, v, d_out, keys_first=keys_first)
-    if keys_first:  # k·(q·scale)ᵀ: the very products the forward formed as (q·scale)·kᵀ
-        q_scaled = q * jnp.asarray(scale, q.dtype)
-        s, capped = masked_logits(k, q_scaled, bias, allowed, scale=1.0, softcap=softcap)
+    if keys_first:  # (k·qᵀ)·scale: the forward's (q·kᵀ)·scale, transposed
+        s, capped = masked_logits(k, q, bias, allowed, scale=scale, softcap=softcap)
         dp = jax.lax.dot_general(v, d_out, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     else:
         s, capped = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)
