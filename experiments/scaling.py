@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 1 or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    csv_path = None
     try:
         config = scaling.load_config(argv[0], argv[1:])
         # A misconfigured entry, an out_dir that cannot be made, a CSV of another setup: an error
@@ -39,6 +40,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # rows are appended as they are measured
+        kept = f" in {csv_path}" if csv_path is not None else ""
+        print(f"stopped: the measurements made are kept{kept}; the same command resumes", file=sys.stderr)
+        return 130
     command = shlex.join(["python", "experiments/scaling.py", *argv])
     for path in scaling.write_report(config, rows, command=command):
         print(f"wrote {path}")

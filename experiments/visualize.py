@@ -100,6 +100,10 @@ def visualize(run_dir: pathlib.Path, text: str, out_dir: pathlib.Path, *, step=N
         raise FileNotFoundError(
             f"{str(run_dir)!r} is not a run folder (no config.yaml); train one with experiments/train.py"
         )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, or no permission
+        raise ValueError(f"output folder {str(out_dir)!r} (--out) cannot be made: {err.strerror}") from None
     config, model, step = load_run(run_dir, step)
     task = build_task(config)
     tokens = encode_text(task, text, model_max_len(config.model, task.spec))  # [T]
@@ -107,7 +111,6 @@ def visualize(run_dir: pathlib.Path, text: str, out_dir: pathlib.Path, *, step=N
     logits, captured = maps.run_captured(model, tokens[None])  # logits [1, T, V]
     labels = [char_label(c) for c in text]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     attention = f"{config.attention.display_name} {config.attention.options or ''}".strip()
     summaries, tops = {}, {}
     for index, values in enumerate(captured.values()):

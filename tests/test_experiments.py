@@ -4,13 +4,14 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import warnings
 
 import pytest
 
 from jattn.train import ExperimentConfig, TrainingDiverged, build_task, build_variant, load_config
 from jattn.train.build import model_max_len
 from jattn.train.loop import RunResult
-from jattn.train.plots import plot_bars
+from jattn.train.plots import plot_bars, plot_learning_curves
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -101,6 +102,12 @@ def test_results_table_and_plot_say_n_a_for_what_a_run_could_not_measure(tmp_pat
         {r.variant: compare.ms_per_step(r) for r in (measured, unmeasured, older)}, "ms", tmp_path / "t.png"
     )
     assert (tmp_path / "t.png").stat().st_size > 0
+    with warnings.catch_warnings():  # every entry diverged before validating: no empty legend's warning
+        warnings.simplefilter("error")
+        plot_learning_curves(
+            {"full": [{"step": 2, "split": "train", "loss": 1.0}]}, "loss", tmp_path / "c.png"
+        )
+    assert (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_compare_checks_run_folders_and_labels_before_training_any(tmp_path, capsys):

@@ -827,6 +827,19 @@ def test_command_line_counts_what_remains_to_measure(tmp_path, capsys):
     assert [row["options"] for row in rows] == ['{"implementation": "xla"}', '{"implementation": "chunked"}']
 
 
+def test_command_line_stopped_by_ctrl_c_says_the_sweep_resumes(tmp_path, capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scaling, "run_sweep", interrupted)
+    args = ["configs/scaling/cpu.yaml", f"out_dir={tmp_path}", "lengths=[16]"]
+    assert script_main()(args) == 130
+    expected = (
+        f"stopped: the measurements made are kept in {tmp_path / 'scaling.csv'}; the same command resumes"
+    )
+    assert expected in capsys.readouterr().err
+
+
 def test_load_note_says_whether_other_processes_competed():
     assert "no other process competed" in scaling.load_note(0.9, 1.9, 2)
     assert "no other process competed" in scaling.load_note(1.5, 2.02, 2)  # printed as 2.0

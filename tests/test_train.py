@@ -75,7 +75,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
             {"train": {"log_every": 5, "checkpoint_every": 7}},
             "train.checkpoint_every must be a multiple of train.log_every, got 7 and 5",
         ),
-        ({"name": "../elsewhere"}, r"config root: name '../elsewhere' names a run folder, so it must be"),
+        ({"name": "../elsewhere"}, r"^name '../elsewhere' names a run folder, so it must be"),
         ({"name": "my run"}, "name 'my run' names a run folder"),
     ],
 )
@@ -101,6 +101,12 @@ def test_overrides_files_and_round_trip(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(ExperimentConfig, tmp_path / "list.yaml")
+    for text in ("", "# only a comment\n"):  # a wrong or truncated file would train every default
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml' is empty; write \{\} in it"):
+            load_config(ExperimentConfig, tmp_path / "empty.yaml")
+    (tmp_path / "defaults.yaml").write_text("{}\n")
+    assert load_config(ExperimentConfig, tmp_path / "defaults.yaml") == load_config(ExperimentConfig, None)
 
 
 def test_scientific_notation_reads_as_a_number(tmp_path):
@@ -387,6 +393,14 @@ def test_evaluation_time_is_not_training_time(tmp_path, monkeypatch):
     assert result.steps_per_s == pytest.approx(3 / 4)
 
 
+def test_a_run_folder_under_a_file_is_a_config_error(tmp_path):
+    """Not a traceback from inside Orbax once the model is built."""
+    (tmp_path / "afile").write_text("")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ConfigError, match=r"cannot be made: '.*afile' is a file, not a folder"):
+            train(_tiny(), run_dir)
+
+
 def test_damaged_run_folders_give_clear_errors_and_keep_the_run(tmp_path):
     base = tmp_path / "base"
     config = _tiny()  # checkpoints at steps 2 and 3
@@ -518,6 +532,31 @@ def test_an_interrupted_run_checkpoints_its_steps_and_resumes_exactly(tmp_path, 
         jax.tree.leaves(nnx.state(resumed_model)), jax.tree.leaves(nnx.state(straight_model)), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("how", "status"), [("ctrl-c", 130), ("sigterm", 143)])
+def test_an_interrupt_while_starting_up_names_the_checkpoint_to_resume_from(
+    tmp_path, monkeypatch, how, status
+):
+    """Ctrl-C or SIGTERM while the model is built or compiled (minutes for a large one) stops the
+    run as one during training does, with the shell's status, not a traceback: no step ran since the
+    checkpoint, so that is where the run resumes."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(_Stop):
+        train(_tiny("train.steps=4"), run_dir, on_step=[_stop_after(3)])  # checkpoint of step 2
+
+    def interrupted_compile(*args, **kwargs):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "make_train_step", interrupted_compile)
+    with pytest.raises(
+        TrainingInterrupted, match=r"after step 2; it resumes from its checkpoint of step 2"
+    ) as err:
+        train(_tiny("train.steps=4"), run_dir)
+    assert err.value.exit_status == status
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_an_interrupt_saves_no_diverged_state(tmp_path):

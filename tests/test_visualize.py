@@ -69,6 +69,9 @@ def test_folder_without_checkpoint(run_dir, tmp_path, capsys):
     assert "has no checkpoint" in capsys.readouterr().err
     assert visualize.main([str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder (no config.yaml)" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert visualize.main([str(run_dir), "--out", str(tmp_path / "afile" / "maps")]) == 2
+    assert "afile/maps' (--out) cannot be made: Not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

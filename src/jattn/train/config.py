@@ -162,7 +162,7 @@ def from_dict(schema: type[T], data: dict, *, prefix: str = "") -> T:
     try:
         return schema(**values)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"config {prefix or 'root'}: {err}") from None
+        raise ConfigError(f"config {prefix}: {err}" if prefix else str(err)) from None  # messages name keys
 
 
 def to_dict(config: Any) -> Any:
@@ -239,8 +239,8 @@ def read_yaml(path: str | pathlib.Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file, or comments only: a wrong or truncated file, not "all defaults"
+        raise ConfigError(f"config file {str(path)!r} is empty; write {{}} in it to run with every default")
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}"

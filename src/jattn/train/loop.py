@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import threading
@@ -118,7 +119,7 @@ class TrainingInterrupted(KeyboardInterrupt):
       exit_status: what a shell reports for the signal: 130 (SIGINT, Ctrl-C) or 143 (SIGTERM).
     """
 
-    def __init__(self, run_dir: pathlib.Path, step: int, checkpoint: int | None, *, terminated: bool):
+    def __init__(self, run_dir: str | pathlib.Path, step: int, checkpoint: int | None, *, terminated: bool):
         self.step = step
         self.checkpoint = checkpoint
         self.exit_status = 128 + int(signal.SIGTERM if terminated else signal.SIGINT)
@@ -339,6 +340,16 @@ def latest_checkpoint(run_dir: str | pathlib.Path) -> int | None:
         return manager.latest_step()
 
 
+def _check_creatable(run_dir: pathlib.Path) -> None:
+    """Raise ``ConfigError`` unless ``run_dir`` is, or can be made, a folder this process writes to."""
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    what = f"run folder {str(run_dir)!r} (output_dir/name, or --run-dir / --out)"
+    if not existing.is_dir():
+        raise ConfigError(f"{what} cannot be made: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} cannot be written: {str(existing)!r} is not writable")
+
+
 def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> int | None:
     """Raise ``ConfigError`` unless ``config`` may run in ``run_dir``; return the step of its latest
     checkpoint (None: none). Writes nothing (``experiments/compare.py`` checks every entry first).
@@ -349,6 +360,7 @@ def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> i
     first checkpoint), so a new config simply replaces the old one.
     """
     run_dir = pathlib.Path(run_dir)
+    _check_creatable(run_dir)
     step = latest_checkpoint(run_dir)
     if step is None:
         return None
@@ -600,7 +612,14 @@ def train(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with placement.activate(), _sigterm_raises():
-        return _train(config, pathlib.Path(run_dir), placement, on_step)
+        try:
+            return _train(config, pathlib.Path(run_dir), placement, on_step)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt as stop:  # while building, restoring or compiling: no step ran
+            checkpoint = latest_checkpoint(pathlib.Path(run_dir))
+            terminated = isinstance(stop, _Terminated)
+            raise TrainingInterrupted(run_dir, checkpoint or 0, checkpoint, terminated=terminated) from None
 
 
 def _train(

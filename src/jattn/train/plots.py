@@ -22,7 +22,10 @@ def plot_learning_curves(curves: dict[str, list[dict]], metric: str, path: pathl
     ax.set_xlabel("step")
     ax.set_ylabel(f"validation {metric}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # every run stopped (diverged) before its first validation step
+        ax.text(0.5, 0.5, "no run reached a validation step", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
