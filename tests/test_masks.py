@@ -214,6 +214,15 @@ def test_truth_value_raises():
         (lambda: masks.strided(2, causal="no"), "causal must be True or False"),
         (lambda: masks.fixed(4, 1, causal=1), "causal must be True or False, got int 1"),
         (lambda: masks.from_blocks(np.ones(3), 4), "layout must be 2-D"),
+        (lambda: masks.from_blocks(np.full((2, 2), 7), 4), r"boolean or 0/1 .* got values \[7\]"),
+        (
+            lambda: masks.from_blocks(masks.causal().blocks(8, 8, 4, 4), 4),
+            "FULL 2",
+        ),
+        (
+            lambda: masks.from_blocks(np.ones((1, 2), bool), 16).dense(32, 32),
+            r"\[1, 2\] with 16x16 blocks covers 16 queries and 32 keys; T=32, S=32 need at least \[2, 2\]",
+        ),
         (lambda: masks.from_array(np.ones((3, 3))), "dtype bool"),
         (lambda: masks.from_fn(3), "fn must be callable"),
         (lambda: masks.random_blocks(0, 1), "block must be an int >= 1"),

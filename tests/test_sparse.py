@@ -46,8 +46,9 @@ class TestBanded(AttentionSuite):
             masks.global_tokens([2, 30]) & masks.causal(),  # no band at all, only global tokens
             masks.BlockWindow(8, 1) & masks.causal(),  # BigBird's block window is a band
             masks.sliding_window(3, 1) & masks.segments(np.repeat(np.arange(4), 10)[None]),
+            masks.bigbird(8, num_random=0),  # a block window and global tokens
         ],
-        ids=["wide", "causal&window", "globals_only", "block_window", "window&segments"],
+        ids=["wide", "causal&window", "globals_only", "block_window", "window&segments", "bigbird_no_random"],
     )
     def test_band_edge_cases(self, mask):
         rng = np.random.default_rng(12)

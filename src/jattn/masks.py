@@ -365,11 +365,22 @@ class GlobalTokens(_PositionMask):
 @_register
 class BlockLayout(_PositionMask):
     """Explicit block pattern: tile ``(i, j)`` of size ``block_q × block_kv`` is allowed when
-    ``layout[i][j]``. Positions past the layout are not attended."""
+    ``layout[i][j]``. A layout must cover the lengths it is used at; blocks past them are ignored."""
 
     layout: tuple[tuple[bool, ...], ...] = ()
     block_q: int = 1
     block_kv: int = 1
+
+    def for_lengths(self, q_len, kv_len):
+        needed = (-(-q_len // self.block_q), -(-kv_len // self.block_kv))
+        shape = (len(self.layout), len(self.layout[0]) if self.layout else 0)
+        if shape[0] < needed[0] or shape[1] < needed[1]:
+            raise ValueError(
+                f"from_blocks layout of shape {list(shape)} with {self.block_q}x{self.block_kv} blocks "
+                f"covers {shape[0] * self.block_q} queries and {shape[1] * self.block_kv} keys; "
+                f"T={q_len}, S={kv_len} need at least {list(needed)} blocks"
+            )
+        return self
 
     def _allowed(self, q, kv):
         xp = np if isinstance(q, np.ndarray) else jnp
@@ -770,10 +781,17 @@ def _draw_random_blocks(block, num_random, seed, q_len, kv_len) -> tuple[tuple[i
 
 
 def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
-    """An explicit block pattern: bool ``[num_q_blocks, num_kv_blocks]``."""
+    """An explicit block pattern: bool (or 0/1) ``[num_q_blocks, num_kv_blocks]``, true where the
+    whole tile is attended. It must cover the lengths it is used at (blocks past them are ignored)."""
     arr = np.asarray(layout)
     if arr.ndim != 2:
         raise ValueError(f"layout must be 2-D [num_q_blocks, num_kv_blocks], got shape {arr.shape}")
+    stray = [] if arr.dtype == bool else sorted(set(np.unique(arr).tolist()) - {0, 1})
+    if stray:
+        raise ValueError(
+            f"layout must be boolean or 0/1 (1: the tile is attended), got values {stray[:5]}; a "
+            "mask.blocks() layout (PARTIAL 1, FULL 2) describes a mask's tiles: pass that mask instead"
+        )
     block_q = check_int("block_q", block_q)
     block_kv = block_q if block_kv is None else check_int("block_kv", block_kv)
     return BlockLayout(tuple(map(tuple, arr.astype(bool).tolist())), block_q, block_kv)
@@ -829,7 +847,10 @@ def bigbird(
             f"got num_window_blocks={w}"
         )
     g = check_int("num_global_blocks", num_global_blocks, minimum=0)
-    pattern = BlockWindow(block, w // 2) | random_blocks(block, num_random, seed)
+    random = random_blocks(block, num_random, seed)  # checks num_random and seed
+    pattern: Mask = BlockWindow(block, w // 2)
+    if num_random:  # none: a window and globals, which banded attention runs
+        pattern = pattern | random
     if g:
         pattern = pattern | global_tokens(range(g * block))
     return pattern
