@@ -203,7 +203,8 @@ def test_tabulated_triton_sizes_fit_their_gpu_and_pipeline(target, dtype, head_d
         sizes = flash.tabulated_block_sizes("triton", dtype, head_dim, target)
         kernels = static.jattn_kernels(head_dim, True, sizes, 4096, jnp.dtype(dtype))
     assert sorted(kernels) == ["jattn_flash_dkv", "jattn_flash_dq", "jattn_flash_forward"]
-    assert all(("tf32" in ir) == (dtype == "float32" and precision is None) for ir in kernels.values())
+    if dtype == "float32":  # TF32 dots at the default precision, IEEE under "highest"
+        assert all(("tf32" in ir) == (precision is None) for ir in kernels.values())
     arch = int(target.removeprefix("sm"))
     for name, ir in kernels.items():
         warps, stages = static.launch_settings(sizes, name)
