@@ -184,6 +184,7 @@ def _val_lines(run_dir):
     return [(x["step"], x["loss"], x["accuracy"]) for x in lines if x["split"] == "val"]
 
 
+@pytest.mark.slow  # 35 s: a subprocess trained, killed and trained again
 def test_sigkilled_run_resumes_exactly(tmp_path):
     overrides = [
         "train.steps=10",
@@ -507,7 +508,11 @@ def test_diverged_message_says_when_the_value_was_measured(tmp_path):
     assert "it has no checkpoint" in after
 
 
-@pytest.mark.parametrize(("how", "status"), [("ctrl-c", 130), ("sigterm", 143)])
+@pytest.mark.parametrize(
+    ("how", "status"),
+    # SIGTERM's handler and status are also checked, by default, while starting up (below).
+    [("ctrl-c", 130), pytest.param("sigterm", 143, marks=pytest.mark.slow)],
+)
 def test_an_interrupted_run_checkpoints_its_steps_and_resumes_exactly(tmp_path, how, status):
     """Ctrl-C or SIGTERM (a cluster's preemption) at step 5, between the checkpoints of steps 4 and
     8: step 5 is saved, and the resumed run's parameters and validation metrics are those of an
