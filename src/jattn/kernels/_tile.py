@@ -190,12 +190,10 @@ def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softc
       must use.
     """
     q, k, v, d_out = sanitize(allowed, q, k, v, d_out, keys_first=keys_first)
-    if keys_first:  # (k·qᵀ)·scale: the forward's (q·kᵀ)·scale, transposed
-        s, capped = masked_logits(k, q, bias, allowed, scale=scale, softcap=softcap)
-        dp = jax.lax.dot_general(v, d_out, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    else:
-        s, capped = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)
-        dp = jax.lax.dot_general(d_out, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # Keys first, the same products transposed: S = (k·qᵀ)·scale and dP = v·dOᵀ.
+    (rows, columns), (d_rows, d_columns) = ((k, q), (v, d_out)) if keys_first else ((q, k), (d_out, v))
+    s, capped = masked_logits(rows, columns, bias, allowed, scale=scale, softcap=softcap)
+    dp = jax.lax.dot_general(d_rows, d_columns, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     p = exp_of_difference(s, lse)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
