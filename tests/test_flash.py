@@ -19,6 +19,7 @@ import jattn
 from attention_suite import AttentionSuite, make_inputs, oracle_mask
 from jattn import masks
 from jattn.attention import make_problem
+from jattn.core.chunked import make_plan
 from jattn.core.cudnn import supports_cudnn
 from jattn.kernels import aot, blocks, flash, gpu
 from jattn.kernels._config import HEADER
@@ -286,17 +287,24 @@ def test_sliding_window_visits_only_its_band(monkeypatch):
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "cols"])
 def test_schedule_lists_full_tiles_first_then_masked(transposed):
     """Each row: its full tiles, then its masked ones, both ascending; the kernels loop over the two
-    runs separately, so every entry's flag must agree with its side of ``num_full``."""
+    runs separately and take entry j as masked exactly when ``num_full <= j < count``. A masked
+    entry's table index points at its tile in ``partial_tiles``."""
     mask = masks.sliding_window(40) | masks.from_fn(lambda t, s: (t * s) % 11 == 0)
     layout = np.asarray(mask.blocks(200, 200, 16, 16))
     schedule = blocks.make_schedule(layout, 200, 200, 16, 16)
     packed = schedule.cols if transposed else schedule.rows
     width = schedule.transposed_width if transposed else schedule.width
+    crosses_end = np.zeros(layout.shape, bool)
+    crosses_end[:, -1] = True  # 200 keys end inside the last 16-key tile
+    must_mask = (layout == masks.PARTIAL) | (crosses_end & (layout != masks.EMPTY))
     body = packed[:, HEADER:]
     for r, (count, num_full) in enumerate(packed[:, :HEADER]):
-        ids, flags = body[r, :count], body[r, width : width + count]
-        listed = layout[ids, r] if transposed else layout[r, ids]
-        np.testing.assert_array_equal(flags, np.arange(count) >= num_full)
+        ids, table = body[r, :count], body[r, width : width + count]
+        tiles = (ids, np.full(count, r)) if transposed else (np.full(count, r), ids)
+        np.testing.assert_array_equal(must_mask[tiles], np.arange(count) >= num_full)
+        for j in np.flatnonzero(layout[tiles] == masks.PARTIAL):
+            np.testing.assert_array_equal(schedule.partial_tiles[table[j]], [tiles[0][j], tiles[1][j]])
+        listed = layout[tiles]
         assert (listed != masks.EMPTY).all() and (np.diff(ids[:num_full]) > 0).all()
         assert (np.diff(ids[num_full:]) > 0).all()
         expected = layout[:, r] if transposed else layout[r]
@@ -363,6 +371,69 @@ def test_block_size_table_lookup_and_override():
     overridden = flash.choose_block_sizes("triton", problem, block_q=32, block_kv=16)
     assert (overridden.block_q, overridden.block_kv, overridden.num_warps) == (32, 16, entry.num_warps)
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
+
+
+def _tpu_schedule(monkeypatch, length: int, mask, **blocks_given):
+    """(tiles, schedule bytes) of a traced TPU call at ``length`` (nothing runs or compiles)."""
+    seen = []
+    make = blocks.make_schedule
+    monkeypatch.setattr(blocks, "make_schedule", lambda *a: seen.append(make(*a)) or seen[-1])
+    x = jax.ShapeDtypeStruct((1, length, 1, 128), jnp.bfloat16)
+    run = lambda q: flash.flash_problem(  # noqa: E731
+        make_problem(q, q, q, mask=mask), platform="tpu", interpret=False, **blocks_given
+    )
+    jax.eval_shape(run, x)
+    schedule = seen[-1]
+    return (schedule.block_q, schedule.block_kv), 4 * max(schedule.rows.size, schedule.cols.size)
+
+
+SMEM_FOR_THE_SCHEDULE = 768 * 1024  # three quarters of a TPU v4+ TensorCore's 1 MiB of SMEM
+
+
+def test_tpu_tiles_grow_until_the_schedule_fits_scalar_memory(monkeypatch):
+    """A TPU kernel prefetches its tile schedule into SMEM. A causal schedule of 128-tiles at 64k
+    tokens takes 2 MiB, so the tiles chosen from the table grow; sparse ones fit as they are."""
+    tiles, used = _tpu_schedule(monkeypatch, 65536, masks.causal())
+    assert tiles == (256, 256) and used <= SMEM_FOR_THE_SCHEDULE
+    tiles, used = _tpu_schedule(monkeypatch, 131072, None)
+    assert tiles == (512, 512) and used <= SMEM_FOR_THE_SCHEDULE
+    assert _tpu_schedule(monkeypatch, 65536, masks.sliding_window(1024))[0] == (128, 128)
+    assert _tpu_schedule(monkeypatch, 16384, masks.causal())[0] == (128, 128)
+    # Only the tiles not passed in grow.
+    tiles, used = _tpu_schedule(monkeypatch, 65536, masks.causal(), block_q=128)
+    assert tiles == (128, 512) and used <= SMEM_FOR_THE_SCHEDULE
+
+
+def test_grown_tpu_tiles_lower_through_mosaic():
+    def loss(q, k, v):
+        problem = make_problem(q, k, v, mask=masks.causal())
+        return flash.flash_problem(problem, platform="tpu", interpret=False).astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((1, 65536, 2, 128), jnp.bfloat16)  # 256-tiles (the test above)
+    text = aot.export_for(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, platform="tpu").mlir_module()
+    assert text.count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize(
+    ("length", "given"), [(65536, {"block_q": 128, "block_kv": 128}), (262144, {})], ids=["given", "grown"]
+)
+def test_a_tpu_schedule_too_large_for_scalar_memory_is_refused_by_name(monkeypatch, length, given):
+    with pytest.raises(ValueError, match=r"T=\d+, S=\d+ with block_q=\d+, block_kv=\d+ takes \d+ KiB.*SMEM"):
+        _tpu_schedule(monkeypatch, length, masks.causal(), **given)
+
+
+def test_ring_shards_check_their_tpu_schedule(monkeypatch):
+    """Ring attention hands the kernel its own per-shard plans: on TPU they are checked too."""
+    monkeypatch.setattr(flash.jax, "default_backend", lambda: "tpu")
+    length, block = 65536, 128
+    layout = np.full((length // block,) * 2, masks.FULL, np.int8)
+    plan = make_plan(layout, length, length, block, block)
+    x = jax.ShapeDtypeStruct((length, 128), jnp.bfloat16)
+    forward = functools.partial(
+        flash.flash_forward_with_lse, mask=None, plan=plan, scale=1.0, interpret=False
+    )
+    with pytest.raises(ValueError, match="block_q=128, block_kv=128 takes 2052 KiB"):
+        jax.eval_shape(forward, x, x, x)
 
 
 @pytest.mark.parametrize("precision", ["highest", "float32", "F32_F32_F32"])

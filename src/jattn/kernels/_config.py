@@ -7,18 +7,18 @@ from typing import Any
 
 import jax
 
-# A packed schedule row is [count, num_full, ids[W], masked[W], table[W]] (see blocks.Schedule).
+# A packed schedule row is [count, num_full, ids[W], table[W]] (see blocks.Schedule).
 HEADER = 2
 
 
 def row_length(width: int) -> int:
     """int32 values in a packed schedule row of ``width`` (W) entries."""
-    return HEADER + 3 * width
+    return HEADER + 2 * width
 
 
 def entries_per_row(length: int) -> int:
     """W of a packed schedule row of ``length`` int32 values (``row_length``'s inverse)."""
-    return (length - HEADER) // 3
+    return (length - HEADER) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,8 @@ class KernelAux:
     """The non-differentiable operands of a flash call.
 
     Attributes:
-      rows: int32 ``[num_q_blocks, HEADER + 3W]`` schedule of the forward and dq passes.
-      cols: int32 ``[num_kv_blocks, HEADER + 3Wt]`` schedule of the dk/dv pass.
+      rows: int32 ``[num_q_blocks, HEADER + 2W]`` schedule of the forward and dq passes.
+      cols: int32 ``[num_kv_blocks, HEADER + 2Wt]`` schedule of the dk/dv pass.
       table: int8 ``[B|1, N|1, P, bq, bkv]`` partial-tile table, or None.
       q_vectors: int32 ``[B|1, T', 1]`` per-query vectors of the formula.
       kv_vectors: int32 ``[B|1, 1, S']`` per-key vectors of the formula.

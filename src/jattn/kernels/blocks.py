@@ -1,9 +1,9 @@
 """From a mask to what the flash kernel is given: tile schedules, an in-kernel mask formula, a table.
 
 * ``make_schedule``: the block layout (``mask.blocks``) as per-q-tile lists of the non-empty kv
-  tiles (forward and dq pass) and the transposed per-kv-tile lists of q tiles (dk/dv pass), each
-  entry with a "masked" flag and an index into the compact tile table. Empty tiles are not in the
-  lists, so the kernels never load or compute them.
+  tiles (forward and dq pass) and the transposed per-kv-tile lists of q tiles (dk/dv pass), full
+  tiles before masked ones, each entry with an index into the compact tile table. Empty tiles are
+  not in the lists, so the kernels never load or compute them.
 * ``mask_formula``: masks the kernel can compute from positions (causal, sliding window, prefix
   LM) and from per-position vectors (padding lengths, segment ids), combined with ``& | ~``.
 * ``tile_table``: any other mask (BigBird/random blocks, ``from_fn``, boolean arrays, global
@@ -32,15 +32,16 @@ class Schedule:
     """Which tiles each kernel pass visits, as packed int32 rows the kernels index directly.
 
     Row ``r`` of ``rows`` (one per q tile, forward/dq; ``cols`` is one per kv tile, dk/dv) is
-    ``[count, num_full, ids[W], masked[W], table[W]]``: the first ``count`` entries of ``ids``
-    are the visited tiles, the ``num_full`` full ones first and then the masked ones, each in
-    increasing order. A loop-based kernel thus runs two loops with no branch inside (a branch
-    around the tile math stops Triton from pipelining the loads and the matmuls). Entries past
-    ``count`` repeat the last visited id (a grid-based kernel then re-uses the block it already
-    holds instead of fetching a new one).
+    ``[count, num_full, ids[W], table[W]]``: the first ``count`` entries of ``ids`` are the
+    visited tiles, the ``num_full`` full ones first and then the masked ones, each in increasing
+    order, so entry j is masked exactly when ``num_full <= j < count``. A loop-based kernel thus
+    runs two loops with no branch inside (a branch around the tile math stops Triton from
+    pipelining the loads and the matmuls). Entries past ``count`` repeat the last visited id (a
+    grid-based kernel then re-uses the block it already holds instead of fetching a new one).
+    ``table[j]`` is the index of a masked entry's tile in the compact tile table.
 
     Attributes:
-      rows: int32 ``[num_q_blocks, HEADER + 3 * W]``. cols: int32 ``[num_kv_blocks, HEADER + 3 * Wt]``.
+      rows: int32 ``[num_q_blocks, HEADER + 2 * W]``. cols: int32 ``[num_kv_blocks, HEADER + 2 * Wt]``.
       partial_tiles: int32 ``[P, 2]`` (q tile, kv tile) of the tiles the table holds.
       block_q, block_kv: tile sizes.
     """
@@ -75,7 +76,7 @@ def _tiles(ids: np.ndarray, r: int, transposed: bool):
 
 
 def _pack(lists, masked: np.ndarray, table_index: np.ndarray, transposed: bool) -> np.ndarray:
-    """Visiting lists -> packed rows ``[count, num_full, ids, masked, table]`` (see ``Schedule``)."""
+    """Visiting lists -> packed rows ``[count, num_full, ids, table]`` (see ``Schedule``)."""
     width = max([len(ids) for ids in lists] + [1])
     packed = np.zeros((len(lists), row_length(width)), np.int32)
     for r, ids in enumerate(lists):
@@ -89,9 +90,7 @@ def _pack(lists, masked: np.ndarray, table_index: np.ndarray, transposed: bool) 
         packed[r, 1] = count - int(is_masked.sum())
         body = packed[r, HEADER:]
         body[:width] = padded
-        tiles = _tiles(padded, r, transposed)
-        body[width : 2 * width] = masked[tiles] * (np.arange(width) < count)
-        body[2 * width :] = table_index[tiles]
+        body[width:] = table_index[_tiles(padded, r, transposed)]
     return packed
 
 

@@ -206,6 +206,64 @@ def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=N
     return table.with_tiles(bq, bkv)
 
 
+# The scalar memory (SMEM) of a TPU v4 or newer TensorCore is 1 MiB (``pltpu.TpuInfo``'s
+# ``smem_capacity_bytes``; v2 and v3 have 16 KiB). Each TPU kernel prefetches one packed schedule into
+# it (``KernelAux.rows`` or ``cols``), which may take three quarters; the rest is left to Mosaic's own
+# scalars (a margin not measured on a TPU). A dense or causal schedule grows as (length / tile)^2:
+# with 128-tiles it takes 129 KiB at 16k tokens, 514 KiB at 32k and 2 MiB at 64k.
+TPU_SCHEDULE_BYTES = 768 * 1024
+# The largest tiles the TPU lowering grows to on its own to fit its schedule.
+MAX_TPU_GROWN_BLOCK = 512
+
+
+def schedule_bytes(schedule: blocks.Schedule) -> int:
+    """The bytes of the larger of a schedule's two packed arrays (each kernel prefetches one)."""
+    return 4 * max(schedule.rows.size, schedule.cols.size)
+
+
+def check_tpu_schedule(schedule: blocks.Schedule, q_len: int, kv_len: int) -> None:
+    """Refuse a schedule that would not fit the TPU scalar memory it is prefetched into."""
+    used = schedule_bytes(schedule)
+    if used > TPU_SCHEDULE_BYTES:
+        raise ValueError(
+            f"flash on TPU: the tile schedule of T={q_len}, S={kv_len} with block_q={schedule.block_q}, "
+            f"block_kv={schedule.block_kv} takes {used // 1024} KiB, more than the "
+            f"{TPU_SCHEDULE_BYTES // 1024} KiB of TPU scalar memory (SMEM) it may use; pass larger "
+            "block_q and block_kv (tiles chosen from the table grow only up to "
+            f"{MAX_TPU_GROWN_BLOCK}), or use implementation='chunked' (or 'ring' across devices)"
+        )
+
+
+def _schedule(mask: masks_lib.Mask, q_len: int, kv_len: int, sizes: BlockSizes) -> blocks.Schedule:
+    bq, bkv = sizes.block_q, sizes.block_kv
+    return blocks.make_schedule(mask.blocks(q_len, kv_len, bq, bkv), q_len, kv_len, bq, bkv)
+
+
+def _grown(block: int, length: int) -> int:
+    """Twice ``block`` within ``MAX_TPU_GROWN_BLOCK`` and the (power-of-two-rounded) sequence."""
+    return max(block, _fit_to_length(min(2 * block, MAX_TPU_GROWN_BLOCK), length, block))
+
+
+def fit_schedule(
+    lowering: str, mask: masks_lib.Mask, q_len: int, kv_len: int, sizes: BlockSizes, *, grow_q, grow_kv
+) -> tuple[BlockSizes, blocks.Schedule]:
+    """``(sizes, schedule)`` of a call. On TPU the schedule must fit the scalar memory
+    (``TPU_SCHEDULE_BYTES``): the tiles that may grow (``grow_q``, ``grow_kv``: those not passed in)
+    double, up to ``MAX_TPU_GROWN_BLOCK`` and the sequence, until it does; else a ValueError."""
+    schedule = _schedule(mask, q_len, kv_len, sizes)
+    if lowering != "mosaic_tpu":
+        return sizes, schedule
+    while schedule_bytes(schedule) > TPU_SCHEDULE_BYTES:
+        bq = _grown(sizes.block_q, q_len) if grow_q else sizes.block_q
+        bkv = _grown(sizes.block_kv, kv_len) if grow_kv else sizes.block_kv
+        if (bq, bkv) == (sizes.block_q, sizes.block_kv):
+            break
+        sizes = sizes.with_tiles(bq, bkv)
+        schedule = _schedule(mask, q_len, kv_len, sizes)
+    check_tpu_schedule(schedule, q_len, kv_len)
+    return sizes, schedule
+
+
 def _tiling(sizes: BlockSizes) -> dict:
     """The tiles, steps and Triton launch settings of a call (``KernelConfig`` fields)."""
     return {field.name: getattr(sizes, field.name) for field in dataclasses.fields(BlockSizes)}
@@ -303,13 +361,22 @@ def flash_problem(
     if problem.q.shape[0] == 0:  # an empty batch: a kernel grid cannot have a size-0 axis
         return jnp.zeros((0, problem.q_len, problem.num_heads, problem.value_head_dim), problem.q.dtype)
     lowering = lowering_for(platform)
+    tuned = sizes is not None
     if sizes is None:
         sizes = choose_block_sizes(lowering, problem, block_q, block_kv)
-    bq, bkv = sizes.block_q, sizes.block_kv
     q_len, kv_len = problem.q_len, problem.kv_len
-    q_padded, kv_padded = -(-q_len // bq) * bq, -(-kv_len // bkv) * bkv
     mask = masks_lib.full() if problem.mask is None else problem.mask
-    schedule = blocks.make_schedule(mask.blocks(q_len, kv_len, bq, bkv), q_len, kv_len, bq, bkv)
+    sizes, schedule = fit_schedule(
+        lowering,
+        mask,
+        q_len,
+        kv_len,
+        sizes,
+        grow_q=not tuned and block_q is None,
+        grow_kv=not tuned and block_kv is None,
+    )
+    bq, bkv = sizes.block_q, sizes.block_kv
+    q_padded, kv_padded = -(-q_len // bq) * bq, -(-kv_len // bkv) * bkv
     formula, aux = _kernel_aux(problem, schedule, q_padded, kv_padded)
     pad_dim = LOWERINGS[lowering].padded_head_dim
     head_dim, value_dim = pad_dim(problem.head_dim), pad_dim(problem.value_head_dim)
@@ -344,6 +411,8 @@ def _one_head_call(q, k, v, mask, plan, scale, softcap, interpret):
     platform = jax.default_backend()
     lowering = lowering_for(platform)
     schedule = blocks.schedule_for_plan(plan)
+    if lowering == "mosaic_tpu":
+        check_tpu_schedule(schedule, plan.q_len, plan.kv_len)
     bq, bkv = plan.block_q, plan.block_kv
     table, formula = None, None
     if mask is not None and len(schedule.partial_tiles):
@@ -489,7 +558,8 @@ def flash_attention(
       scale: defaults to ``1 / sqrt(H)``. softcap: logits become ``softcap · tanh(logits / softcap)``.
       block_q, block_kv: tile sizes (powers of two >= 16; on TPU >= 128), default from the table
         in ``block_sizes.json`` by GPU architecture (``triton_target``), dtype and head dim,
-        shrunk to short sequences.
+        shrunk to short sequences; on TPU grown (up to 512) until the tile schedule fits the
+        scalar memory (``fit_schedule``).
       interpret: None runs interpreted on CPU and compiled on GPU/TPU.
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype.

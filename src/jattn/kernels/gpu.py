@@ -162,7 +162,7 @@ def _kv_tile_allowed(
 
 def _entry(sched_ref, width: int, j):
     """(tile id, table index) of entry j of a packed schedule row."""
-    return sched_ref[HEADER + j], sched_ref[HEADER + 2 * width + j]
+    return sched_ref[HEADER + j], sched_ref[HEADER + width + j]
 
 
 def _loop_full_then_masked(sched_ref, visit, init, steps_per_tile: int = 1):

@@ -43,9 +43,11 @@ def _count(sched_ref, row, width: int):
 
 
 def _entry(sched_ref, row, width: int, j):
-    """(tile id, masked flag, table index) of entry j of packed row ``row`` (flattened in SMEM)."""
-    base = row * row_length(width) + HEADER
-    return sched_ref[base + j], sched_ref[base + width + j], sched_ref[base + 2 * width + j]
+    """(tile id, whether it is masked, table index) of entry j of packed row ``row`` (flattened in
+    SMEM). A row lists its full tiles before its masked ones (``blocks.Schedule``)."""
+    start = row * row_length(width)
+    base = start + HEADER
+    return sched_ref[base + j], j >= sched_ref[start + 1], sched_ref[base + width + j]
 
 
 def _heads_first(x):
@@ -117,11 +119,11 @@ def _tile_allowed(cfg, q_start, kv_start, q_vec_refs, kv_vec_refs, table_ref):
 def _on_tile(masked, run, allowed_fn):
     """Run ``run(allowed)`` for a masked tile and ``run(None)`` for a full one."""
 
-    @pl.when(masked != 0)
+    @pl.when(masked)
     def _():
         run(allowed_fn())
 
-    @pl.when(masked == 0)
+    @pl.when(jnp.logical_not(masked))
     def _():
         run(None)
 
