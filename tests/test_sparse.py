@@ -84,24 +84,45 @@ class TestBlockSparse(AttentionSuite):
         self.check_against_oracle(q, k, v, d_out, mask=masks.bigbird(16, num_random=2, seed=3))
 
 
-@pytest.mark.parametrize(
+GROUPED_CASES = pytest.mark.parametrize(
     "implementation, mask",
     [("banded", masks.longformer(5, [0, 9])), ("block_sparse", masks.bigbird(8, num_random=1, seed=2))],
     ids=["banded", "block_sparse"],
 )
-def test_query_blocks_processed_in_groups_match_the_oracle(monkeypatch, implementation, mask):
-    """Long inputs run their query blocks a bounded group at a time (``lax.map``); force groups of
-    a couple of blocks, with a shorter last group, and check forward and gradients."""
-    suite = TestBanded() if implementation == "banded" else TestBlockSparse()
-    rng = np.random.default_rng(14)
-    q, k, v, d_out = make_inputs(rng, (2,), 75, 75, 2, 1, 8, 8, jnp.float32)
-    # 4 heads (batch 2 × 2 heads): banded runs 2 of its 5 blocks of 16 × 28 keys per step, then 1.
+
+
+@pytest.fixture
+def small_query_groups(monkeypatch):
+    """Inputs whose query blocks run a couple at a time (``lax.map``), with a shorter last group, as
+    long inputs do: 4 heads (batch 2 × 2 heads); banded runs 2 of its 5 blocks of 16 × 28 keys per
+    step, then 1."""
     monkeypatch.setitem(sparse._LOGITS_PER_STEP, "cpu", 4 * 2 * 16 * 30)
     jax.clear_caches()  # attention() is jitted: retrace under the small group size
+    yield make_inputs(np.random.default_rng(14), (2,), 75, 75, 2, 1, 8, 8, jnp.float32)
+    jax.clear_caches()
+
+
+@GROUPED_CASES
+def test_query_blocks_processed_in_groups_match_the_oracle(small_query_groups, implementation, mask):
+    suite = TestBanded() if implementation == "banded" else TestBlockSparse()
+    q, k, v, d_out = small_query_groups
     jaxpr = jax.make_jaxpr(lambda *qkv: jattn.attention(*qkv, mask=mask, implementation=implementation))
     assert "scan" in str(jaxpr(q, k, v)), "the grouped path was not taken"
     suite.check_against_oracle(q, k, v, d_out, mask=mask)
-    jax.clear_caches()
+
+
+@pytest.mark.slow
+@GROUPED_CASES
+def test_second_derivatives_through_query_groups(small_query_groups, implementation, mask):
+    """Grad of grad through the groups' ``jax.checkpoint`` inside ``lax.map`` equals plain autodiff."""
+    q, k, v, _ = small_query_groups
+
+    def squared_grad(implementation):
+        attend = lambda x: jattn.attention(x, k, v, mask=mask, implementation=implementation).sum()  # noqa: E731
+        return lambda x: jnp.sum(jax.grad(attend)(x) ** 2)
+
+    expected = jax.grad(squared_grad("xla"))(q)
+    np.testing.assert_allclose(jax.grad(squared_grad(implementation))(q), expected, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
