@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -562,6 +563,48 @@ def test_an_interrupt_while_starting_up_names_the_checkpoint_to_resume_from(
         train(_tiny("train.steps=4"), run_dir)
     assert err.value.exit_status == status
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _gutted_copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    """``target``: ``source``'s folders without their files, as a deletion stopped midway leaves it."""
+    shutil.copytree(source, target)
+    for path in target.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+def test_a_stop_before_orbax_deletes_old_checkpoints_leaves_two(tmp_path, monkeypatch):
+    """Orbax writes a new checkpoint and deletes the oldest last: Ctrl-C in between (here in the final
+    save, with the oldest half deleted) left three step folders, one unreadable, for good, as no later
+    save would delete it. The stop, and the next run of the command, delete all but the newest two."""
+    save = ocp.CheckpointManager.save
+
+    def save_stopped_before_the_deletion(self, step, *args, **kwargs):
+        checkpoints = pathlib.Path(self.directory)
+        if step != 6:
+            return save(self, step, *args, **kwargs)
+        oldest = checkpoints / str(min(_checkpoint_steps(checkpoints.parent)))
+        shutil.copytree(oldest, tmp_path / "oldest")
+        save(self, step, *args, **kwargs)
+        _gutted_copy(tmp_path / "oldest", oldest)
+        raise KeyboardInterrupt
+
+    config = _tiny("train.steps=6", "train.log_every=2", "train.checkpoint_every=2", "train.eval_every=2")
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(ocp.CheckpointManager, "save", save_stopped_before_the_deletion)
+        with pytest.raises(TrainingInterrupted, match="checkpoint of step 6"):
+            train(config, run_dir)
+    assert _checkpoint_steps(run_dir) == [4, 6]
+    _gutted_copy(run_dir / "checkpoints" / "4", run_dir / "checkpoints" / "2")  # as a killed process left it
+    assert train(config, run_dir).final_eval  # finished: it reports the run and saves nothing
+    assert _checkpoint_steps(run_dir) == [4, 6]
+    for step in (4, 6):
+        load_run(run_dir, step)
 
 
 def test_an_interrupt_saves_no_diverged_state(tmp_path):

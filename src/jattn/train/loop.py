@@ -162,11 +162,21 @@ def _checkpoint_on_stop(manager: ocp.CheckpointManager, state: State, last_saved
         return last_saved  # nothing new since the last checkpoint (or the start)
     manager.reload()  # a stop during a save may have left this step on disk
     if step in manager.all_steps():
+        _drop_old_checkpoints(manager)  # stopped after it was written, before the old ones were deleted
         return step
     if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state["params"])):
         return last_saved
     manager.save(step, args=ocp.args.StandardSave(state))
     return step
+
+
+def _drop_old_checkpoints(manager: ocp.CheckpointManager) -> None:
+    """Delete the step folders older than the newest ``KEPT_CHECKPOINTS``. Orbax deletes them after it
+    has written the new checkpoint, so a stop in between leaves them on disk (one stopped in the middle
+    of its deletion still lists as a step, and cannot be read), and only a later save would delete them."""
+    manager.reload()
+    for old in sorted(manager.all_steps())[:-KEPT_CHECKPOINTS]:
+        manager.delete(old)
 
 
 def _json_safe(value: Any) -> Any:
@@ -322,9 +332,15 @@ def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int
         )
 
 
+KEPT_CHECKPOINTS = 2  # the newest checkpoints a run folder keeps
+
+
 def _checkpoint_manager(run_dir: pathlib.Path, *, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=not read_only, read_only=read_only, enable_async_checkpointing=False
+        max_to_keep=KEPT_CHECKPOINTS,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,
     )
     return ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler()
@@ -637,6 +653,7 @@ def _train(
     state = placement.place_state(init_state(fns, tx))
     latest = check_run_folder(config, run_dir)
     with _checkpoint_manager(run_dir) as manager:
+        _drop_old_checkpoints(manager)  # ones an earlier process was stopped before deleting
         if latest is not None:
             state = _restore(manager, state, latest, run_dir)
         save_config(config, run_dir / "config.yaml")  # after the restore: a refused one keeps the old
