@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jattn
 from attention_suite import AttentionSuite, make_inputs, oracle_mask
@@ -191,6 +192,60 @@ def test_table_masks_may_look_positions_up_in_data_of_the_true_lengths():
 
     q, k, v, d_out = make_inputs(rng, (), q_len, kv_len, 2, 1, 16, 16, jnp.float32)
     check(q, k, v, d_out, mask=masks.from_fn(lookup), platform="gpu", block_q=16, block_kv=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _mesh(kind: str):
+    devices = jax.devices()[:4]
+    if kind == "auto":  # jattn's own meshes (the training loop's) have Auto axes
+        return jax.sharding.Mesh(np.asarray(devices).reshape(4), ("data",)), P("data")
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=explicit, devices=devices)
+    return mesh, P("data", None, "model")  # heads sharded too: gathered for the kernel
+
+
+def _collectives(fn, *args) -> int:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sum(text.count(f" {op}(") + text.count(f" {op}-start(") for op in ("all-gather", "all-to-all"))
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_under_a_mesh_the_kernel_runs_on_each_devices_share_of_the_batch(kind):
+    """XLA cannot partition a Pallas call: on batch-sharded inputs it gathered the whole batch onto
+    every device (and on Explicit axes the call failed). Under ``jax.set_mesh`` the kernel runs per
+    batch shard: nothing is gathered, the output stays sharded, and the numbers are XLA's."""
+    mesh, spec = _mesh(kind)
+    rng = np.random.default_rng(30)
+    q, k, v, d_out = make_inputs(rng, (4,), 40, 40, 4, 2, 16, 16, jnp.float32)
+    shard = lambda x, s=spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))  # noqa: E731
+    q, k, v, d_out = shard(q), shard(k), shard(v), shard(d_out)
+    lengths = shard(jnp.array([40, 21, 9, 0]), P("data"))
+
+    def attend(implementation):
+        def run(q, k, v, lengths):
+            mask = masks.causal() & masks.padding(lengths)
+            return jattn.attention(q, k, v, mask=mask, implementation=implementation)
+
+        return run
+
+    def grads(implementation):
+        return jax.grad(lambda *a: (attend(implementation)(*a) * d_out).sum(), argnums=(0, 1, 2))
+
+    with jax.set_mesh(mesh):
+        out = jax.jit(attend("flash"))(q, k, v, lengths)
+        assert out.sharding.spec[0] == "data"
+        np.testing.assert_allclose(out, attend("xla")(q, k, v, lengths), atol=2e-5)
+        for got, want in zip(
+            jax.jit(grads("flash"))(q, k, v, lengths), grads("xla")(q, k, v, lengths), strict=True
+        ):
+            np.testing.assert_allclose(got, want, atol=2e-5)
+        if kind == "auto":
+            assert _collectives(attend("flash"), q, k, v, lengths) == 0
+            assert _collectives(grads("flash"), q, k, v, lengths) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from importlib import resources
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jattn import masks as masks_lib
 from jattn._checks import check_int
@@ -526,9 +527,59 @@ def unsupported_reason(problem: Problem) -> str | None:
     return pre_ampere_reason("the flash kernel")
 
 
+def _batch_mesh_axes(mesh, problem: Problem) -> tuple[str, ...]:
+    """The axes of the context mesh the batch is split over: on Explicit axes those q's batch is
+    sharded over (its type says); else jattn's batch axis ("data", as ring attention and the training
+    loop take it) where it is an Auto axis whose size divides B."""
+    from jattn.parallel.ring import batch_axis_for  # jattn.parallel imports this module
+
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:
+        spec = jax.typeof(problem.q).sharding.spec
+        sharded = spec[0] if len(spec) else None
+        if sharded is not None:
+            return (sharded,) if isinstance(sharded, str) else tuple(sharded)
+    axis = batch_axis_for(mesh, problem.q.shape[0])
+    if axis is None or mesh.axis_types[mesh.axis_names.index(axis)] != jax.sharding.AxisType.Auto:
+        return ()
+    return (axis,)
+
+
+def per_batch_shard(problem: Problem, attend):
+    """``attend(problem) -> [B, T, N, Hv]`` run on each device's share of the batch where a mesh is
+    set (``jax.set_mesh``).
+
+    A Pallas kernel is one custom call that XLA cannot partition: on sharded inputs it would gather
+    them and compute the whole batch on every device. Under a mesh the kernel runs in a
+    ``shard_map`` over the batch axes (``_batch_mesh_axes``), sequences and heads whole on each
+    device (on Explicit axes, a sharded sequence or head dim is gathered first). Inside a
+    ``shard_map`` (Manual axes), or with no batch axis, it runs as it is.
+    """
+    from jattn.parallel.mesh import context_mesh, reshard_for_shard_map, shard_map
+
+    mesh = context_mesh()
+    if mesh is None or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return attend(problem)
+    axes = _batch_mesh_axes(mesh, problem)
+    if not axes:
+        return attend(problem)
+    batch = PartitionSpec(axes)
+    split = lambda x: batch if x.shape[0] > 1 else PartitionSpec()  # noqa: E731  leaves [B|1, ...]
+    args = (problem.q, problem.k, problem.v, problem.mask, problem.bias)
+    specs = (batch, batch, batch, jax.tree.map(split, problem.mask), jax.tree.map(split, problem.bias))
+
+    def local(q, k, v, mask, bias):  # this device's [B / shards, ...]
+        return attend(dataclasses.replace(problem, q=q, k=k, v=v, mask=mask, bias=bias))
+
+    return shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch)(
+        *reshard_for_shard_map(mesh, args, specs)
+    )
+
+
 def run(problem: Problem):
-    """The registry's ``run``: compiled on GPU/TPU, interpreted on CPU -> ``[B, T, N, Hv]``."""
-    return flash_problem(problem, platform=problem.backend, interpret=problem.backend == "cpu")
+    """The registry's ``run``: compiled on GPU/TPU, interpreted on CPU -> ``[B, T, N, Hv]``; per
+    shard of the batch under a mesh (``per_batch_shard``)."""
+    compute = functools.partial(flash_problem, platform=problem.backend, interpret=problem.backend == "cpu")
+    return per_batch_shard(problem, compute)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_q", "block_kv", "interpret"))
@@ -537,9 +588,10 @@ def _flash_attention_jit(q, k, v, mask, bias, *, scale, softcap, block_q, block_
     why_not = unsupported_reason(problem)
     if why_not is not None:
         raise NotImplementedError(why_not)
-    out = flash_problem(
-        problem, platform=problem.backend, interpret=interpret, block_q=block_q, block_kv=block_kv
-    )  # [B, T, N, Hv]
+    compute = functools.partial(
+        flash_problem, platform=problem.backend, interpret=interpret, block_q=block_q, block_kv=block_kv
+    )
+    out = per_batch_shard(problem, compute)  # [B, T, N, Hv]
     return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(q.dtype)
 
 

@@ -99,7 +99,7 @@ def sharding(mesh: Mesh, *spec: Any) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def shard_map(fn: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+def shard_map(fn: Callable, *, mesh: Mesh | AbstractMesh, in_specs: Any, out_specs: Any) -> Callable:
     """``shard_map`` without replication checks, on any supported jax version."""
     if hasattr(jax, "shard_map"):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -548,7 +548,8 @@ def ring_attention(
       q: queries ``[B..., T, N, H]``; k: keys ``[B..., S, K, H]`` (N % K == 0); v: ``[B..., S, K, Hv]``.
         Natural sequence order; may be sharded over ``axis_name`` along dim -3 (alike for all three).
       mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name`` (and ``batch_axis`` if given), its
-        axes Auto (``jattn.parallel.make_mesh``) or Explicit (``jax.make_mesh``'s default).
+        axes Auto (``jattn.parallel.make_mesh``) or Explicit (``jax.make_mesh``'s default; there
+        ``jax.grad`` of a jitted call needs the mesh set with ``jax.set_mesh``, as JAX says).
       axis_name: the mesh axis the sequence is split over (D devices).
       mask: a ``jattn.masks`` mask (position masks, padding, segments and their combinations), read
         at global positions; dense boolean arrays are not supported (they are O(T·S) per device).
