@@ -71,8 +71,23 @@ def _ragged_table(rows: tuple) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(ids), jnp.asarray([len(r) for r in rows], jnp.int32)
 
 
+def _block_indices(num_blocks: int) -> jax.Array:
+    """``[num_blocks]`` int32 block indices, the dtype of the ``_ragged_table`` entries they meet in a
+    tile's slice starts (``jnp.arange`` alone would give int64 under ``jax_enable_x64``)."""
+    return jnp.arange(num_blocks, dtype=jnp.int32)
+
+
 def _pad_rows(x, length: int):
     return jnp.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _tile_start(shape: tuple[int, int], qi, kj, plan: _Plan) -> tuple:
+    """Where tile (qi, kj) starts in a padded ``[T'|1, S'|1]`` array: int32 block offsets, 0 along a
+    broadcast dim (an int32 0: a Python 0 is int64 under ``jax_enable_x64``, and ``dynamic_slice``
+    takes starts of one dtype)."""
+    row = qi * plan.block_q if shape[0] > 1 else jnp.int32(0)
+    col = kj * plan.block_kv if shape[1] > 1 else jnp.int32(0)
+    return row, col
 
 
 def _bias_tile(bias, qi, kj, plan: _Plan):
@@ -81,8 +96,7 @@ def _bias_tile(bias, qi, kj, plan: _Plan):
         return None
     rows = plan.block_q if bias.shape[0] > 1 else 1
     cols = plan.block_kv if bias.shape[1] > 1 else 1
-    start = (qi * plan.block_q if rows > 1 else 0, kj * plan.block_kv if cols > 1 else 0)
-    return jax.lax.dynamic_slice(bias, start, (rows, cols))
+    return jax.lax.dynamic_slice(bias, _tile_start(bias.shape, qi, kj, plan), (rows, cols))
 
 
 def _tile(q_blk, k_blk, v_blk, bias, mask, qi, kj, plan, cfg, apply_mask: bool):
@@ -161,7 +175,7 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
         lse = jnp.where(attends, m + jnp.log(safe_sum), empty_lse)
         return out, lse
 
-    out, lse = jax.lax.map(one_q_block, jnp.arange(plan.num_q_blocks))
+    out, lse = jax.lax.map(one_q_block, _block_indices(plan.num_q_blocks))
     return out.reshape(-1, v.shape[-1]), lse.reshape(-1)
 
 
@@ -219,7 +233,7 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
         )
         return carry_bias, dq
 
-    dbias, dq = jax.lax.scan(dq_row, dbias0, jnp.arange(plan.num_q_blocks))
+    dbias, dq = jax.lax.scan(dq_row, dbias0, _block_indices(plan.num_q_blocks))
 
     # dk, dv: columns of key/value blocks.
     q_ids, q_counts = _ragged_table(plan.q_ids)
@@ -247,7 +261,7 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
         )
         return jax.lax.fori_loop(0, q_counts[kj], lambda i, c: dkv_visit(q_ids[kj, i], kj, c), init)
 
-    dk, dv = jax.lax.map(dkv_column, jnp.arange(plan.num_kv_blocks))
+    dk, dv = jax.lax.map(dkv_column, _block_indices(plan.num_kv_blocks))
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     return flat(dq), flat(dk), flat(dv), dbias
 
@@ -262,7 +276,7 @@ def _accumulate_bias(dbias, ds, qi, kj, plan: _Plan):
         tile = tile.sum(0, keepdims=True)
     if cols == 1:
         tile = tile.sum(1, keepdims=True)
-    start = (qi * plan.block_q if rows > 1 else 0, kj * plan.block_kv if cols > 1 else 0)
+    start = _tile_start(dbias.shape, qi, kj, plan)
     current = jax.lax.dynamic_slice(dbias, start, tile.shape)
     return jax.lax.dynamic_update_slice(dbias, current + tile, start)
 
