@@ -125,6 +125,42 @@ def test_second_derivatives_through_query_groups(small_query_groups, implementat
     np.testing.assert_allclose(jax.grad(squared_grad(implementation))(q), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "implementation, mask",
+    [
+        # buckets of 1 and 4 key blocks and a query block row with none (block 32 is chosen at T = 96)
+        ("block_sparse", masks.from_blocks([[1, 0, 0], [0, 0, 0], [1, 1, 1]], 32)),
+        ("banded", masks.longformer(5, [0, 9])),  # global query rows, attended densely
+    ],
+    ids=["block_sparse", "banded"],
+)
+def test_batch_sharded_over_an_explicit_mesh(implementation, mask):
+    """On a mesh with Explicit axes JAX must infer every result's sharding: the output assembled by
+    scattering query block rows (or global query rows) into an unsharded ``jnp.zeros`` had none it
+    could infer for batch-sharded inputs, forward without ``jax.set_mesh``, gradient with it."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    inputs = make_inputs(np.random.default_rng(15), (4,), 96, 96, 2, 1, 8, 8, jnp.float32)
+    q, k, v, d_out = (jax.device_put(x, batch_sharded) for x in inputs)
+
+    def forward_and_grads(implementation):
+        def loss(q, k, v, d_out):
+            out = jattn.attention(q, k, v, mask=mask, implementation=implementation)
+            return jnp.sum(out * d_out), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    with jax.set_mesh(mesh):
+        (_, out), grads = forward_and_grads(implementation)(q, k, v, d_out)
+        (_, expected), expected_grads = forward_and_grads("xla")(q, k, v, d_out)
+    assert out.sharding.spec[0] == "data"
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5, err_msg="forward")
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+    unset_mesh_out = jattn.attention(q, k, v, mask=mask, implementation=implementation)
+    np.testing.assert_allclose(unset_mesh_out, expected, atol=1e-5, rtol=1e-5, err_msg="without set_mesh")
+
+
 # ---------------------------------------------------------------------------------------------
 # The plans
 # ---------------------------------------------------------------------------------------------

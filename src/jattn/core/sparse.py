@@ -55,6 +55,20 @@ def _next_pow2(n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _rows_per_step(heads, block_logits: int) -> int:
+    """Query blocks per group: about ``_LOGITS_PER_STEP`` logits over all heads, at least one block.
+
+    ``heads`` (batch × heads) is symbolic when ``jax.export`` leaves the batch dim symbolic; the
+    exported function may then be called with any batch, so a group is one block: the smallest
+    working set, ``heads · block_logits``, which any batch would get with concrete shapes once large
+    enough (a small batch pays with more, smaller steps).
+    """
+    if jax.export.is_symbolic_dim(heads):
+        return 1
+    budget = _LOGITS_PER_STEP["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    return max(1, budget // (heads * block_logits))
+
+
 def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, scale, softcap):
     """Attention of query blocks over per-block lists of key positions, for one head.
 
@@ -91,12 +105,26 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, sca
             q[q_idx], k[kv_idx], v[kv_idx], allowed, tile_bias, scale=scale, softcap=softcap
         )  # [bq, Hv]
 
-    budget = _LOGITS_PER_STEP["cpu" if jax.default_backend() == "cpu" else "accelerator"]
-    rows_per_step = max(1, budget // (heads * q_pos.shape[1] * kv_pos.shape[1]))
+    rows_per_step = _rows_per_step(heads, q_pos.shape[1] * kv_pos.shape[1])
     if q_pos.shape[0] <= rows_per_step:
         return jax.vmap(one_block)(q_pos, kv_pos, kv_valid)
     group = jax.checkpoint(lambda xs: one_block(*xs))  # the backward pass recomputes each group
     return jax.lax.map(group, (q_pos, kv_pos, kv_valid), batch_size=rows_per_step)
+
+
+def _set_rows(out, rows: np.ndarray, values):
+    """``out.at[rows].set(values)`` for static distinct ``rows`` ``[g]``, as a gather and a select.
+
+    ``out``: ``[n, ...]``; ``values``: ``[g, ...]``. On a mesh with Explicit axes JAX infers no
+    output sharding for a scatter of batch-sharded ``values`` into an unsharded array: block_sparse's
+    ``jnp.zeros`` in the forward pass, and in the gradient the ids that the JVP of ``.at[].set``
+    scatters. A gather and a select take their sharding from their operands.
+    """
+    is_set = np.zeros(out.shape[0], bool)  # [n]
+    is_set[rows] = True
+    source = np.zeros(out.shape[0], np.int32)  # [n]: the row of values each set row takes
+    source[rows] = np.arange(len(rows))
+    return jnp.where(is_set.reshape(-1, *[1] * (out.ndim - 1)), values[source], out)
 
 
 def _per_head(problem: Problem, attend_one_head):
@@ -243,7 +271,7 @@ def _banded_one_head(q, k, v, mask, bias, plan: _BandPlan, *, heads, scale, soft
         rows = np.asarray(plan.global_q)[None, :]  # [1, g]
         every_key = np.arange(kv_len)[None, :]  # [1, S]
         dense_rows = _attend_gathered(q, k, v, mask, bias, rows, every_key, every_key >= 0, **cfg)
-        out = out.at[rows[0]].set(dense_rows[0])
+        out = _set_rows(out, rows[0], dense_rows[0])
     return out
 
 
@@ -312,16 +340,18 @@ def choose_block(mask: masks_lib.Mask, q_len: int, kv_len: int) -> int:
 def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucket], *, heads, scale, softcap):
     """One head of ``block_sparse``: q ``[T, H]``, k ``[S, H]``, v ``[S, Hv]`` -> ``[T, Hv]``."""
     num_blocks = -(-q.shape[0] // block)
-    out = jnp.zeros((num_blocks, block, v.shape[-1]), q.dtype)  # [nq, b, Hv]
+    out = jnp.zeros((num_blocks, block, v.shape[-1]), q.dtype)  # [nq, b, Hv]: rows in no bucket stay 0
     offsets = np.arange(block)
+    cfg = {"heads": heads, "scale": scale, "softcap": softcap}
+    rows_out = []  # per bucket, [R, b, Hv]
     for bucket in buckets:
         q_pos = bucket.rows[:, None] * block + offsets  # [R, b]
         kv_pos = (bucket.kv_blocks[:, :, None] * block + offsets).reshape(len(bucket.rows), -1)  # [R, W·b]
         kv_valid = np.repeat(bucket.valid, block, axis=1)  # [R, W·b]
-        rows_out = _attend_gathered(
-            q, k, v, mask, bias, q_pos, kv_pos, kv_valid, heads=heads, scale=scale, softcap=softcap
-        )
-        out = out.at[bucket.rows].set(rows_out)
+        rows_out.append(_attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, **cfg))
+    if rows_out:
+        rows = np.concatenate([bucket.rows for bucket in buckets])  # [ΣR]
+        out = _set_rows(out, rows, jnp.concatenate(rows_out))  # [nq, b, Hv]
     return out.reshape(-1, v.shape[-1])[: q.shape[0]]
 
 
