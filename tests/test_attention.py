@@ -139,11 +139,35 @@ def test_auto_choice_prefers_o_n_memory_for_long_sequences():
     assert jattn.explain(q, q, q).implementation == "chunked"
 
 
+def test_auto_choice_prefers_o_n_memory_for_a_symbolic_batch():
+    """A batch dim that ``jax.export`` leaves symbolic may be any size: chosen as for scores over budget."""
+    (batch,) = jax.export.symbolic_shape("b")
+    q = jax.ShapeDtypeStruct((batch, 64, 4, 8), jnp.float32)  # concrete batch 1: "xla", 64 KiB of scores
+    assert jattn.explain(q, q, q, mask=masks.causal()).implementation == "chunked"
+
+
 def test_auto_choice_skips_empty_tiles_for_sparse_masks():
     q = jnp.zeros((1, 4096, 1, 8))
     choice = jattn.explain(q, q, q, mask=masks.sliding_window(64))
     assert "tiles non-empty" in choice.reason
     assert choice.implementation in ("banded", "block_sparse", "chunked")
+
+
+@pytest.mark.parametrize(
+    "implementation, mask",
+    [("banded", masks.sliding_window(8)), ("block_sparse", masks.causal()), (None, masks.causal())],
+    ids=["banded", "block_sparse", "auto"],
+)
+def test_export_with_a_symbolic_batch(implementation, mask):
+    """``jax.export`` with the batch dim left symbolic: sizing the sparse implementations' query
+    groups and choosing an implementation must not compare a size of unknown batch with a number."""
+    (batch,) = jax.export.symbolic_shape("b")
+    q, k, v = qkv(batch=(3,), q_len=64, kv_len=64)
+    specs = [jax.ShapeDtypeStruct((batch, *x.shape[1:]), x.dtype) for x in (q, k, v)]
+    attend = jax.jit(lambda q, k, v: jattn.attention(q, k, v, mask=mask, implementation=implementation))
+    exported = jax.export.export(attend)(*specs)
+    expected = jattn.attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(exported.call(q, k, v), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_implementations_are_listed_with_summaries():

@@ -306,7 +306,9 @@ def _preferences(problem: Problem) -> list[tuple[str, str]]:
         ]
     batch = math.prod(problem.batch_shape)
     dense_bytes = 4 * batch * problem.num_heads * problem.q_len * problem.kv_len
-    if dense_bytes <= _DENSE_BYTES_BUDGET:
+    # A batch dim that jax.export leaves symbolic may be any size: chunked's O(T + S) memory then, as
+    # for a batch whose scores are over budget.
+    if not jax.export.is_symbolic_dim(dense_bytes) and dense_bytes <= _DENSE_BYTES_BUDGET:
         prefs.append(("xla", f"the [B, N, T, S] scores take {dense_bytes / 2**20:.0f} MiB, within budget"))
     prefs.append(("chunked", "O(T + S) memory, exact, runs everywhere"))
     return prefs
