@@ -205,7 +205,7 @@ def _mesh(kind: str):
         return jax.sharding.Mesh(np.asarray(devices).reshape(4), ("data",)), P("data")
     explicit = (jax.sharding.AxisType.Explicit,) * 2
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=explicit, devices=devices)
-    return mesh, P("data", None, "model")  # heads sharded too: gathered for the kernel
+    return mesh, P("data", None, "model")  # heads sharded too (tensor parallelism)
 
 
 def _collectives(fn, *args) -> int:
@@ -213,16 +213,21 @@ def _collectives(fn, *args) -> int:
     return sum(text.count(f" {op}(") + text.count(f" {op}-start(") for op in ("all-gather", "all-to-all"))
 
 
-@pytest.mark.parametrize("kind", ["auto", "explicit"])
-def test_under_a_mesh_the_kernel_runs_on_each_devices_share_of_the_batch(kind):
+@pytest.mark.parametrize(
+    ("kind", "num_kv_heads"), [("auto", 2), ("explicit", 2), ("explicit", 1)], ids=["auto", "explicit", "mqa"]
+)
+def test_under_a_mesh_the_kernel_runs_on_each_devices_share(kind, num_kv_heads):
     """XLA cannot partition a Pallas call: on batch-sharded inputs it gathered the whole batch onto
-    every device (and on Explicit axes the call failed). Under ``jax.set_mesh`` the kernel runs per
-    batch shard: nothing is gathered, the output stays sharded, and the numbers are XLA's."""
+    every device (and on Explicit axes the call failed). Under ``jax.set_mesh`` the kernel runs on
+    each device's share of the batch (and, on Explicit axes, of the heads, grouped-query heads with
+    their kv heads): nothing is gathered, the output stays sharded, and the numbers are XLA's. One
+    kv head cannot be split over two devices: multi-query heads are gathered for the kernel."""
     mesh, spec = _mesh(kind)
     rng = np.random.default_rng(30)
-    q, k, v, d_out = make_inputs(rng, (4,), 40, 40, 4, 2, 16, 16, jnp.float32)
+    q, k, v, d_out = make_inputs(rng, (4,), 40, 40, 4, num_kv_heads, 16, 16, jnp.float32)
     shard = lambda x, s=spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))  # noqa: E731
-    q, k, v, d_out = shard(q), shard(k), shard(v), shard(d_out)
+    kv_spec = spec if num_kv_heads > 1 else P("data")  # one kv head: not split
+    q, k, v, d_out = shard(q), shard(k, kv_spec), shard(v, kv_spec), shard(d_out)
     lengths = shard(jnp.array([40, 21, 9, 0]), P("data"))
 
     def attend(implementation):
@@ -237,13 +242,14 @@ def test_under_a_mesh_the_kernel_runs_on_each_devices_share_of_the_batch(kind):
 
     with jax.set_mesh(mesh):
         out = jax.jit(attend("flash"))(q, k, v, lengths)
-        assert out.sharding.spec[0] == "data"
+        if num_kv_heads > 1:
+            assert tuple(out.sharding.spec)[: len(spec)] == tuple(spec)
         np.testing.assert_allclose(out, attend("xla")(q, k, v, lengths), atol=2e-5)
         for got, want in zip(
             jax.jit(grads("flash"))(q, k, v, lengths), grads("xla")(q, k, v, lengths), strict=True
         ):
             np.testing.assert_allclose(got, want, atol=2e-5)
-        if kind == "auto":
+        if num_kv_heads > 1:
             assert _collectives(attend("flash"), q, k, v, lengths) == 0
             assert _collectives(grads("flash"), q, k, v, lengths) == 0
 

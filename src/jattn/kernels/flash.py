@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from importlib import resources
 
 import jax
@@ -527,59 +528,76 @@ def unsupported_reason(problem: Problem) -> str | None:
     return pre_ampere_reason("the flash kernel")
 
 
-def _batch_mesh_axes(mesh, problem: Problem) -> tuple[str, ...]:
-    """The axes of the context mesh the batch is split over: on Explicit axes those q's batch is
-    sharded over (its type says); else jattn's batch axis ("data", as ring attention and the training
-    loop take it) where it is an Auto axis whose size divides B."""
+def _axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of one ``PartitionSpec`` entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _split_axes(mesh, problem: Problem) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(batch axes, head axes) of the context mesh the kernel is split over.
+
+    On Explicit axes, those q's batch and head dims are sharded over (its type says); the heads only
+    where the kv heads divide as well, so each device holds whole groups of grouped-query heads.
+    Else the batch goes over jattn's batch axis ("data", as ring attention and the training loop take
+    it) where it is an Auto axis whose size divides B.
+    """
     from jattn.parallel.ring import batch_axis_for  # jattn.parallel imports this module
 
     if jax.sharding.AxisType.Explicit in mesh.axis_types:
-        spec = jax.typeof(problem.q).sharding.spec
-        sharded = spec[0] if len(spec) else None
-        if sharded is not None:
-            return (sharded,) if isinstance(sharded, str) else tuple(sharded)
+        spec = tuple(jax.typeof(problem.q).sharding.spec) + (None,) * 4
+        batch, heads = _axes_of(spec[0]), _axes_of(spec[2])
+        if problem.num_kv_heads % math.prod(mesh.shape[axis] for axis in heads):
+            heads = ()
+        if batch or heads:
+            return batch, heads
     axis = batch_axis_for(mesh, problem.q.shape[0])
     if axis is None or mesh.axis_types[mesh.axis_names.index(axis)] != jax.sharding.AxisType.Auto:
-        return ()
-    return (axis,)
+        return (), ()
+    return (axis,), ()
 
 
-def per_batch_shard(problem: Problem, attend):
-    """``attend(problem) -> [B, T, N, Hv]`` run on each device's share of the batch where a mesh is
-    set (``jax.set_mesh``).
+def per_device_shard(problem: Problem, attend):
+    """``attend(problem) -> [B, T, N, Hv]`` run on each device's share of the batch (and heads) where
+    a mesh is set (``jax.set_mesh``).
 
     A Pallas kernel is one custom call that XLA cannot partition: on sharded inputs it would gather
-    them and compute the whole batch on every device. Under a mesh the kernel runs in a
-    ``shard_map`` over the batch axes (``_batch_mesh_axes``), sequences and heads whole on each
-    device (on Explicit axes, a sharded sequence or head dim is gathered first). Inside a
-    ``shard_map`` (Manual axes), or with no batch axis, it runs as it is.
+    them and compute everything on every device. Under a mesh the kernel runs in a ``shard_map`` over
+    the batch and head axes (``_split_axes``), each device's sequences whole (on Explicit axes a
+    sharded sequence dim is gathered first). Inside a ``shard_map`` (Manual axes), or with nothing
+    to split over, it runs as it is.
     """
     from jattn.parallel.mesh import context_mesh, reshard_for_shard_map, shard_map
 
     mesh = context_mesh()
     if mesh is None or jax.sharding.AxisType.Manual in mesh.axis_types:
         return attend(problem)
-    axes = _batch_mesh_axes(mesh, problem)
-    if not axes:
+    batch_axes, head_axes = _split_axes(mesh, problem)
+    if not (batch_axes or head_axes):
         return attend(problem)
-    batch = PartitionSpec(axes)
-    split = lambda x: batch if x.shape[0] > 1 else PartitionSpec()  # noqa: E731  leaves [B|1, ...]
-    args = (problem.q, problem.k, problem.v, problem.mask, problem.bias)
-    specs = (batch, batch, batch, jax.tree.map(split, problem.mask), jax.tree.map(split, problem.bias))
+    batch, heads = batch_axes or None, head_axes or None
+    operand = PartitionSpec(batch, None, heads, None)  # q, k, v and the output
 
-    def local(q, k, v, mask, bias):  # this device's [B / shards, ...]
+    def leaf(x):  # mask leaves and bias: [B|1, N|1, ...]
+        return PartitionSpec(
+            batch if x.shape[0] > 1 else None, heads if x.ndim > 1 and x.shape[1] > 1 else None
+        )
+
+    args = (problem.q, problem.k, problem.v, problem.mask, problem.bias)
+    specs = (operand, operand, operand, jax.tree.map(leaf, problem.mask), jax.tree.map(leaf, problem.bias))
+
+    def local(q, k, v, mask, bias):  # this device's share
         return attend(dataclasses.replace(problem, q=q, k=k, v=v, mask=mask, bias=bias))
 
-    return shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch)(
+    return shard_map(local, mesh=mesh, in_specs=specs, out_specs=operand)(
         *reshard_for_shard_map(mesh, args, specs)
     )
 
 
 def run(problem: Problem):
     """The registry's ``run``: compiled on GPU/TPU, interpreted on CPU -> ``[B, T, N, Hv]``; per
-    shard of the batch under a mesh (``per_batch_shard``)."""
+    shard of the batch under a mesh (``per_device_shard``)."""
     compute = functools.partial(flash_problem, platform=problem.backend, interpret=problem.backend == "cpu")
-    return per_batch_shard(problem, compute)
+    return per_device_shard(problem, compute)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_q", "block_kv", "interpret"))
@@ -591,7 +609,7 @@ def _flash_attention_jit(q, k, v, mask, bias, *, scale, softcap, block_q, block_
     compute = functools.partial(
         flash_problem, platform=problem.backend, interpret=interpret, block_q=block_q, block_kv=block_kv
     )
-    out = per_batch_shard(problem, compute)  # [B, T, N, Hv]
+    out = per_device_shard(problem, compute)  # [B, T, N, Hv]
     return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(q.dtype)
 
 
