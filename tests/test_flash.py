@@ -296,6 +296,32 @@ def test_lowers_with_a_float32_bias_on_bfloat16_inputs(platform):
     assert text.count(aot.TRITON_CALL if platform == "cuda" else "tpu_custom_call") == 3
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_inside_a_shard_map_that_checks_varying_axes(platform):
+    """Inside ``jax.shard_map`` with its default ``check_vma=True`` a Pallas call must say how its
+    outputs vary over the mesh (they did not: a ValueError). Lowered on a 4-device abstract mesh.
+    (On CPU, Pallas' interpreter itself needs ``check_vma=False``.)"""
+    kind, mesh_platform = ("NVIDIA H100", "gpu") if platform == "cuda" else ("TPU v5 lite", "tpu")
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform=mesh_platform)
+    explicit = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.sharding.AbstractMesh((4,), ("data",), axis_types=explicit, abstract_device=device)
+
+    def attend(q, lengths):
+        problem = make_problem(q, q, q, mask=masks.causal() & masks.padding(lengths))
+        return flash.flash_problem(problem, platform=platform, interpret=False)
+
+    per_shard = jax.shard_map(attend, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    loss = jax.grad(lambda q, lengths: per_shard(q, lengths).astype(jnp.float32).sum())
+    sharded = functools.partial(jax.ShapeDtypeStruct, sharding=jax.sharding.NamedSharding(mesh, P("data")))
+    args = (sharded((4, 256, 2, 64), jnp.bfloat16), sharded((4,), jnp.int32))
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(aot.TRITON_CALL)]
+    call = aot.TRITON_CALL if platform == "cuda" else "tpu_custom_call"
+    for fn, kernels in ((per_shard, 1), (loss, 3)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
+        assert exported.mlir_module().count(call) == kernels
+
+
 def test_export_names_the_platforms_it_takes():
     with pytest.raises(ValueError, match=r"platform must be one of \('cuda', 'tpu'\), got 'rocm'"):
         aot.export_for(lambda x: x, jnp.zeros(2), platform="rocm")

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jattn
 from attention_suite import AttentionSuite, as64, make_inputs
 from jattn import masks
 from jattn.core.chunked import chunked_attention
@@ -47,3 +48,29 @@ def test_chunked_bias_gradient_across_several_key_tiles(bias_shape, x64):
     for name, got in zip("qkv", grads[:3], strict=True):
         np.testing.assert_allclose(got, expected[name], atol=2e-4, rtol=2e-4, err_msg=name)
     np.testing.assert_allclose(grads[3], expected["bias"], atol=2e-4, rtol=2e-4, err_msg="bias")
+
+
+def test_chunked_inside_a_shard_map_that_checks_varying_axes():
+    """Inside ``jax.shard_map`` with its default ``check_vma=True``, chunked's zero-filled loop carries
+    were typed as the same on every device while the loop bodies made them vary: a TypeError."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    rng = np.random.default_rng(16)
+    q, k, v, d_out = make_inputs(rng, (4,), 40, 40, 2, 1, 8, 8, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(4, 2, 40, 40)), jnp.float32)
+    lengths = jnp.array([40, 17, 3, 0])
+
+    def loss(implementation):
+        def attend(q, k, v, bias, lengths, d_out):
+            mask = masks.causal() & masks.padding(lengths)
+            out = jattn.attention(q, k, v, mask=mask, bias=bias, implementation=implementation)
+            return jnp.sum(out * d_out)
+
+        return attend
+
+    batch = jax.sharding.PartitionSpec("data")
+    grads = jax.grad(loss("chunked"), argnums=(0, 1, 2, 3))  # of one shard's loss: its share of the gradients
+    per_shard = jax.shard_map(grads, mesh=mesh, in_specs=batch, out_specs=batch)
+    got_grads = jax.jit(per_shard)(q, k, v, bias, lengths, d_out)
+    expected = jax.grad(loss("xla"), argnums=(0, 1, 2, 3))(q, k, v, bias, lengths, d_out)
+    for name, got, want in zip(("q", "k", "v", "bias"), got_grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=name)

@@ -12,6 +12,26 @@ GPU_BACKENDS = ("gpu", "cuda", "rocm")
 """The names ``jax.default_backend()`` gives a GPU."""
 
 
+def varying_axes(*arrays) -> frozenset:
+    """The mesh axes any of ``arrays`` (pytrees; None skipped) varies over inside a ``shard_map``
+    that tracks it (``check_vma=True``, JAX's default); empty elsewhere."""
+    return frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in jax.tree.leaves(arrays)))
+
+
+def varying_over(axes: frozenset, x):
+    """``x`` (e.g. a loop's zero-filled carry, or a kernel operand) typed as varying over ``axes``:
+    where ``check_vma`` is on, a loop carry must keep its type through the body, and a Pallas call's
+    outputs vary as its operands do (``output_like``)."""
+    missing = tuple(sorted(axes - jax.typeof(x).manual_axis_type.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def output_like(shape, dtype, operand) -> jax.ShapeDtypeStruct:
+    """A Pallas call's output, varying over the mesh axes its ``operand`` varies over (all of a
+    call's operands vary alike: ``varying_over``)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(operand).manual_axis_type)
+
+
 def first_order_only(fn, implementation: str):
     """``fn`` (the forward or backward of a hand-written VJP) with a clear error for second derivatives.
 

@@ -25,7 +25,14 @@ import numpy as np
 
 from jattn import masks as masks_lib
 from jattn.core._batching import vmap_over_heads
-from jattn.core._common import MASK_VALUE, first_order_only, logits, zero_unattended
+from jattn.core._common import (
+    MASK_VALUE,
+    first_order_only,
+    logits,
+    varying_axes,
+    varying_over,
+    zero_unattended,
+)
 
 DEFAULT_BLOCK = 512
 
@@ -162,12 +169,15 @@ def _forward(q, k, v, mask, bias, plan: _Plan, cfg, empty_lse: float = 0.0):
 
     visit = _visitor(tile_update, plan)
 
+    axes = varying_axes(q, k, v, mask, bias)
+
     def one_q_block(qi):
         init = (
             jnp.full((plan.block_q,), MASK_VALUE, jnp.float32),
             jnp.zeros((plan.block_q,), jnp.float32),
             jnp.zeros((plan.block_q, v.shape[-1]), jnp.float32),
         )
+        init = tuple(varying_over(axes, x) for x in init)
         m, row_sum, acc = jax.lax.fori_loop(0, counts[qi], lambda j, c: visit(qi, kv_ids[qi, j], c), init)
         attends = row_sum > 0
         safe_sum = jnp.where(attends, row_sum, 1.0)
@@ -224,10 +234,11 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
         return update
 
     dq_visit = _visitor(dq_update, plan)
-    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    axes = varying_axes(q, k, v, mask, bias, out, lse, do)
+    dbias0 = None if bias is None else varying_over(axes, jnp.zeros(bias.shape, jnp.float32))
 
     def dq_row(carry_bias, qi):
-        init = (jnp.zeros((plan.block_q, q.shape[-1]), jnp.float32), carry_bias)
+        init = (varying_over(axes, jnp.zeros((plan.block_q, q.shape[-1]), jnp.float32)), carry_bias)
         dq, carry_bias = jax.lax.fori_loop(
             0, kv_counts[qi], lambda j, c: dq_visit(qi, kv_ids[qi, j], c), init
         )
@@ -256,8 +267,8 @@ def _backward(q, k, v, mask, bias, out, lse, do, plan: _Plan, cfg):
 
     def dkv_column(kj):
         init = (
-            jnp.zeros((plan.block_kv, k.shape[-1]), jnp.float32),
-            jnp.zeros((plan.block_kv, v.shape[-1]), jnp.float32),
+            varying_over(axes, jnp.zeros((plan.block_kv, k.shape[-1]), jnp.float32)),
+            varying_over(axes, jnp.zeros((plan.block_kv, v.shape[-1]), jnp.float32)),
         )
         return jax.lax.fori_loop(0, q_counts[kj], lambda i, c: dkv_visit(q_ids[kj, i], kj, c), init)
 

@@ -29,7 +29,15 @@ from jax.sharding import PartitionSpec
 from jattn import masks as masks_lib
 from jattn._checks import check_int
 from jattn.attention import Problem, _check_positive_float, _check_shapes, make_problem
-from jattn.core._common import GPU_BACKENDS, MASK_VALUE, attached_gpu, first_order_only, pre_ampere_reason
+from jattn.core._common import (
+    GPU_BACKENDS,
+    MASK_VALUE,
+    attached_gpu,
+    first_order_only,
+    pre_ampere_reason,
+    varying_axes,
+    varying_over,
+)
 from jattn.kernels import blocks, gpu, tpu
 from jattn.kernels._config import KernelAux, KernelConfig
 
@@ -286,15 +294,28 @@ def _row_statistic_layout(x):
     return jnp.moveaxis(x, 2, 1)[..., None].astype(jnp.float32)
 
 
+def _varying_alike(call):
+    """``call(*arrays)`` with its array arguments cast to vary over the same mesh axes: inside a
+    ``shard_map`` that tracks it (``check_vma``), a Pallas call's outputs vary as its operands do
+    (``output_like``), so they must agree. Outside one, nothing changes."""
+
+    def alike(*arrays):
+        axes = varying_axes(arrays)
+        return call(*jax.tree.map(functools.partial(varying_over, axes), arrays))
+
+    return alike
+
+
 def _kernel(lowering: str, kernel: str, cfg: KernelConfig):
     """``LOWERINGS[lowering].<kernel>`` ("forward" or "backward") with ``cfg``, as ``_flash``'s vjp
     runs it: Pallas cannot differentiate a kernel, so a second derivative gets a clear error."""
-    return first_order_only(functools.partial(getattr(LOWERINGS[lowering], kernel), cfg), "flash")
+    call = _varying_alike(functools.partial(getattr(LOWERINGS[lowering], kernel), cfg))
+    return first_order_only(call, "flash")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(lowering: str, cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
-    return LOWERINGS[lowering].forward(cfg, q, k, v, bias, aux)[0]
+    return _varying_alike(functools.partial(LOWERINGS[lowering].forward, cfg))(q, k, v, bias, aux)[0]
 
 
 def _flash_fwd(lowering, cfg, q, k, v, bias, aux):

@@ -33,6 +33,7 @@ try:  # deprecated since jax 0.11: a JAX without it still imports jattn, and fla
 except ImportError:
     pl_triton = None  # type: ignore[assignment]
 
+from jattn.core._common import output_like, varying_axes, varying_over
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, split_refs
 from jattn.kernels.blocks import as_index
@@ -256,8 +257,8 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
             num_q_blocks,
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((batch, q_padded, num_heads, value_dim), q.dtype),
-            jax.ShapeDtypeStruct((batch, num_heads, q_padded, 1), jnp.float32),
+            output_like((batch, q_padded, num_heads, value_dim), q.dtype, q),
+            output_like((batch, num_heads, q_padded, 1), jnp.float32, q),
         ],
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
@@ -390,16 +391,16 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
         aux, bq, lambda i, b, n: i, kv_padded, lambda i, b, n: 0, lambda i, b, n: b
     )
     out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0))]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_shape = [output_like(q.shape, q.dtype, q)]
     aliases = {}
     if has_bias:  # dS is written only on visited tiles: start from zeros
         dbias_shape = (batch, num_heads, q_padded, kv_padded)
         dbias_spec = pl.BlockSpec((None, 1, bq, kv_padded), lambda i, b, n: (b, n, i, 0))
         aliases = {len(operands) + len(extra) + len(vecs): 1}
         vec_specs = [*vec_specs, dbias_spec]
-        vecs = [*vecs, jnp.zeros(dbias_shape, jnp.float32)]
+        vecs = [*vecs, varying_over(varying_axes(q), jnp.zeros(dbias_shape, jnp.float32))]
         out_specs.append(dbias_spec)
-        out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
+        out_shape.append(output_like(dbias_shape, jnp.float32, q))
     num_q_blocks = q_padded // bq
     dq_and_dbias = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias),
@@ -437,7 +438,7 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
             pl.BlockSpec((None, bkv, None, head_dim), lambda j, b, h: (b, j, h, 0)),
             pl.BlockSpec((None, bkv, None, value_dim), lambda j, b, h: (b, j, h, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[output_like(k.shape, k.dtype, q), output_like(v.shape, v.dtype, q)],
         compiler_params=_compiler_params(cfg, backward=True),
         interpret=cfg.interpret,
         name="jattn_flash_dkv",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jattn.core._common import output_like, varying_axes, varying_over
 from jattn.kernels import _tile
 from jattn.kernels._config import HEADER, KernelAux, KernelConfig, row_length, split_refs
 from jattn.kernels.blocks import as_index
@@ -219,8 +220,8 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
         functools.partial(_forward_kernel, cfg=cfg, aux=aux, has_bias=bias is not None, width=width),
         grid_spec=grid_spec,
         out_shape=[
-            jax.ShapeDtypeStruct((batch, num_heads, q_padded, value_dim), q.dtype),
-            jax.ShapeDtypeStruct((batch, num_heads, q_padded, 1), jnp.float32),
+            output_like((batch, num_heads, q_padded, value_dim), q.dtype, q),
+            output_like((batch, num_heads, q_padded, 1), jnp.float32, q),
         ],
         compiler_params=_params(3, 1),
         interpret=cfg.interpret,
@@ -344,15 +345,16 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
     operands = [qt, kt, vt, dot, lse, delta]
     extra_specs, extra = _optional_specs(aux, bias, bq, bkv, index_of)
     out_specs = [pl.BlockSpec((None, None, bq, head_dim), q_map)]
-    out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
+    out_shape = [output_like(qt.shape, q.dtype, q)]
     aliases = {}
     if has_bias:
         dbias_shape = (batch, num_heads, q_padded, kv_padded)
         dbias_spec = pl.BlockSpec((None, None, bq, bkv), lambda *ids: index_of(*ids)[:4])
         aliases = {1 + len(operands) + len(extra): 1}  # +1: the scalar-prefetch operand comes first
-        extra_specs, extra = [*extra_specs, dbias_spec], [*extra, jnp.zeros(dbias_shape, jnp.float32)]
+        dbias_zeros = varying_over(varying_axes(q), jnp.zeros(dbias_shape, jnp.float32))
+        extra_specs, extra = [*extra_specs, dbias_spec], [*extra, dbias_zeros]
         out_specs.append(dbias_spec)
-        out_shape.append(jax.ShapeDtypeStruct(dbias_shape, jnp.float32))
+        out_shape.append(output_like(dbias_shape, jnp.float32, q))
     results = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, aux=aux, has_bias=has_bias, width=width),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -407,7 +409,7 @@ def backward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux, lse, delta, d_out
                 pltpu.VMEM((bkv, value_dim), jnp.float32),
             ],
         ),
-        out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+        out_shape=[output_like(kt.shape, k.dtype, q), output_like(vt.shape, v.dtype, q)],
         compiler_params=_params(3, 2),
         interpret=cfg.interpret,
         name="jattn_flash_dkv",
