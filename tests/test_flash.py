@@ -214,7 +214,9 @@ def _collectives(fn, *args) -> int:
 
 
 @pytest.mark.parametrize(
-    ("kind", "num_kv_heads"), [("auto", 2), ("explicit", 2), ("explicit", 1)], ids=["auto", "explicit", "mqa"]
+    ("kind", "num_kv_heads"),
+    [("auto", 2), ("explicit", 2), pytest.param("explicit", 1, marks=pytest.mark.slow)],
+    ids=["auto", "explicit", "mqa"],
 )
 def test_under_a_mesh_the_kernel_runs_on_each_devices_share(kind, num_kv_heads):
     """XLA cannot partition a Pallas call: on batch-sharded inputs it gathered the whole batch onto

@@ -846,6 +846,7 @@ def test_load_note_says_whether_other_processes_competed():
     assert "other processes competed for the cores: wall times are inflated" in scaling.load_note(1.0, 3.4, 2)
 
 
+@pytest.mark.slow  # 24 s: a regression test of an XLA:CPU deadlock
 def test_model_level_performer_training_step_runs_repeatedly(tmp_path):
     """Regression: a training step whose Performer features took a batched QR (128 features of
     head dim 64: two orthogonal blocks) deadlocked XLA:CPU from its second call. Run in a

@@ -291,6 +291,7 @@ def _train_windows(run_dir):
     return [(x["step"], x["window"]) for x in lines if x["split"] == "train"]
 
 
+@pytest.mark.slow  # 17 s: three tiny runs
 def test_extending_a_constant_schedule_matches_an_uninterrupted_run(tmp_path):
     constant = ("optimizer.schedule=constant", "train.eval_every=1", "train.log_every=2")
     train(_tiny(*constant, "train.steps=3"), tmp_path / "extended")
