@@ -173,8 +173,8 @@ def _checkpoint_on_stop(manager: ocp.CheckpointManager, state: State, last_saved
 def _drop_old_checkpoints(manager: ocp.CheckpointManager) -> None:
     """Delete the step folders older than the newest ``KEPT_CHECKPOINTS``. Orbax deletes them after it
     has written the new checkpoint, so a stop in between leaves them on disk (one stopped in the middle
-    of its deletion still lists as a step, and cannot be read), and only a later save would delete them."""
-    manager.reload()
+    of its deletion still lists as a step, and cannot be read), and only a later save would delete them.
+    ``manager`` must list what is on disk: new, or just reloaded."""
     for old in sorted(manager.all_steps())[:-KEPT_CHECKPOINTS]:
         manager.delete(old)
 
