@@ -342,11 +342,17 @@ def test_lowers_for_tpu_through_mosaic(head_dim, mask_name, gradient):
 # ---------------------------------------------------------------------------------------------
 
 
-def _schedule_given_to_kernel(monkeypatch, q_len: int, mask, block: int) -> blocks.Schedule:
-    """Trace a call (no execution) and keep the schedule the kernel operands are built from."""
-    seen = []
+def _record_schedules(monkeypatch) -> list[blocks.Schedule]:
+    """The schedules ``blocks.make_schedule`` builds from now on, in order (tracing a call builds them)."""
+    seen: list[blocks.Schedule] = []
     make = blocks.make_schedule
     monkeypatch.setattr(blocks, "make_schedule", lambda *a: seen.append(make(*a)) or seen[-1])
+    return seen
+
+
+def _schedule_given_to_kernel(monkeypatch, q_len: int, mask, block: int) -> blocks.Schedule:
+    """Trace a call (no execution) and keep the schedule the kernel operands are built from."""
+    seen = _record_schedules(monkeypatch)
     x = jax.ShapeDtypeStruct((1, q_len, 1, 64), jnp.bfloat16)
     jax.eval_shape(
         functools.partial(jattn.flash_attention, mask=mask, block_q=block, block_kv=block), x, x, x
@@ -464,9 +470,7 @@ def test_block_size_table_lookup_and_override():
 
 def _tpu_schedule(monkeypatch, length: int, mask, **blocks_given):
     """(tiles, schedule bytes) of a traced TPU call at ``length`` (nothing runs or compiles)."""
-    seen = []
-    make = blocks.make_schedule
-    monkeypatch.setattr(blocks, "make_schedule", lambda *a: seen.append(make(*a)) or seen[-1])
+    seen = _record_schedules(monkeypatch)
     x = jax.ShapeDtypeStruct((1, length, 1, 128), jnp.bfloat16)
     run = lambda q: flash.flash_problem(  # noqa: E731
         make_problem(q, q, q, mask=mask), platform="tpu", interpret=False, **blocks_given
