@@ -202,6 +202,15 @@ class AttentionSuite:
         q, k, v, d_out = make_inputs(rng, (), 19, 53, 2, 2, 8, 8, jnp.float32)
         self.check_against_oracle(q, k, v, d_out, mask=MASK_CASES[self.supported_masks[0]](rng, (), 19, 53))
 
+    def test_an_empty_batch_gives_empty_outputs_and_gradients(self):
+        rng = np.random.default_rng(9)
+        q, k, v, _ = make_inputs(rng, (0,), 24, 24, 2, 2, 8, 8, jnp.float32)
+        mask = MASK_CASES[self.supported_masks[0]](rng, (0,), 24, 24)
+        out, grads = jax.value_and_grad(lambda *qkv: self.attend(*qkv, mask=mask).sum(), argnums=(0, 1, 2))(
+            q, k, v
+        )
+        assert out.shape == () and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
     def test_fully_masked_rows_give_zeros_and_zero_grads(self):
         rng = np.random.default_rng(3)
         q, k, v, d_out = make_inputs(rng, (2,), 24, 24, 2, 2, 8, 8, jnp.float32)

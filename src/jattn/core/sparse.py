@@ -66,7 +66,7 @@ def _rows_per_step(heads, block_logits: int) -> int:
     if jax.export.is_symbolic_dim(heads):
         return 1
     budget = _LOGITS_PER_STEP["cpu" if jax.default_backend() == "cpu" else "accelerator"]
-    return max(1, budget // (heads * block_logits))
+    return max(1, budget // (max(heads, 1) * block_logits))  # heads is 0 for an empty batch
 
 
 def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, scale, softcap):
