@@ -11,7 +11,7 @@ Shape legend, used in every docstring, annotation, einsum and comment:
 Public layout: q ``[B..., T, N, H]``, k ``[B..., S, K, H]``, v ``[B..., S, K, Hv]``.
 """
 
-import importlib
+import importlib as _importlib
 
 from jattn import kernels, masks, reference, variants
 from jattn.attention import (
@@ -60,7 +60,7 @@ _SUBMODULES_ON_FIRST_USE = frozenset({"data", "flops", "maps", "nn", "parallel",
 
 def __getattr__(name: str):
     if name in _SUBMODULES_ON_FIRST_USE:
-        return importlib.import_module(f"jattn.{name}")
+        return _importlib.import_module(f"jattn.{name}")
     raise AttributeError(f"module 'jattn' has no attribute {name!r}")
 
 
