@@ -22,7 +22,7 @@ from jattn import masks
 from jattn.attention import make_problem
 from jattn.core.chunked import make_plan
 from jattn.core.cudnn import supports_cudnn
-from jattn.kernels import aot, blocks, flash, gpu
+from jattn.kernels import aot, blocks, flash, gpu, tpu
 from jattn.kernels._config import HEADER
 from jattn.reference import attention_reference, attention_vjp_reference
 
@@ -468,14 +468,15 @@ def test_block_size_table_lookup_and_override():
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
 
 
-def _tpu_schedule(monkeypatch, length: int, mask, **blocks_given):
+def _tpu_schedule(monkeypatch, length: int, mask, *, with_bias=False, **blocks_given):
     """(tiles, schedule bytes) of a traced TPU call at ``length`` (nothing runs or compiles)."""
     seen = _record_schedules(monkeypatch)
     x = jax.ShapeDtypeStruct((1, length, 1, 128), jnp.bfloat16)
-    run = lambda q: flash.flash_problem(  # noqa: E731
-        make_problem(q, q, q, mask=mask), platform="tpu", interpret=False, **blocks_given
+    bias = jax.ShapeDtypeStruct((1, 1, length, length), jnp.float32) if with_bias else None
+    run = lambda q, bias: flash.flash_problem(  # noqa: E731
+        make_problem(q, q, q, mask=mask, bias=bias), platform="tpu", interpret=False, **blocks_given
     )
-    jax.eval_shape(run, x)
+    jax.eval_shape(run, x, bias)
     schedule = seen[-1]
     return (schedule.block_q, schedule.block_kv), 4 * max(schedule.rows.size, schedule.cols.size)
 
@@ -495,6 +496,40 @@ def test_tpu_tiles_grow_until_the_schedule_fits_scalar_memory(monkeypatch):
     # Only the tiles not passed in grow.
     tiles, used = _tpu_schedule(monkeypatch, 65536, masks.causal(), block_q=128)
     assert tiles == (128, 512) and used <= SMEM_FOR_THE_SCHEDULE
+
+
+def test_tpu_tiles_grow_only_while_their_vmem_estimate_fits(monkeypatch):
+    """With a bias, 512-tiles are estimated at 14 MiB of VMEM, over the 12 MiB that grown tiles may
+    take (a TPU v4 TensorCore has 16): the tiles stop at 256, and a schedule still too large is
+    refused with the reason."""
+    assert _tpu_schedule(monkeypatch, 65536, masks.causal(), with_bias=True)[0] == (256, 256)
+    with pytest.raises(ValueError, match="while their VMEM estimate stays within 12 MiB"):
+        _tpu_schedule(monkeypatch, 131072, None, with_bias=True)
+
+
+def test_the_tabulated_tpu_tiles_are_within_the_vmem_estimate_at_any_head_dim():
+    """The table's tiles (the grown ones' starting point) fit with room to spare in the worst case:
+    head dim 256 in float32, a bias, a mask table and two vectors each side (segment ids and lengths)."""
+    entries = [
+        (dtype, entry)
+        for by_dtype in flash.block_size_table()["mosaic_tpu"].values()
+        for dtype, by_dim in by_dtype.items()
+        for entry in by_dim.values()
+    ]
+    assert entries
+    for dtype, entry in entries:
+        worst = tpu.vmem_bytes(
+            entry.block_q,
+            entry.block_kv,
+            head_dim=flash.MAX_HEAD_DIM,
+            value_dim=flash.MAX_HEAD_DIM,
+            itemsize=jnp.dtype(dtype).itemsize,
+            has_bias=True,
+            has_table=True,
+            num_q_vectors=2,
+            num_kv_vectors=2,
+        )
+        assert worst <= flash.TPU_VMEM_BYTES / 2, (dtype, entry, worst)
 
 
 def test_grown_tpu_tiles_lower_through_mosaic():

@@ -222,8 +222,13 @@ def choose_block_sizes(lowering: str, problem: Problem, block_q=None, block_kv=N
 # scalars (a margin not measured on a TPU). A dense or causal schedule grows as (length / tile)^2:
 # with 128-tiles it takes 129 KiB at 16k tokens, 514 KiB at 32k and 2 MiB at 64k.
 TPU_SCHEDULE_BYTES = 768 * 1024
-# The largest tiles the TPU lowering grows to on its own to fit its schedule.
+# The largest tiles the TPU lowering grows to on its own to fit its schedule, and the VMEM estimate
+# (``tpu.vmem_bytes``) grown tiles must stay within: three quarters of the 16 MiB of VMEM of a
+# TPU v4 TensorCore, the smallest of v4 and newer (``pltpu.TpuInfo``'s ``vmem_capacity_bytes``).
+# The kernels set no ``vmem_limit_bytes``. At 512-tiles, bfloat16 at head dim 128 is estimated at
+# 9 MiB, and 14 MiB with a bias, so a bias keeps the tiles at 256.
 MAX_TPU_GROWN_BLOCK = 512
+TPU_VMEM_BYTES = 12 * 1024 * 1024
 
 
 def schedule_bytes(schedule: blocks.Schedule) -> int:
@@ -240,7 +245,8 @@ def check_tpu_schedule(schedule: blocks.Schedule, q_len: int, kv_len: int) -> No
             f"block_kv={schedule.block_kv} takes {used // 1024} KiB, more than the "
             f"{TPU_SCHEDULE_BYTES // 1024} KiB of TPU scalar memory (SMEM) it may use; pass larger "
             "block_q and block_kv (tiles chosen from the table grow only up to "
-            f"{MAX_TPU_GROWN_BLOCK}), or use implementation='chunked' (or 'ring' across devices)"
+            f"{MAX_TPU_GROWN_BLOCK}, and while their VMEM estimate stays within "
+            f"{TPU_VMEM_BYTES // 2**20} MiB), or use implementation='chunked' (or 'ring' across devices)"
         )
 
 
@@ -255,18 +261,27 @@ def _grown(block: int, length: int) -> int:
 
 
 def fit_schedule(
-    lowering: str, mask: masks_lib.Mask, q_len: int, kv_len: int, sizes: BlockSizes, *, grow_q, grow_kv
+    lowering: str,
+    mask: masks_lib.Mask,
+    q_len: int,
+    kv_len: int,
+    sizes: BlockSizes,
+    *,
+    grow_q: bool,
+    grow_kv: bool,
+    vmem_of,
 ) -> tuple[BlockSizes, blocks.Schedule]:
     """``(sizes, schedule)`` of a call. On TPU the schedule must fit the scalar memory
     (``TPU_SCHEDULE_BYTES``): the tiles that may grow (``grow_q``, ``grow_kv``: those not passed in)
-    double, up to ``MAX_TPU_GROWN_BLOCK`` and the sequence, until it does; else a ValueError."""
+    double, up to ``MAX_TPU_GROWN_BLOCK`` and the sequence, and while ``vmem_of(block_q, block_kv)``
+    (the kernels' VMEM estimate) stays within ``TPU_VMEM_BYTES``, until it does; else a ValueError."""
     schedule = _schedule(mask, q_len, kv_len, sizes)
     if lowering != "mosaic_tpu":
         return sizes, schedule
     while schedule_bytes(schedule) > TPU_SCHEDULE_BYTES:
         bq = _grown(sizes.block_q, q_len) if grow_q else sizes.block_q
         bkv = _grown(sizes.block_kv, kv_len) if grow_kv else sizes.block_kv
-        if (bq, bkv) == (sizes.block_q, sizes.block_kv):
+        if (bq, bkv) == (sizes.block_q, sizes.block_kv) or vmem_of(bq, bkv) > TPU_VMEM_BYTES:
             break
         sizes = sizes.with_tiles(bq, bkv)
         schedule = _schedule(mask, q_len, kv_len, sizes)
@@ -351,19 +366,21 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, pads)
 
 
-def _kernel_aux(problem: Problem, schedule: blocks.Schedule, q_padded: int, kv_padded: int):
-    formula, q_vectors, kv_vectors = blocks.mask_formula(problem.mask, problem.q_len, problem.kv_len)
+def _kernel_aux(
+    problem: Problem, mask_formula, schedule: blocks.Schedule, q_padded: int, kv_padded: int
+) -> KernelAux:
+    """The kernel's mask operands: ``mask_formula`` is ``blocks.mask_formula``'s of the problem."""
+    formula, q_vectors, kv_vectors = mask_formula
     table = None
     if formula == ("table",) and problem.mask is not None:
         table = blocks.tile_table(problem.mask, schedule, problem.q_len, problem.kv_len)
-    aux = KernelAux(
+    return KernelAux(
         rows=jnp.asarray(schedule.rows),
         cols=jnp.asarray(schedule.cols),
         table=table,
         q_vectors=tuple(_pad_axis(x, 1, q_padded)[:, :, None] for x in q_vectors),  # [B|1, T', 1]
         kv_vectors=tuple(_pad_axis(x, 1, kv_padded)[:, None, :] for x in kv_vectors),  # [B|1, 1, S']
     )
-    return formula, aux
 
 
 def flash_problem(
@@ -389,6 +406,18 @@ def flash_problem(
         sizes = choose_block_sizes(lowering, problem, block_q, block_kv)
     q_len, kv_len = problem.q_len, problem.kv_len
     mask = masks_lib.full() if problem.mask is None else problem.mask
+    mask_formula = blocks.mask_formula(problem.mask, q_len, kv_len)
+    formula, q_vectors, kv_vectors = mask_formula
+    vmem_of = functools.partial(
+        tpu.vmem_bytes,
+        head_dim=problem.head_dim,
+        value_dim=problem.value_head_dim,
+        itemsize=problem.dtype.itemsize,
+        has_bias=problem.bias is not None,
+        has_table=formula == ("table",),
+        num_q_vectors=len(q_vectors),
+        num_kv_vectors=len(kv_vectors),
+    )
     sizes, schedule = fit_schedule(
         lowering,
         mask,
@@ -397,10 +426,11 @@ def flash_problem(
         sizes,
         grow_q=not tuned and block_q is None,
         grow_kv=not tuned and block_kv is None,
+        vmem_of=vmem_of,
     )
     bq, bkv = sizes.block_q, sizes.block_kv
     q_padded, kv_padded = -(-q_len // bq) * bq, -(-kv_len // bkv) * bkv
-    formula, aux = _kernel_aux(problem, schedule, q_padded, kv_padded)
+    aux = _kernel_aux(problem, mask_formula, schedule, q_padded, kv_padded)
     pad_dim = LOWERINGS[lowering].padded_head_dim
     head_dim, value_dim = pad_dim(problem.head_dim), pad_dim(problem.value_head_dim)
     q = _pad_axis(_pad_axis(problem.q, 3, head_dim), 1, q_padded)  # [B, T', N, H']

@@ -34,6 +34,62 @@ def padded_head_dim(head_dim: int) -> int:
     return head_dim
 
 
+def _buffer_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """Bytes of a ``[rows, cols]`` VMEM buffer laid out in Mosaic's (sublane, 128-lane) tiles:
+    8 sublanes of 32-bit values, 16 of 16-bit, 32 of 8-bit."""
+    sublanes = 32 // itemsize
+    return -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * itemsize
+
+
+def vmem_bytes(
+    block_q: int,
+    block_kv: int,
+    *,
+    head_dim: int,
+    value_dim: int,
+    itemsize: int,
+    has_bias: bool,
+    has_table: bool,
+    num_q_vectors: int,
+    num_kv_vectors: int,
+) -> int:
+    """An estimate of the VMEM of the largest of the three kernels' grid steps: the blocks it
+    streams, double-buffered by the pipeline; its scratch; and the ``[bq, bkv]`` tiles of its tile
+    math (float32 scores, probabilities, dP, dS, and their casts to the input dtype). A bias is
+    counted as float32, the widest it can be. Not measured on a TPU: Mosaic's own temporaries come
+    on top."""
+    q_rows = lambda cols, size: _buffer_bytes(block_q, cols, size)  # noqa: E731
+    kv_rows = lambda cols, size: _buffer_bytes(block_kv, cols, size)  # noqa: E731
+    tile = lambda size: _buffer_bytes(block_q, block_kv, size)  # noqa: E731
+    # q, k, v and the mask's operands, which every kernel streams.
+    streamed = q_rows(head_dim, itemsize) + kv_rows(head_dim, itemsize) + kv_rows(value_dim, itemsize)
+    streamed += has_bias * tile(4) + has_table * tile(1)
+    streamed += num_q_vectors * q_rows(1, 4) + num_kv_vectors * _buffer_bytes(1, block_kv, 4)
+    # d_out, lse and delta, which both backward kernels stream.
+    backward_streamed = streamed + q_rows(value_dim, itemsize) + 2 * q_rows(1, 4)
+    forward = (
+        2 * (streamed + q_rows(value_dim, itemsize) + q_rows(1, 4))  # + out, lse
+        + 2 * q_rows(1, 4)  # running max and sum
+        + q_rows(value_dim, 4)  # accumulator
+        + 2 * tile(4)  # scores, probabilities
+        + tile(itemsize)
+    )
+    dq = (
+        2 * (backward_streamed + q_rows(head_dim, itemsize) + has_bias * 2 * tile(4))  # + dq, dbias in/out
+        + q_rows(head_dim, 4)  # accumulator
+        + 4 * tile(4)  # scores, probabilities, dP, dS
+        + tile(itemsize)
+    )
+    dkv = (
+        2 * (backward_streamed + kv_rows(head_dim, itemsize) + kv_rows(value_dim, itemsize))  # + dk, dv
+        + kv_rows(head_dim, 4)
+        + kv_rows(value_dim, 4)  # accumulators
+        + 4 * tile(4)
+        + 2 * tile(itemsize)
+    )
+    return max(forward, dq, dkv)
+
+
 def _select(batched: bool, index):
     return index if batched else 0
 
