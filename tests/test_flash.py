@@ -499,7 +499,7 @@ def test_tpu_tiles_grow_until_the_schedule_fits_scalar_memory(monkeypatch):
 
 
 def test_tpu_tiles_grow_only_while_their_vmem_estimate_fits(monkeypatch):
-    """With a bias, 512-tiles are estimated at 14 MiB of VMEM, over the 12 MiB that grown tiles may
+    """With a bias, 512-tiles are estimated at 13 MiB of VMEM, over the 12 MiB that grown tiles may
     take (a TPU v4 TensorCore has 16): the tiles stop at 256, and a schedule still too large is
     refused with the reason."""
     assert _tpu_schedule(monkeypatch, 65536, masks.causal(), with_bias=True)[0] == (256, 256)

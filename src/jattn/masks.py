@@ -757,7 +757,8 @@ def random_blocks(block: int, num_random: int, seed: int = 0) -> Mask:
     """BigBird's random part: each query block attends ``num_random`` key blocks drawn at random.
 
     The draw depends on ``seed``, the query block and the number of key blocks of the sequence it is
-    used with (fixed by ``for_lengths``), so every row has ``num_random`` random blocks at any length.
+    used with (fixed by ``for_lengths``), so every row has ``num_random`` random blocks at any length
+    (all the key blocks there are, when the sequence has fewer).
     """
     return RandomBlocks(
         check_int("block", block),

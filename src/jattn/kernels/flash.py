@@ -225,8 +225,8 @@ TPU_SCHEDULE_BYTES = 768 * 1024
 # The largest tiles the TPU lowering grows to on its own to fit its schedule, and the VMEM estimate
 # (``tpu.vmem_bytes``) grown tiles must stay within: three quarters of the 16 MiB of VMEM of a
 # TPU v4 TensorCore, the smallest of v4 and newer (``pltpu.TpuInfo``'s ``vmem_capacity_bytes``).
-# The kernels set no ``vmem_limit_bytes``. At 512-tiles, bfloat16 at head dim 128 is estimated at
-# 9 MiB, and 14 MiB with a bias, so a bias keeps the tiles at 256.
+# The kernels set no ``vmem_limit_bytes``. At 512-tiles, a causal or dense mask in bfloat16 at head
+# dim 128 is estimated at 8 MiB, and 13 MiB with a bias, so a bias keeps the tiles at 256.
 MAX_TPU_GROWN_BLOCK = 512
 TPU_VMEM_BYTES = 12 * 1024 * 1024
 
