@@ -271,6 +271,23 @@ def test_from_fn_accepts_boolean_results():
     np.testing.assert_array_equal(masks.from_fn(lambda q, k: True).dense(2, 3), np.ones((2, 3), bool))
 
 
+@pytest.mark.parametrize("implementation", [None, "chunked", "block_sparse", "flash"])
+def test_from_fn_with_jnp_functions_runs_in_every_implementation(implementation):
+    """Layouts and kernel tables evaluate the predicate in NumPy while JAX traces the call."""
+    x = jax.random.normal(jax.random.key(0), (1, 40, 2, 16))
+    band = masks.from_fn(lambda q, k: jnp.logical_and(jnp.abs(q - k) <= 2, q >= 0))
+    expected = jattn.attention(x, x, x, mask=band, implementation="xla")
+    out = jax.jit(lambda x: jattn.attention(x, x, x, mask=band, implementation=implementation))(x)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_from_fn_with_numpy_functions_on_traced_positions_is_refused_by_name():
+    band = masks.from_fn(lambda q, k: np.abs(q - k) <= 2)
+    x = jnp.ones((1, 40, 2, 16))
+    with pytest.raises(TypeError, match="from_fn: fn called a NumPy function on traced positions"):
+        jattn.attention(x, x, x, mask=band, implementation="chunked")
+
+
 def test_bigbird_window_is_centred_on_the_query_block():
     dense = masks.bigbird(2, num_window_blocks=5, num_global_blocks=0, num_random=0).dense(12, 12)
     expected = np.abs(np.arange(6)[:, None] - np.arange(6)[None, :]) <= 2  # two blocks each side

@@ -161,6 +161,13 @@ def _all_partial(q_len, kv_len, block_q, block_kv) -> np.ndarray:
     return np.full((-(-q_len // block_q), -(-kv_len // block_kv)), PARTIAL, np.int8)
 
 
+def evaluate_in_numpy(tile_fn, q_idx: np.ndarray, kv_idx: np.ndarray) -> np.ndarray:
+    """``tile_fn(q_idx, kv_idx)`` of a position-only mask as a NumPy array, also while JAX traces:
+    a ``from_fn`` predicate built from jnp functions (``jnp.abs``) would otherwise give a tracer."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(tile_fn(q_idx, kv_idx))
+
+
 def _layout_from_predicate(tile_fn, q_len, kv_len, block_q, block_kv) -> np.ndarray:
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
     padded_kv = num_kv_blocks * block_kv
@@ -171,7 +178,7 @@ def _layout_from_predicate(tile_fn, q_len, kv_len, block_q, block_kv) -> np.ndar
     for start in range(0, num_q_blocks, q_blocks_per_eval):
         stop = min(num_q_blocks, start + q_blocks_per_eval)
         q_idx = np.arange(start * block_q, stop * block_q)
-        allowed = np.asarray(tile_fn(np.minimum(q_idx, q_len - 1), np.minimum(kv_idx, kv_len - 1)))
+        allowed = evaluate_in_numpy(tile_fn, np.minimum(q_idx, q_len - 1), np.minimum(kv_idx, kv_len - 1))
         allowed = allowed.reshape(-1, stop - start, block_q, num_kv_blocks, block_kv)
         valid = (q_idx < q_len).reshape(1, stop - start, block_q, 1, 1) & in_range_kv[None, None, None]
         any_true = (allowed & valid).any(axis=(2, 4))  # [batch, q blocks, kv blocks]
@@ -448,7 +455,14 @@ class FromFn(_PositionMask):
     fn: Callable[[Any, Any], Any] = None  # type: ignore[assignment]
 
     def _allowed(self, q, kv):
-        allowed = self.fn(q, kv)
+        try:
+            allowed = self.fn(q, kv)
+        except jax.errors.TracerArrayConversionError as error:
+            raise TypeError(
+                "from_fn: fn called a NumPy function on traced positions (implementations evaluate "
+                "masks inside jit); use operators and jnp functions (jnp.abs, jnp.logical_and), "
+                "which work on NumPy and traced positions alike"
+            ) from error
         # Checked on every evaluation (dense, layouts, tables, traced): integers would pass as
         # "allowed where non-zero", and ``~`` would turn them into non-zero bitwise nots.
         dtype = allowed.dtype if hasattr(allowed, "dtype") else np.asarray(allowed).dtype
@@ -801,7 +815,8 @@ def from_blocks(layout: Any, block_q: int, block_kv: int | None = None) -> Mask:
 def from_fn(fn: Callable[[Any, Any], Any]) -> Mask:
     """Any predicate of query and key positions, e.g. ``from_fn(lambda q, k: (q - k) % 3 == 0)``.
 
-    ``fn`` receives broadcastable integer arrays (NumPy or jnp), must use array operations only and
+    ``fn`` receives broadcastable integer arrays, NumPy ones for layouts and traced ones inside the
+    implementations, so it must use operators and jnp functions (``jnp.abs``, not ``np.abs``) and
     must return booleans (a ``TypeError`` is raised when the mask is evaluated otherwise).
     """
     if not callable(fn):

@@ -214,7 +214,7 @@ def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int
         for start in range(0, len(bands), per_eval):
             chunk = bands[start : start + per_eval]
             q_idx = q_pos[chunk].reshape(-1)
-            allowed = np.asarray(mask.tile(q_idx, kv_idx)).reshape(
+            allowed = masks_lib.evaluate_in_numpy(mask.tile, q_idx, kv_idx).reshape(
                 len(chunk), bq, -1, bkv
             )  # [c, bq, nk, bkv]
             rows = np.flatnonzero(np.isin(partial[:, 0], chunk))
