@@ -140,6 +140,34 @@ def test_dense_of_a_batch_mask_is_the_same_mask_as_an_array(mask):
     )
 
 
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "block_sparse"])
+def test_a_window_reaching_past_int32_is_unbounded_not_wrapped(implementation):
+    """``t + right`` in int32 positions would wrap for ``right = 2**31 - 1`` (and ``sys.maxsize``
+    would not fit at all), leaving rows with nothing to attend."""
+    x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+    for reach, same in [(2**31 - 1, masks.full()), (2**63 - 1, masks.full()), (1 << 30, masks.full())]:
+        window = masks.sliding_window(reach, reach)
+        np.testing.assert_array_equal(window.dense(8, 8), same.dense(8, 8))
+        got = jattn.attention(x, x, x, mask=window, implementation=implementation)
+        np.testing.assert_allclose(got, jattn.attention(x, x, x), atol=1e-6, rtol=1e-6)
+    assert masks.sliding_window(2**31 - 1) == masks.causal()
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "block_sparse", "flash"])
+def test_causal_with_an_offset_decodes_against_a_cache(implementation):
+    """The last T queries of a causal self-attention over S positions, given the S keys and
+    ``causal(offset=S - T)``, equal the last T rows of the whole: decoding with a KV cache."""
+    x = jax.random.normal(jax.random.key(0), (2, 37, 4, 16))
+    k = x[..., :2, :]  # GQA: two kv heads
+    whole = jattn.attention(x, k, k, mask=masks.causal(), implementation="xla")
+    for new in (1, 5):
+        got = jattn.attention(
+            x[:, -new:], k, k, mask=masks.causal(offset=37 - new), implementation=implementation
+        )
+        np.testing.assert_allclose(got, whole[:, -new:], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(masks.causal(offset=2).dense(2, 4), np.tril(np.ones((2, 4), bool), 2))
+
+
 def test_sliding_window_layout_is_sparse_at_length():
     layout = masks.sliding_window(256).blocks(4096, 4096, 128, 128)
     causal = masks.causal().blocks(4096, 4096, 128, 128)
@@ -206,6 +234,15 @@ def test_truth_value_raises():
         (lambda: masks.padding(np.array([-1])), "q_lengths must be >= 0"),
         (lambda: masks.padding(np.array([1.5])), "q_lengths must hold integers"),
         (lambda: masks.segments(np.array(3)), "segment ids must have a sequence axis"),
+        (lambda: masks.causal(offset=-1), "offset must be an int >= 0"),
+        (
+            lambda: masks.padding(np.array([1, 2]), np.array([1, 2, 3])),
+            r"batch dims of q_lengths and kv_lengths must broadcast together, got \(2,\) and \(3,\)",
+        ),
+        (
+            lambda: masks.segments(np.zeros((2, 4), int), np.zeros((3, 4), int)),
+            r"q_segment_ids and kv_segment_ids must broadcast together, got \(2,\) and \(3,\)",
+        ),
         (lambda: masks.global_tokens([-2]), "indices must be >= 0"),
         (lambda: masks.global_tokens([1.5]), "indices must be integer positions, got float64"),
         (lambda: masks.global_tokens([True]), "indices must be integer positions, got bool"),

@@ -30,3 +30,12 @@ def test_bias_is_negative_distance_and_works_as_attention_bias():
 def test_bad_sizes(args):
     with pytest.raises(ValueError, match="must be an int >= 1"):
         jattn.alibi_bias(*args)
+
+
+@pytest.mark.parametrize(
+    ("offset", "error", "message"),
+    [(None, TypeError, "offset must be an int"), (1.5, TypeError, "offset must be an int"), (-1, ValueError, ">= 0")],
+)
+def test_bad_offsets_are_refused_by_name(offset, error, message):
+    with pytest.raises(error, match=message):
+        jattn.alibi_bias(2, 4, 8, offset=offset)

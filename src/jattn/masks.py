@@ -689,21 +689,34 @@ def full() -> Mask:
     return Full()
 
 
-def causal() -> Mask:
-    """Query ``t`` attends keys ``s <= t`` (decoder self-attention)."""
-    return SlidingWindow(None, 0)
+def causal(offset: int = 0) -> Mask:
+    """Query ``t`` attends keys ``s <= t + offset`` (decoder self-attention).
+
+    Args:
+      offset: the position of the first query among the keys. With the default 0 the mask is
+        aligned at the top left, as ``jax.nn.dot_product_attention(is_causal=True)`` is when
+        T != S; decoding T new tokens after a cache of S - T keys takes ``offset=S - T``, which
+        aligns the last query with the last key.
+    """
+    return SlidingWindow(None, check_int("offset", offset, minimum=0))
 
 
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Local attention: query ``t`` attends keys ``t - left <= s <= t + right``.
 
     ``sliding_window(w)`` is causal local attention over the last ``w + 1`` positions;
-    ``sliding_window(w, w)`` is the symmetric window of an encoder (Longformer's local part).
+    ``sliding_window(w, w)`` is the symmetric window of an encoder (Longformer's local part). A
+    reach of ``2**30`` or more (``sys.maxsize`` for "no limit") is unbounded: in int32 positions,
+    ``t + right`` would wrap.
     """
+    bounded = lambda reach: None if reach >= _UNBOUNDED_REACH else reach  # noqa: E731
     return SlidingWindow(
-        check_int("left", left, minimum=0),
-        check_int("right", right, minimum=0),
+        bounded(check_int("left", left, minimum=0)),
+        bounded(check_int("right", right, minimum=0)),
     )
+
+
+_UNBOUNDED_REACH = 1 << 30  # a window reaching this far reaches every position of any sequence
 
 
 def _lengths(name: str, value: Any):
@@ -722,7 +735,17 @@ def padding(q_lengths: Any, kv_lengths: Any | None = None) -> Mask:
     """
     q_lengths = _lengths("q_lengths", q_lengths)
     kv_lengths = q_lengths if kv_lengths is None else _lengths("kv_lengths", kv_lengths)
+    _check_batches_broadcast("q_lengths", q_lengths.shape, "kv_lengths", kv_lengths.shape)
     return Padding(q_lengths, kv_lengths)
+
+
+def _check_batches_broadcast(q_name: str, q_batch: tuple, kv_name: str, kv_batch: tuple) -> None:
+    try:
+        np.broadcast_shapes(q_batch, kv_batch)
+    except ValueError:
+        raise ValueError(
+            f"the batch dims of {q_name} and {kv_name} must broadcast together, got {q_batch} and {kv_batch}"
+        ) from None
 
 
 def segments(q_segment_ids: Any, kv_segment_ids: Any | None = None) -> Mask:
@@ -734,6 +757,7 @@ def segments(q_segment_ids: Any, kv_segment_ids: Any | None = None) -> Mask:
             f"segment ids must have a sequence axis, got q_segment_ids.shape={q_ids.shape} and "
             f"kv_segment_ids.shape={kv_ids.shape}"
         )
+    _check_batches_broadcast("q_segment_ids", q_ids.shape[:-1], "kv_segment_ids", kv_ids.shape[:-1])
     return Segments(q_ids, kv_ids)
 
 

@@ -38,5 +38,6 @@ def alibi_bias(num_heads: int, q_len: int, kv_len: int | None = None, *, offset:
     """
     q_len = check_int("q_len", q_len)
     kv_len = q_len if kv_len is None else check_int("kv_len", kv_len)
+    offset = check_int("offset", offset, minimum=0)
     distance = jnp.abs(jnp.arange(q_len)[:, None] + offset - jnp.arange(kv_len)[None, :])  # [T, S]
     return -alibi_slopes(num_heads)[:, None, None] * distance.astype(jnp.float32)
