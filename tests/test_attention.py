@@ -104,6 +104,8 @@ def test_explain_names_choice_and_reason():
     assert choice.implementation == "xla" and "MiB" in choice.reason
     assert str(choice).startswith("xla:")
     assert jattn.choose(make_problem(q, k, v)).implementation == "xla"
+    with pytest.raises(TypeError, match=r"choose takes a jattn.Problem .* for arrays, jattn.explain"):
+        jattn.choose(q)
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,11 @@ def test_bad_sizes(args):
 
 @pytest.mark.parametrize(
     ("offset", "error", "message"),
-    [(None, TypeError, "offset must be an int"), (1.5, TypeError, "offset must be an int"), (-1, ValueError, ">= 0")],
+    [
+        (None, TypeError, "offset must be an int"),
+        (1.5, TypeError, "offset must be an int"),
+        (-1, ValueError, ">= 0"),
+    ],
 )
 def test_bad_offsets_are_refused_by_name(offset, error, message):
     with pytest.raises(error, match=message):

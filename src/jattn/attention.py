@@ -316,6 +316,11 @@ def _preferences(problem: Problem) -> list[tuple[str, str]]:
 
 def choose(problem: Problem) -> Choice:
     """The implementation ``attention(..., implementation=None)`` uses for ``problem``."""
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            "choose takes a jattn.Problem (jattn.attention.make_problem(q, k, v, ...)), got "
+            f"{type(problem).__name__}; for arrays, jattn.explain(q, k, v, ...) says the same"
+        )
     rejected: dict[str, str] = {}
     for name, reason in _preferences(problem):
         impl = _REGISTRY.get(name)
