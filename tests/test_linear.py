@@ -90,6 +90,42 @@ def test_causal_performer_row_survives_a_long_key_early_in_its_chunk(position):
     check_performer(q, k, v, d_out, key=jax.random.key(1), num_features=16, causal=True)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_the_oracle_where_the_normalizer_is_tiny(causal):
+    """A positive normalizer can be tiny in float32 (FAVOR+ features of large activations, relu
+    features of small ones) while the output, an average of values, is of order one. Autodiff of
+    num / den formed num / den², which underflowed to inf · 0 = NaN in the gradients."""
+    _, q, k, v, d_out = inputs(1, q_len=24, kv_len=24, head_dim=32)
+    check_performer(16 * q, 16 * k, v, d_out, key=jax.random.key(0), num_features=16, causal=causal)
+    tiny, kwargs = 1e-11, {"feature_map": "relu", "causal": causal}
+    expected = reference.linear_attention_vjp_reference(tiny * q, tiny * k, v, d_out, **kwargs)
+    check(  # gradients with respect to the unscaled q and k, of order one
+        lambda q, k, v: jattn.linear_attention(tiny * q, tiny * k, v, **kwargs),
+        (q, k, v),
+        d_out,
+        reference.linear_attention_reference(tiny * q, tiny * k, v, **kwargs),
+        {"q": tiny * expected["q"], "k": tiny * expected["k"], "v": expected["v"]},
+        "qkv",
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_elu_features_of_very_negative_activations_keep_their_weight(causal):
+    """elu(x) + 1 = exp(x) for x < 0, which float32 holds down to x of about -87; computed as
+    elu(x) + 1 it rounded to 0 below about -17, and every row returned zeros."""
+    _, q, k, v, d_out = inputs(3, q_len=20, kv_len=20)
+    q, k = q - 30.0, k - 30.0
+    kwargs = {"feature_map": "elu+1", "causal": causal}
+    check(
+        lambda q, k, v: jattn.linear_attention(q, k, v, **kwargs),
+        (q, k, v),
+        d_out,
+        reference.linear_attention_reference(q, k, v, **kwargs),
+        reference.linear_attention_vjp_reference(q, k, v, d_out, **kwargs),
+        "qkv",
+    )
+
+
 def test_performer_error_shrinks_with_more_features():
     shapes = {"batch": (), "q_len": 64, "kv_len": 64, "num_heads": 2, "num_kv_heads": 2, "head_dim": 16}
     _, q, k, v, _ = inputs(2, **shapes, value_dim=16)
@@ -304,6 +340,42 @@ def test_bad_input_names_the_argument():
         get_variant("linformer", projected_len=64, max_len=32)
     with pytest.raises(TypeError, match="orthogonal must be True or False"):
         get_variant("performer", orthogonal="no")
+
+
+def test_scale_may_be_a_jax_scalar_and_static_arguments_are_checked_by_name():
+    """scale and num_features are static arguments of jit: a JAX scalar scale, and an unhashable
+    or non-integer value, got JAX's "Non-hashable static arguments" error naming no argument."""
+    _, q, k, v, _ = inputs(6)
+    proj = jnp.ones((20, 4)) / 4
+    for fn in (
+        lambda scale: jattn.performer_attention(q, k, v, key=None, num_features=8, scale=scale),
+        lambda scale: jattn.linformer_attention(q, k, v, proj, proj, scale=scale),
+    ):
+        np.testing.assert_array_equal(fn(1 / jnp.sqrt(8.0)), fn(8**-0.5))
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            fn(jnp.float32(-1.0))
+    with pytest.raises(TypeError, match="num_features must be an int, got ArrayImpl"):
+        jattn.performer_attention(q, k, v, key=None, num_features=jnp.int32(8))
+    with pytest.raises(
+        TypeError, match=r"feature_map must be one of \['elu\+1', 'relu'\] or a function, got list"
+    ):
+        jattn.linear_attention(q, k, v, feature_map=["relu"])
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda q, k, v: jattn.linear_attention(q, k, v, causal="no"), "causal"),
+        (lambda q, k, v: jattn.performer_attention(q, k, v, key=None, causal="False"), "causal"),
+        (lambda q, k, v: jattn.performer_attention(q, k, v, key=None, orthogonal="no"), "orthogonal"),
+        (lambda q, k, v: performer_features(None, 8, 8, orthogonal=1), "orthogonal"),
+    ],
+)
+def test_flags_must_be_booleans(call, name):
+    """A truthy string such as causal="no" was read as True."""
+    _, q, k, v, _ = inputs(6)
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        call(q, k, v)
 
 
 @pytest.mark.parametrize(

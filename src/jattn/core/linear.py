@@ -32,12 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from jattn import masks as masks_lib
-from jattn._checks import check_int
-from jattn.attention import Problem, _check_array, attention, make_problem
+from jattn._checks import check_bool, check_int, check_prng_key
+from jattn.attention import Problem, _check_array, _check_positive_float, attention, make_problem
 from jattn.core._batching import vmap_over_heads
 
 FEATURE_MAPS: dict[str, Callable] = {
-    "elu+1": lambda x: jax.nn.elu(x) + 1.0,  # Katharopoulos et al. 2020
+    # Katharopoulos et al. 2020: elu(x) + 1, written so that it keeps exp(x) where elu(x) + 1 would
+    # round to 0 in float32 (x below about -17), which would leave a row with nothing to attend.
+    "elu+1": lambda x: jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0))),
     "relu": jax.nn.relu,
 }
 CAUSAL_CHUNK = 64  # positions per step of the causal prefix-sum scan (its [c, c] tile is exact work)
@@ -102,10 +104,28 @@ def _per_head_output(problem: Problem, per_head: Callable, padded: _Padded | Non
     return out.reshape(*problem.batch_shape, *out.shape[1:]).astype(problem.dtype)
 
 
-def _safe_divide(num, den):
-    """num ``[T, Hv]`` / den ``[T]``, zero where the normalizer is zero."""
+def _divide_rows(num, den):
+    """num ``[T, Hv]`` / den ``[T]``, zero where the normalizer is not positive."""
     positive = den > 0
     return jnp.where(positive[:, None], num / jnp.where(positive, den, 1.0)[:, None], 0.0)
+
+
+@jax.custom_jvp
+def _safe_divide(num, den):
+    """``_divide_rows`` with a derivative that never squares ``den``.
+
+    A positive normalizer can be tiny (FAVOR+ features of large activations: 1e-29 in float32), so
+    autodiff's ``num / den²`` underflows to inf · 0 = NaN while the quotient, an average of the
+    values, is of order one. The tangent ``(d_num - out · d_den) / den`` divides once."""
+    return _divide_rows(num, den)
+
+
+@_safe_divide.defjvp
+def _safe_divide_jvp(primals, tangents):
+    num, den = primals
+    d_num, d_den = tangents
+    out = _divide_rows(num, den)
+    return out, _divide_rows(d_num - out * d_den[:, None], den)
 
 
 def _split_rows(x, chunk: int):
@@ -240,11 +260,13 @@ def resolve_feature_map(feature_map: str | Callable) -> Callable:
             )
         feature_map = FEATURE_MAPS[feature_map]
     elif not callable(feature_map):
-        raise TypeError(f"feature_map must be a name or a function, got {type(feature_map).__name__}")
+        raise TypeError(
+            f"feature_map must be one of {sorted(FEATURE_MAPS)} or a function, got "
+            f"{type(feature_map).__name__} {feature_map!r}"
+        )
     return feature_map
 
 
-@functools.partial(jax.jit, static_argnames=("feature_map", "causal"))
 def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: bool = False, mask=None):
     """Linear attention (Katharopoulos et al. 2020): ``φ(q)·φ(k)`` in place of ``exp(q·k)``.
 
@@ -256,7 +278,13 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype (features and sums in float32).
     """
-    feature_map = resolve_feature_map(feature_map)
+    return _linear_attention_jit(
+        q, k, v, mask, feature_map=resolve_feature_map(feature_map), causal=check_bool("causal", causal)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("feature_map", "causal"))
+def _linear_attention_jit(q, k, v, mask, *, feature_map: Callable, causal: bool):
     padded, problem = _padded(make_problem(q, k, v, mask=mask), "linear_attention")
     _check_causal_lengths(problem, causal, "linear_attention")
 
@@ -277,20 +305,6 @@ def linear_attention(q, k, v, *, feature_map: str | Callable = "elu+1", causal: 
 # ---------------------------------------------------------------------------------------------
 # Performer (FAVOR+)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_prng_key(key):
-    """One PRNG key: a typed key (``jax.random.key``, shape ``()``) or a legacy uint32 ``[2]``."""
-    shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
-    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    if (typed and shape == ()) or (not typed and dtype == jnp.uint32 and shape == (2,)):
-        return key
-    got = f"{dtype} array of shape {shape}" if shape is not None else f"{type(key).__name__} {key!r}"
-    raise TypeError(
-        "key must be a single PRNG key (jax.random.key(seed), shape (); or a legacy "
-        f"jax.random.PRNGKey(seed), uint32 of shape (2,)) or None, got {got}; for several draws, "
-        "call once per key (or jax.vmap over the keys)"
-    )
 
 
 def _haar_orthogonal_rows(gaussian):
@@ -315,9 +329,9 @@ def performer_features(key, num_features: int, head_dim: int, *, orthogonal: boo
     """
     num_features = check_int("num_features", num_features)
     head_dim = check_int("head_dim", head_dim)
-    key = jax.random.key(0) if key is None else _check_prng_key(key)
+    key = jax.random.key(0) if key is None else check_prng_key(key, none_allowed=True)
     gauss_key, norm_key = jax.random.split(key)
-    if not orthogonal:
+    if not check_bool("orthogonal", orthogonal):
         return jax.random.normal(gauss_key, (num_features, head_dim), jnp.float32)
     num_blocks = -(-num_features // head_dim)
     gaussians = jax.random.normal(gauss_key, (num_blocks, head_dim, head_dim), jnp.float32)
@@ -352,10 +366,11 @@ def positive_random_features(x, features, *, scale: float, stabilizer: str):
     Returns:
       ``[L, M]`` float32.
     """
+    if stabilizer not in ("row", "all"):
+        raise ValueError(f'stabilizer must be "row" or "all", got {stabilizer!r}')
     return _favor_features(x, features=features, scale=scale, per_row=stabilizer == "row")[0]
 
 
-@functools.partial(jax.jit, static_argnames=("num_features", "causal", "orthogonal", "scale"))
 def performer_attention(
     q,
     k,
@@ -383,6 +398,21 @@ def performer_attention(
     Returns:
       ``[B..., T, N, Hv]`` in q's dtype.
     """
+    return _performer_attention_jit(
+        q,
+        k,
+        v,
+        key,
+        mask,
+        num_features=check_int("num_features", num_features),
+        causal=check_bool("causal", causal),
+        orthogonal=check_bool("orthogonal", orthogonal),
+        scale=_check_positive_float("scale", scale),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_features", "causal", "orthogonal", "scale"))
+def _performer_attention_jit(q, k, v, key, mask, *, num_features: int, causal: bool, orthogonal: bool, scale):
     padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "performer_attention")
     _check_causal_lengths(problem, causal, "performer_attention")
     features = performer_features(key, num_features, problem.head_dim, orthogonal=orthogonal)
@@ -433,7 +463,6 @@ def project_sequence(proj, x):
     return jnp.einsum("sp,bskh->bpkh", used, x.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
 def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None, mask=None):
     """Linformer (Wang et al. 2020): softmax attention over keys and values projected along the
     sequence axis to ``projected_len`` positions; O(T·projected_len).
@@ -449,6 +478,13 @@ def linformer_attention(q, k, v, proj_k, proj_v, *, scale=None, mask=None):
       ``[B..., T, N, Hv]`` in q's dtype. The projections, and the attention over the P projected
       positions, are computed in float32 whatever the input dtype (O(T·P) work).
     """
+    return _linformer_attention_jit(
+        q, k, v, proj_k, proj_v, mask, scale=_check_positive_float("scale", scale)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _linformer_attention_jit(q, k, v, proj_k, proj_v, mask, *, scale):
     padded, problem = _padded(make_problem(q, k, v, scale=scale, mask=mask), "linformer_attention")
     check_projections(proj_k, proj_v, problem.kv_len)
     q32 = problem.q.astype(jnp.float32)
