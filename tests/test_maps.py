@@ -313,3 +313,39 @@ def test_bad_input_errors_name_the_argument():
         maps.linear_attention_weights(q, k[:, :5], v[:, :5], causal=True)
     with pytest.raises(ValueError, match="approximate"):
         maps.variant_mask(variants.get_variant("linear"), causal=True)
+
+
+def test_variant_maps_take_the_variant_by_name():
+    """A variant given by name failed on 'str' object has no attribute 'exact'."""
+    q, k, v = _qkv(7, (1,), 12, 12, 2, 2)
+    for name in ("local", "linear"):
+        by_name = maps.variant_weights(name, q, k, v, causal=True)
+        np.testing.assert_array_equal(
+            by_name, maps.variant_weights(variants.get_variant(name), q, k, v, causal=True)
+        )
+        stats = maps.variant_statistics(name, q, k, v, causal=True)
+        np.testing.assert_allclose(stats.entropy, maps.weight_statistics(by_name).entropy, atol=1e-5)
+    with pytest.raises(TypeError, match="variant must be a jattn.variants.Variant, a registered name"):
+        maps.variant_weights(jattn.attention, q, k, v, causal=False)
+
+
+def test_weights_and_flags_are_checked_by_name():
+    """1-D weights failed on unpacking their shape; truthy strings were read as True."""
+    q, k, v = _qkv(8, (1,), 8, 8, 2, 2)
+    with pytest.raises(
+        ValueError, match=r"weights must be \[\.\.\., T, S\] \(at least 2 dims\), got shape \(4,\)"
+    ):
+        maps.weight_statistics(jnp.ones(4) / 4)
+    with pytest.raises(TypeError, match="over_positions must be True or False"):
+        maps.weight_statistics(jnp.ones((4, 4)) / 4, over_positions="no")
+    for call in (
+        lambda: maps.linear_attention_weights(q, k, v, causal="no"),
+        lambda: maps.performer_attention_weights(q, k, v, key=None, causal="no"),
+        lambda: maps.variant_weights(None, q, k, v, causal="no"),
+        lambda: maps.variant_statistics("linear", q, k, v, causal="no"),
+        lambda: maps.variant_mask(None, causal="no"),
+    ):
+        with pytest.raises(TypeError, match="causal must be True or False"):
+            call()
+    with pytest.raises(TypeError, match="orthogonal must be True or False"):
+        maps.performer_attention_weights(q, k, v, key=None, orthogonal="no")

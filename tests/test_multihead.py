@@ -140,3 +140,45 @@ def test_init_rejects_bad_head_counts():
         jattn.init_multi_head_attention(jax.random.key(0), 16, num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="in_features must be a multiple of num_heads"):
         jattn.init_multi_head_attention(jax.random.key(0), 10, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"key": 0}, r"key must be a single PRNG key .* got int 0"),
+        ({"key": jax.random.split(jax.random.key(0))}, r"key must be a single PRNG key .* got key<fry>"),
+        ({"dtype": jnp.int32}, "dtype must be a floating dtype"),
+        ({"dtype": "nope"}, "dtype must be a floating dtype"),
+        ({"use_bias": "no"}, "use_bias must be True or False"),
+    ],
+)
+def test_init_checks_the_key_dtype_and_use_bias(kwargs, match):
+    """An int key and an integer dtype failed deep in jax.random without naming the argument; a
+    truthy string use_bias was read as True."""
+    with pytest.raises(TypeError, match=match):
+        jattn.init_multi_head_attention(**{"key": jax.random.key(0), **kwargs}, in_features=16, num_heads=2)
+
+
+def test_init_takes_a_legacy_key_and_any_float_dtype():
+    """The checks of key and dtype let through what jax.random takes."""
+    params = jattn.init_multi_head_attention(jax.random.PRNGKey(0), 16, num_heads=2, dtype=jnp.bfloat16)
+    assert params["query"]["kernel"].shape == (16, 2, 8) and params["out"]["bias"].dtype == jnp.bfloat16
+
+
+EXPECTED_HEADS = r"\[B\.\.\., T, N, Hv\] = \(2, 4, 2, 8\)"
+
+
+@pytest.mark.parametrize(
+    "attention_fn, error, match",
+    [
+        (lambda q, k, v: v[..., :1], ValueError, rf"must return {EXPECTED_HEADS} .*got shape \(2, 4, 2, 1\)"),
+        (lambda q, k, v: v[:, :3], ValueError, rf"must return {EXPECTED_HEADS} .*got shape \(2, 3, 2, 8\)"),
+        (lambda q, k, v: (v, v), TypeError, rf"must return an array {EXPECTED_HEADS}, got tuple"),
+    ],
+)
+def test_attention_fn_output_is_checked(attention_fn, error, match):
+    """An output of the wrong value head dim broadcast silently into the output projection; a tuple
+    failed on .astype."""
+    params = jattn.init_multi_head_attention(jax.random.key(0), 16, num_heads=2)
+    with pytest.raises(error, match=f"attention_fn {match}"):
+        jattn.multi_head_attention(params, jnp.ones((2, 4, 16)), num_heads=2, attention_fn=attention_fn)

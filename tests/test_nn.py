@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jattn
 from jattn import nn
 from jattn.variants import get_variant
 
@@ -148,6 +149,16 @@ def test_rotary_scores_depend_on_relative_position_only():
     np.testing.assert_allclose(jnp.linalg.norm(rq, axis=-1), jnp.linalg.norm(seq(q), axis=-1), rtol=1e-5)
     with pytest.raises(ValueError, match="even head dim"):
         nn.apply_rotary(jnp.ones((4, 1, 3)))
+    with pytest.raises(ValueError, match=r"x of shape \[B..., L, N, H\], got shape \(4,\)"):
+        nn.apply_rotary(jnp.ones(4))
+
+
+def test_rotary_with_an_offset_encodes_the_rows_of_a_later_window():
+    """Decoding after a cache: the T new rows sit at positions S - T ... S - 1."""
+    x = jax.random.normal(jax.random.key(0), (2, 10, 3, 8))
+    np.testing.assert_array_equal(nn.apply_rotary(x[:, 6:], offset=6), nn.apply_rotary(x)[:, 6:])
+    with pytest.raises(ValueError, match="offset must be an int >= 0"):
+        nn.apply_rotary(x, offset=-1)
 
 
 def test_sinusoidal_table():
@@ -247,3 +258,77 @@ def test_token_ids_outside_the_vocabulary_are_rejected():
     # Under jit the ids are tracers and cannot be checked; valid ids still run.
     tokens = jnp.arange(8)[None] % 11
     np.testing.assert_allclose(nnx.jit(lambda m, t: m(t))(model, tokens), model(tokens), atol=1e-5)
+
+
+def _models(variant, max_len=8):
+    """The three models, built alike with ``variant``."""
+    kwargs = {**SMALL, "max_len": max_len, "variant": variant, "position": "learned"}
+    return (
+        nn.EncoderClassifier(11, 3, rngs=nnx.Rngs(0), **kwargs),
+        nn.DecoderLM(11, rngs=nnx.Rngs(0), **kwargs),
+        nn.EncoderDecoder(11, 7, rngs=nnx.Rngs(0), **kwargs),
+    )
+
+
+def test_models_take_the_variant_by_name():
+    """A variant given by name reached the attention layers resolved but the models kept the string
+    (AttributeError in takes_mask at the first call, and in masks_padding)."""
+    tokens, lengths = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), jnp.array([3, 5])
+    by_name, by_variant = _models("local"), _models(get_variant("local"))
+    classifier, lm, seq2seq = by_name
+    assert classifier.masks_padding and lm.masks_padding and seq2seq.encoder.masks_padding
+    calls = (
+        lambda m: m(tokens, lengths=lengths),
+        lambda m: m(tokens),
+        lambda m: m(tokens, tokens[:, :3] % 7, source_lengths=lengths),
+    )
+    for call, named, built in zip(calls, by_name, by_variant, strict=True):
+        np.testing.assert_array_equal(call(named), call(built))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _models(jattn.attention),
+        lambda: nn.MultiHeadAttention(16, 2, variant=jattn.attention, rngs=nnx.Rngs(0)),
+        lambda: nn.TransformerBlock(16, 2, 32, variant=jattn.attention, rngs=nnx.Rngs(0)),
+    ],
+)
+def test_a_variant_that_is_not_one_is_refused_by_name(build):
+    """A function passed as variant was kept and failed later on a missing attribute."""
+    with pytest.raises(
+        TypeError, match=r"variant must be a jattn.variants.Variant, a registered name .* got function"
+    ):
+        build()
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: nn.MultiHeadAttention(16, 2, causal="no", rngs=nnx.Rngs(0)), "causal"),
+        (lambda: nn.MultiHeadAttention(16, 2, rotary="no", rngs=nnx.Rngs(0)), "rotary"),
+        (lambda: nn.MultiHeadAttention(16, 2, use_bias="no", rngs=nnx.Rngs(0)), "use_bias"),
+        (lambda: nn.TransformerBlock(16, 2, 32, variant=None, causal="no", rngs=nnx.Rngs(0)), "causal"),
+        (lambda: nn.TransformerBlock(16, 2, 32, variant=None, cross="no", rngs=nnx.Rngs(0)), "cross"),
+    ],
+)
+def test_flags_must_be_booleans(build, name):
+    """A truthy string such as causal="no" was stored and applied as True."""
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got str 'no'"):
+        build()
+
+
+def test_tokens_must_be_a_batch():
+    """1-D tokens failed in the classifier on unpacking their shape, and ran in the decoder: every
+    model now takes [B, T] and names the argument otherwise."""
+    classifier, lm, seq2seq = _models(None)
+    tokens = jnp.array([1, 2, 3, 4])
+    for call, name in (
+        (lambda: classifier(tokens), "tokens"),
+        (lambda: lm(tokens), "tokens"),
+        (lambda: lm(tokens[None, None]), "tokens"),
+        (lambda: seq2seq(tokens, tokens[None]), "source"),
+        (lambda: seq2seq(tokens[None], tokens), "target_in"),
+    ):
+        with pytest.raises(ValueError, match=rf"{name} must be token ids of shape \[B, T\], got shape"):
+            call()

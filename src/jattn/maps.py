@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jattn import masks as masks_lib
-from jattn._checks import check_int
+from jattn._checks import check_bool, check_int
 from jattn.attention import Problem, make_problem
 from jattn.core._batching import vmap_over_heads
 from jattn.core._common import MASK_VALUE, zero_unattended
@@ -43,7 +43,7 @@ from jattn.core.linear import (
     project_sequence,
     resolve_feature_map,
 )
-from jattn.variants import Variant
+from jattn.variants import Variant, resolve_variant
 
 CAPTURE_KINDS = ("weights", "statistics")
 """What ``jattn.nn.MultiHeadAttention(capture=...)`` can sow: names of ``nnx.Intermediate`` values
@@ -237,9 +237,11 @@ def weight_statistics(weights, *, over_positions: bool = True) -> AttentionStati
       ``over_positions``).
     """
     p = jnp.asarray(weights, jnp.float32)
+    if p.ndim < 2:
+        raise ValueError(f"weights must be [..., T, S] (at least 2 dims), got shape {p.shape}")
     positive = p > 0
     entropy = -jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0).sum(-1)
-    if not over_positions:
+    if not check_bool("over_positions", over_positions):
         return AttentionStatistics(entropy, None, None, positive.any(-1))
     q_len, kv_len = p.shape[-2:]
     gap = jnp.abs(jnp.arange(q_len)[:, None] - jnp.arange(kv_len)[None, :]).astype(jnp.float32)  # [T, S]
@@ -318,6 +320,7 @@ def linear_attention_weights(
       float32 ``[B..., N, T, S]``; rows sum to one (zero rows where the normalizer is zero).
     """
     feature_map = resolve_feature_map(feature_map)
+    causal = check_bool("causal", causal)
     problem = make_problem(q, k, v, mask=mask)
     _check_causal_lengths(problem, causal, "linear_attention_weights")
 
@@ -349,6 +352,7 @@ def performer_attention_weights(
     Returns:
       float32 ``[B..., N, T, S]``, rows summing to one; they estimate the softmax weights.
     """
+    causal = check_bool("causal", causal)
     problem = make_problem(q, k, v, scale=scale, mask=mask)
     _check_causal_lengths(problem, causal, "performer_attention_weights")
     features = performer_features(key, num_features, problem.head_dim, orthogonal=orthogonal)
@@ -403,8 +407,10 @@ def linformer_attention_weights(q, k, v, proj_k, proj_v, *, scale=None, mask=Non
 # ---------------------------------------------------------------------------------------------
 
 
-def variant_mask(variant: Variant | None, *, causal: bool, mask=None) -> masks_lib.Mask | None:
+def variant_mask(variant: Variant | str | None, *, causal: bool, mask=None) -> masks_lib.Mask | None:
     """The mask an exact variant applies: its pattern (causal if asked) and the caller's ``mask``."""
+    variant = resolve_variant(variant)
+    causal = check_bool("causal", causal)
     if variant is None:
         pattern = masks_lib.causal() if causal else None
     elif not variant.exact:
@@ -416,17 +422,21 @@ def variant_mask(variant: Variant | None, *, causal: bool, mask=None) -> masks_l
     return mask if pattern is None else pattern & mask
 
 
-def variant_weights(variant: Variant | None, q, k, v, *, causal: bool, mask=None, params=None, key=None):
+def variant_weights(
+    variant: Variant | str | None, q, k, v, *, causal: bool, mask=None, params=None, key=None
+):
     """The weights a variant applies to ``v``: exact softmax weights, or the implicit ones.
 
     Args:
-      variant: a ``jattn.variants`` variant, or None for full softmax attention.
+      variant: a ``jattn.variants`` variant or its registered name, or None for full softmax attention.
       q: ``[B..., T, N, H]``. k: ``[B..., S, K, H]``. v: ``[B..., S, K, Hv]``: the heads the variant
         sees (after any rotary encoding).
       causal, params, key: as passed to the variant. mask: the caller's mask (exact variants only).
     Returns:
       float32 ``[B..., N, T, S]`` (Linformer: over its P projected positions, ``[B..., N, T, P]``).
     """
+    variant = resolve_variant(variant)
+    causal = check_bool("causal", causal)
     if variant is None or variant.exact:
         return attention_weights(q, k, v, mask=variant_mask(variant, causal=causal, mask=mask))
     options = variant.options
@@ -456,13 +466,14 @@ def variant_weights(variant: Variant | None, q, k, v, *, causal: bool, mask=None
 
 
 def variant_statistics(
-    variant: Variant | None, q, k, v, *, causal: bool, mask=None, params=None, key=None
+    variant: Variant | str | None, q, k, v, *, causal: bool, mask=None, params=None, key=None
 ) -> AttentionStatistics:
     """Per-row statistics of a variant's attention: streamed for exact variants (any length),
     from the implicit weights for approximate ones (short inputs). Arguments as ``variant_weights``.
 
     Linformer's weights are over its P projected slots, not key positions: only its entropy (over
     the slots) is defined, its distance and first_token are None."""
+    variant = resolve_variant(variant)
     if variant is None or variant.exact:
         return attention_statistics(q, k, v, mask=variant_mask(variant, causal=causal, mask=mask))
     weights = variant_weights(variant, q, k, v, causal=causal, mask=mask, params=params, key=key)

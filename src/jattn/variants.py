@@ -106,6 +106,19 @@ def get_variant(name: str, **options) -> Variant:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_variant(variant: Variant | str | None) -> Variant | None:
+    """A variant given by name (``jattn.variants.get_variant`` with its default options) or as a
+    ``Variant`` -> the ``Variant``; None (full softmax attention) stays None."""
+    if isinstance(variant, str):
+        return get_variant(variant)
+    if variant is not None and not isinstance(variant, Variant):
+        raise TypeError(
+            "variant must be a jattn.variants.Variant, a registered name (one of "
+            f"{sorted(variant_names())}) or None, got {type(variant).__name__} {variant!r}"
+        )
+    return variant
+
+
 def softmax_variant(
     pattern: Callable[[bool], masks_lib.Mask | None],
     implementation: str | None = None,

@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn._checks import check_int
-from jattn.attention import attention
+from jattn._checks import check_bool, check_int, check_prng_key
+from jattn.attention import _FLOAT_DTYPES, attention
 
 Params = dict[str, dict[str, Any]]
 AttentionFn = Callable[[Any, Any, Any], Any]
@@ -48,7 +48,7 @@ def init_multi_head_attention(
     """Parameters for ``multi_head_attention``: LeCun-normal kernels, zero biases.
 
     Args:
-      key: PRNG key.
+      key: one PRNG key (``jax.random.key`` or a legacy ``jax.random.PRNGKey``).
       in_features: D, the width of ``x_q``.
       num_heads: N query heads.
       num_kv_heads: K key/value heads (N % K == 0); defaults to N.
@@ -57,10 +57,13 @@ def init_multi_head_attention(
       in_kv_features: Dkv, the width of ``x_kv``; defaults to D.
       out_features: Dout; defaults to D.
       use_bias: add a bias after every projection.
-      dtype: parameter dtype.
+      dtype: parameter dtype, a floating one.
     Returns:
       The parameter pytree described in the module docstring.
     """
+    key = check_prng_key(key)
+    dtype = _check_float_dtype(dtype)
+    use_bias = check_bool("use_bias", use_bias)
     in_features = check_int("in_features", in_features)
     num_heads = check_int("num_heads", num_heads)
     num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
@@ -97,6 +100,19 @@ def init_multi_head_attention(
             layer["bias"] = jnp.zeros(shape[1:] if name != "out" else shape[-1:], dtype)
         params[name] = layer
     return params
+
+
+def _check_float_dtype(dtype: Any) -> Any:
+    """``dtype`` if it names a floating dtype; a TypeError naming ``dtype`` otherwise."""
+    try:
+        floating = dtype is not None and any(jnp.dtype(dtype) == d for d in _FLOAT_DTYPES)
+    except TypeError:  # not a dtype at all
+        floating = False
+    if not floating:
+        raise TypeError(
+            f"dtype must be a floating dtype (float16, bfloat16, float32, float64), got {dtype!r}"
+        )
+    return dtype
 
 
 _PARAM_LAYOUTS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -170,6 +186,20 @@ def _project_in(layer: dict, x, heads_spec: str):
     if "bias" in layer:
         y = y + layer["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _check_attention_output(out, expected_shape: tuple[int, ...]) -> None:
+    """``attention_fn``'s output must be an array ``[B..., T, N, Hv]`` (that the output projection
+    would otherwise broadcast or fail on far from the cause)."""
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(
+            f"attention_fn must return an array [B..., T, N, Hv] = {expected_shape}, got {type(out).__name__}"
+        )
+    if tuple(out.shape) != expected_shape:
+        raise ValueError(
+            f"attention_fn must return [B..., T, N, Hv] = {expected_shape} (Hv from params['value']), "
+            f"got shape {tuple(out.shape)}"
+        )
 
 
 def _project_out(layer: dict, heads):
@@ -248,6 +278,7 @@ def multi_head_attention(
         if given:
             raise ValueError(f"attention_fn is given, so {given} must be None (bind them into attention_fn)")
         out = attention_fn(q, k, v)  # [B..., T, N, Hv]
+        _check_attention_output(out, (*q.shape[:-1], v.shape[-1]))
     if hook is not None:
         hook(q=q, k=k, v=v, out=out)
     return _project_out(params["out"], out.astype(x_q.dtype))  # [B..., T, Dout]

@@ -15,10 +15,11 @@ from flax import nnx
 
 from jattn import maps
 from jattn import masks as masks_lib
+from jattn._checks import check_bool
 from jattn.attention import attention
 from jattn.core.multihead import init_multi_head_attention, multi_head_attention
 from jattn.nn.positions import apply_rotary
-from jattn.variants import Variant, get_variant
+from jattn.variants import Variant, resolve_variant
 
 
 def _as_params(tree: Any) -> Any:
@@ -82,7 +83,7 @@ class MultiHeadAttention(nnx.Module):
         hook: Callable[..., None] | None = None,
         capture: Sequence[str] = (),
     ):
-        self.variant = get_variant(variant) if isinstance(variant, str) else variant
+        self.variant = resolve_variant(variant)
         if self.variant is not None and implementation is not None:
             raise ValueError(
                 "implementation must be None when a variant is given (it is a variant option: "
@@ -91,8 +92,8 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.implementation = implementation
-        self.causal = causal
-        self.rotary = rotary
+        self.causal = check_bool("causal", causal)
+        self.rotary = check_bool("rotary", rotary)
         self.hook = hook
         self.capture = maps.check_capture(capture)
         params = init_multi_head_attention(

@@ -24,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from jattn import masks as masks_lib
-from jattn._checks import check_int
+from jattn._checks import check_bool, check_int
 from jattn.masks import _is_concrete
 from jattn.nn.attention import MultiHeadAttention, takes_mask
 from jattn.nn.positions import POSITION_KINDS, sinusoidal_table
-from jattn.variants import Variant
+from jattn.variants import Variant, resolve_variant
 
 POOLING_KINDS = ("cls", "mean")
 
@@ -76,7 +76,8 @@ class TransformerBlock(nnx.Module):
 
     Args:
       width: D. num_heads: N. mlp_dim: hidden width of the MLP.
-      variant: the self-attention (a ``jattn.variants`` variant, or None for full softmax).
+      variant: the self-attention (a ``jattn.variants`` variant or its registered name, or None for
+        full softmax).
       causal: decoder self-attention.
       rotary: rotary position encoding in the self-attention.
       cross: add cross-attention to an encoder's output (full softmax, padding-masked).
@@ -91,7 +92,7 @@ class TransformerBlock(nnx.Module):
         num_heads: int,
         mlp_dim: int,
         *,
-        variant: Variant | None,
+        variant: Variant | str | None,
         causal: bool = False,
         rotary: bool = False,
         cross: bool = False,
@@ -103,6 +104,7 @@ class TransformerBlock(nnx.Module):
     ):
         width = check_int("width", width)
         mlp_dim = check_int("mlp_dim", mlp_dim)
+        cross = check_bool("cross", cross)
         self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.norm_attention = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
         self.attention = MultiHeadAttention(
@@ -211,6 +213,16 @@ def _run_stack(blocks, x, *, key, **kwargs):
     return x
 
 
+def _batch_and_length(name: str, tokens) -> tuple[int, int]:
+    """B and T of ``tokens [B, T]``; a ValueError naming ``name`` for any other number of dims."""
+    shape = tuple(jnp.shape(tokens))
+    if len(shape) != 2:
+        raise ValueError(
+            f"{name} must be token ids of shape [B, T], got shape {shape} (one sequence: {name}[None])"
+        )
+    return shape
+
+
 def _valid_lengths(name: str, lengths, batch: int, length: int) -> jax.Array:
     """``lengths [B]`` as int32 in ``[0, length]``: checked where concrete, clipped under ``jit``."""
     lengths = jnp.asarray(lengths)
@@ -245,7 +257,7 @@ class _Transformer(nnx.Module):
         depth: int,
         num_heads: int,
         mlp_dim: int,
-        variant: Variant | None,
+        variant: Variant | str | None,
         causal: bool,
         position: str,
         dropout_rate: float,
@@ -255,6 +267,7 @@ class _Transformer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         depth = check_int("depth", depth)
+        variant = resolve_variant(variant)
         self.variant = variant
         self.dropout_rate = _check_dropout_rate(dropout_rate)
         self.embed = Embedder(vocab_size, width, max_len=max_len, position=position, dtype=dtype, rngs=rngs)
@@ -306,7 +319,7 @@ class EncoderClassifier(_Transformer):
     def __call__(self, tokens, *, lengths=None, key=None):
         """``tokens [B, T]`` int, ``lengths [B]`` valid lengths (None: all valid) -> ``[B, C]`` float32."""
         embed_key, blocks_key = _split(key, 2)
-        batch, length = tokens.shape
+        batch, length = _batch_and_length("tokens", tokens)
         lengths = (
             jnp.full((batch,), length, jnp.int32)
             if lengths is None
@@ -340,6 +353,7 @@ class DecoderLM(_Transformer):
         self.head = nnx.Linear(kwargs["width"], vocab_size, rngs=rngs)
 
     def __call__(self, tokens, *, key=None):
+        _batch_and_length("tokens", tokens)
         embed_key, blocks_key = _split(key, 2)
         x = dropout(self.embed(tokens), self.dropout_rate, embed_key)
         x = self.norm(_run_stack(self.blocks, x, key=blocks_key))
@@ -363,11 +377,11 @@ class EncoderDecoder(nnx.Module):
 
     def __call__(self, source, target_in, *, source_lengths=None, key=None):
         """``source [B, S]``, ``target_in [B, T]`` int, ``source_lengths [B]`` -> ``[B, T, V]`` float32."""
+        batch, source_len = _batch_and_length("source", source)
+        _, target_len = _batch_and_length("target_in", target_in)
         k_src, k_enc, k_tgt, k_dec = _split(key, 4)
         if source_lengths is not None:
-            source_lengths = _valid_lengths(
-                "source_lengths", source_lengths, jnp.shape(source)[0], jnp.shape(source)[-1]
-            )
+            source_lengths = _valid_lengths("source_lengths", source_lengths, batch, source_len)
         enc = self.encoder
         memory = dropout(enc.embed(source, name="source"), enc.dropout_rate, k_src)
         memory = enc.norm(
@@ -375,7 +389,7 @@ class EncoderDecoder(nnx.Module):
         )
         memory_mask = None
         if source_lengths is not None:
-            target_lengths = jnp.full_like(source_lengths, target_in.shape[-1])
+            target_lengths = jnp.full_like(source_lengths, target_len)
             memory_mask = masks_lib.padding(target_lengths, source_lengths)
         dec = self.decoder
         x = dropout(dec.embed(target_in, name="target_in"), dec.dropout_rate, k_tgt)

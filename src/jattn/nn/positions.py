@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jattn._checks import check_int
+
 POSITION_KINDS = ("learned", "sinusoidal", "rotary", "none")
 
 
@@ -22,18 +24,22 @@ def sinusoidal_table(max_len: int, width: int) -> np.ndarray:
     return table
 
 
-def apply_rotary(x, *, base: float = 10000.0):
+def apply_rotary(x, *, base: float = 10000.0, offset: int = 0):
     """Rotate feature pairs of ``x [B..., L, N, H]`` by position-dependent angles (H even).
 
     Pairs are (first half, second half) of the head dim; the result has x's dtype, the rotation is
-    computed in float32.
+    computed in float32. ``offset`` is the position of x's first row (``S - T`` for T new queries
+    decoded after a cache of keys, as in ``jattn.masks.causal(offset)``).
     """
+    if getattr(x, "ndim", 0) < 3:
+        raise ValueError(f"apply_rotary takes x of shape [B..., L, N, H], got shape {jnp.shape(x)}")
+    offset = check_int("offset", offset, minimum=0)
     length, head_dim = x.shape[-3], x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary position encoding needs an even head dim, got head_dim={head_dim}")
     half = head_dim // 2
     rates = 1.0 / base ** (jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * rates  # [L, H/2]
+    angles = jnp.arange(offset, offset + length, dtype=jnp.float32)[:, None] * rates  # [L, H/2]
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [L, 1, H/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B..., L, N, H/2] each
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
