@@ -125,6 +125,7 @@ def machine() -> str:
 def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> list[RunResult | Diverged]:
     """Train every entry (a diverged one is reported on stderr and the rest go on) and write the
     results; returns one ``RunResult`` or ``Diverged`` per entry."""
+    out_dir = out_dir.expanduser()
     check_entries(config, out_dir)
     results: list[RunResult | Diverged] = []
     curves = {}

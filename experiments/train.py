@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(ExperimentConfig, args.config, args.overrides)
-        run_dir = pathlib.Path(args.run_dir or pathlib.Path(config.output_dir) / config.name)
+        run_dir = pathlib.Path(args.run_dir or pathlib.Path(config.output_dir) / config.name).expanduser()
         result = train(config, run_dir)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

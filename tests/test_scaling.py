@@ -795,6 +795,14 @@ def test_command_line_out_dir_that_cannot_be_created(tmp_path, capsys, monkeypat
     assert "Traceback" not in err + out and "measurements to run" not in out
 
 
+def test_a_leading_tilde_in_out_dir_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "afile").write_text("")
+    assert script_main()(["configs/scaling/cpu.yaml", "out_dir=~/afile/sub"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: scaling config: out_dir='{tmp_path}/afile/sub' cannot")
+
+
 def test_command_line_checks_the_setup_before_counting(tmp_path, capsys):
     cfg = REPO / "configs" / "scaling" / "cpu.yaml"
     setup = scaling.load_config(cfg).setup("op") | {"head_dim": "8"}

@@ -67,6 +67,12 @@ TINY = ROOT / "configs" / "tiny.yaml"
         ({"optimizer": {"learning_rate": "1e999"}}, "'optimizer.learning_rate': expected a finite number"),
         ({"optimizer": {"b1": 1.0}}, r"config key 'optimizer.b1': must be >= 0.0 and < 1.0, got 1.0"),
         ({"optimizer": {"b2": 1.0}}, r"config key 'optimizer.b2': must be >= 0.0 and < 1.0, got 1.0"),
+        (  # clip_by_global_norm(0) zeroes every update: the model would never change
+            {"optimizer": {"clip_norm": 0}},
+            r"'optimizer.clip_norm': must be > 0.0, got 0.0 \(null for no clipping; 0 would zero every",
+        ),
+        ({"train": {"seed": -1}}, r"config key 'train.seed': must be >= 0 and <= 4294967295, got -1"),
+        ({"train": {"seed": 2**32 + 5}}, r"'train.seed': must be >= 0 and <= 4294967295, got 4294967301"),
         ({"train": {"steps": "1.5e0"}}, "config key 'train.steps': expected an int, got '1.5e0'"),
         (
             {"train": {"steps": "12"}},
@@ -106,6 +112,12 @@ def test_overrides_files_and_round_trip(tmp_path):
         (tmp_path / "empty.yaml").write_text(text)
         with pytest.raises(ConfigError, match=r"empty.yaml' is empty; write \{\} in it"):
             load_config(ExperimentConfig, tmp_path / "empty.yaml")
+    (tmp_path / "twice.yaml").write_text("model: {width: 16}\ntrain: {steps: 3}\nmodel: {depth: 1}\n")
+    with pytest.raises(ConfigError, match="key 'model' is given twice in one mapping"):
+        load_config(ExperimentConfig, tmp_path / "twice.yaml")  # PyYAML would keep the second alone
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml' cannot be read as UTF-8 text"):
+        load_config(ExperimentConfig, tmp_path / "latin1.yaml")
     (tmp_path / "defaults.yaml").write_text("{}\n")
     assert load_config(ExperimentConfig, tmp_path / "defaults.yaml") == load_config(ExperimentConfig, None)
 
@@ -396,12 +408,34 @@ def test_evaluation_time_is_not_training_time(tmp_path, monkeypatch):
     assert result.steps_per_s == pytest.approx(3 / 4)
 
 
+def test_a_leading_tilde_in_run_folders_is_the_home_folder(tmp_path, monkeypatch):
+    """``output_dir=~/runs`` on a command line reaches Python unexpanded; it made a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _tiny("output_dir=~/runs").output_dir == str(tmp_path / "runs")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=f"cannot be made: '{tmp_path}/afile' is a file"):
+        train(_tiny(), "~/afile/run")
+
+
 def test_a_run_folder_under_a_file_is_a_config_error(tmp_path):
     """Not a traceback from inside Orbax once the model is built."""
     (tmp_path / "afile").write_text("")
     for run_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
         with pytest.raises(ConfigError, match=r"cannot be made: '.*afile' is a file, not a folder"):
             train(_tiny(), run_dir)
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_replaced_by_another_config(tmp_path):
+    """Checkpoints deleted to free disk leave result.json and metrics: another config refused, the
+    same one (or one changed only where a resume may change it) trains the run again."""
+    run_dir = tmp_path / "run"
+    first = train(_tiny(), run_dir)
+    shutil.rmtree(run_dir / "checkpoints")
+    kept = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"holds the results of a finished run .*model.width: 16 -> 32"):
+        train(_tiny("model.width=32"), run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == kept
+    assert train(_tiny("train.progress=false"), run_dir).final_eval == first.final_eval
 
 
 def test_damaged_run_folders_give_clear_errors_and_keep_the_run(tmp_path):

@@ -222,6 +222,7 @@ class ScalingConfig:
     seed: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "out_dir", os.path.expanduser(self.out_dir))  # as output_dir in training
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "lengths", tuple(self.lengths))
         object.__setattr__(self, "passes", tuple(self.passes))

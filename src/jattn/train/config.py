@@ -3,10 +3,11 @@
 Generic: ``load_config(Schema, path, overrides)`` works for any frozen dataclass whose fields are
 annotated with ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None``,
 ``tuple[X, ...]``, ``dict``, or another such dataclass. Range limits go in the field metadata:
-``field(default=1, metadata={"min": 1, "max": 8})``, or ``"below": 1.0`` for an exclusive upper
-bound. Floats must be finite; a number in scientific notation that YAML 1.1 reads as a string
-(``1e-3``) is taken as a float, and as an int when it is a whole number (``1e3``). Every error is
-a ``ConfigError`` that names the key (``model.width``), what is allowed, and what was given.
+``field(default=1, metadata={"min": 1, "max": 8})``, ``"above": 0.0`` and ``"below": 1.0`` for
+exclusive bounds, and ``"hint"``: a sentence the range error ends with. Floats must be finite; a
+number in scientific notation that YAML 1.1 reads as a string (``1e-3``) is taken as a float, and
+as an int when it is a whole number (``1e3``). Every error is a ``ConfigError`` that names the key
+(``model.width``), what is allowed, and what was given.
 """
 
 from __future__ import annotations
@@ -119,19 +120,22 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    low, high, below = (field.metadata.get(k) for k in ("min", "max", "below"))
+    low, above, high, below = (field.metadata.get(k) for k in ("min", "above", "max", "below"))
     if (
         (low is not None and value < low)
+        or (above is not None and value <= above)
         or (high is not None and value > high)
         or (below is not None and value >= below)
     ):
         limits = (
             low is not None and f">= {low}",
+            above is not None and f"> {above}",
             high is not None and f"<= {high}",
             below is not None and f"< {below}",
         )
         bounds = " and ".join(part for part in limits if part)
-        raise ConfigError(f"config key {key!r}: must be {bounds}, got {value!r}")
+        hint = f" ({field.metadata['hint']})" if "hint" in field.metadata else ""
+        raise ConfigError(f"config key {key!r}: must be {bounds}, got {value!r}{hint}")
 
 
 def from_dict(schema: type[T], data: dict, *, prefix: str = "") -> T:
@@ -230,15 +234,34 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last, so a
+    section appended to a long config would silently replace the one above it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | pathlib.Path) -> dict:
-    """A YAML file's top-level mapping, with clear errors for a missing or malformed file."""
+    """A YAML file's top-level mapping, with clear errors for a missing, unreadable or malformed
+    file, and for a key given twice."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as UTF-8 text: {err}") from None
     if data is None:  # an empty file, or comments only: a wrong or truncated file, not "all defaults"
         raise ConfigError(f"config file {str(path)!r} is empty; write {{}} in it to run with every default")
     if not isinstance(data, dict):

@@ -292,6 +292,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+def _unresumable_changes(saved: ExperimentConfig, config: ExperimentConfig) -> str:
+    """The keys outside ``RESUMABLE_CHANGES`` that differ, as ``"key: old -> new; ..."`` ("" if none)."""
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(config))
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    )
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+
+
 def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int) -> None:
     """Raise ``ConfigError`` unless ``config`` continues the run ``saved`` started, from its
     checkpoint at ``step``, exactly as an uninterrupted run of ``config`` would.
@@ -301,14 +310,10 @@ def check_resumable(saved: ExperimentConfig, config: ExperimentConfig, step: int
     ``step`` steps already taken as they were: cosine and linear decays are spread over
     ``train.steps`` (so only their warm-up can be extended), constant and rsqrt are not.
     """
-    old, new = _flatten(to_dict(saved)), _flatten(to_dict(config))
-    changed = sorted(
-        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-    )
+    changed = _unresumable_changes(saved, config)
     if changed:
-        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(
-            f"cannot resume: the run folder was started with another config ({details}). Only "
+            f"cannot resume: the run folder was started with another config ({changed}). Only "
             f"{list(RESUMABLE_CHANGES)} may change; use a new run folder for the rest."
         )
     steps = config.train.steps
@@ -373,25 +378,38 @@ def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> i
     A run folder with a checkpoint resumes only as ``check_resumable`` allows against its
     ``config.yaml`` (so checkpoints without one are refused: nothing says what they belong to).
     One without a checkpoint has trained nothing to keep (the run failed or was stopped before its
-    first checkpoint), so a new config simply replaces the old one.
+    first checkpoint), so a new config replaces the old one, unless the run finished
+    (``result.json``) and its checkpoints were deleted since: its results are kept from another
+    config's.
     """
     run_dir = pathlib.Path(run_dir)
     _check_creatable(run_dir)
     step = latest_checkpoint(run_dir)
-    if step is None:
-        return None
     saved_path = run_dir / "config.yaml"
+    if step is None:
+        if (run_dir / "result.json").is_file() and saved_path.is_file():
+            changed = _unresumable_changes(_saved_config(saved_path), config)
+            if changed:
+                raise ConfigError(
+                    f"run folder {str(run_dir)!r} holds the results of a finished run (result.json) of "
+                    f"another config ({changed}); use a new run folder, or delete this one to replace it"
+                )
+        return None
     if not saved_path.is_file():
         raise ConfigError(
             f"run folder {str(run_dir)!r} has checkpoints (the latest of step {step}) but no config.yaml, "
             "so nothing says which config they belong to; put its config.yaml back or use a new run folder"
         )
-    try:
-        saved = load_config(ExperimentConfig, saved_path)
-    except ConfigError as err:
-        raise ConfigError(f"the run folder's saved config {str(saved_path)!r}: {err}") from None
-    check_resumable(saved, config, step)
+    check_resumable(_saved_config(saved_path), config, step)
     return step
+
+
+def _saved_config(path: pathlib.Path) -> ExperimentConfig:
+    """A run folder's ``config.yaml``, its errors naming the file."""
+    try:
+        return load_config(ExperimentConfig, path)
+    except ConfigError as err:
+        raise ConfigError(f"the run folder's saved config {str(path)!r}: {err}") from None
 
 
 def _path_name(key: Any) -> str:
@@ -618,6 +636,7 @@ def train(
     Args:
       on_step: callbacks ``fn(step, state, sums)`` after each step (``step`` counts finished steps).
     """
+    run_dir = pathlib.Path(run_dir).expanduser()
     try:
         placement = parallel.setup(
             config.parallel,
@@ -629,11 +648,11 @@ def train(
         raise ConfigError(str(err)) from None
     with placement.activate(), _sigterm_raises():
         try:
-            return _train(config, pathlib.Path(run_dir), placement, on_step)
+            return _train(config, run_dir, placement, on_step)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt as stop:  # while building, restoring or compiling: no step ran
-            checkpoint = latest_checkpoint(pathlib.Path(run_dir))
+            checkpoint = latest_checkpoint(run_dir)
             terminated = isinstance(stop, _Terminated)
             raise TrainingInterrupted(run_dir, checkpoint or 0, checkpoint, terminated=terminated) from None
 

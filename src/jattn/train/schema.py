@@ -16,6 +16,7 @@ A file holds some of these sections; everything left out takes the defaults belo
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Literal
 
@@ -133,13 +134,14 @@ class OptimizerConfig:
     weight_decay: float = _field(0.01, min=0.0)
     b1: float = _field(0.9, min=0.0, below=1.0)  # 1.0 divides by zero in Adam's bias correction
     b2: float = _field(0.98, min=0.0, below=1.0)
-    clip_norm: float | None = _field(1.0, min=0.0)
+    clip_norm: float | None = _field(1.0, above=0.0, hint="null for no clipping; 0 would zero every update")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Attributes:
-    steps: optimizer steps. batch_size: examples per step. seed: model initialisation and dropout.
+    steps: optimizer steps. batch_size: examples per step. seed: model initialisation and dropout
+      (``jax.random.key`` takes 32 bits, so larger seeds would repeat smaller ones).
     eval_every: evaluate every this many steps (and at the end). eval_batches: batches per eval.
     log_every: write training metrics every this many steps.
     checkpoint_every: save a checkpoint every this many steps (and at the end); a multiple of log_every.
@@ -148,7 +150,7 @@ class TrainConfig:
 
     steps: int = _field(1000, min=1)
     batch_size: int = _field(32, min=1)
-    seed: int = 0
+    seed: int = _field(0, min=0, max=2**32 - 1)
     eval_every: int = _field(200, min=1)
     eval_batches: int = _field(4, min=1)
     log_every: int = _field(10, min=1)
@@ -187,6 +189,9 @@ class ExperimentConfig:
 
     def __post_init__(self):
         check_folder_name("name", self.name)
+        # ``output_dir=~/runs`` on a command line reaches Python unexpanded (the shell expands a
+        # leading ~ only), and would make a folder named ~ in the working directory.
+        object.__setattr__(self, "output_dir", os.path.expanduser(self.output_dir))
 
 
 # Keys a resumed run may change: they do not affect the state or the batches of earlier steps.
