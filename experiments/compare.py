@@ -82,6 +82,15 @@ def results_table(results: list[RunResult | Diverged], *, padded: bool) -> str:
     return "\n".join(lines)
 
 
+# What ``compare`` writes next to the entries' run folders, which an entry's label may not name.
+RESULTS, LEARNING_CURVES, FINAL_ACCURACY, TIME_PER_STEP = (
+    "results.md",
+    "learning_curves.png",
+    "final_accuracy.png",
+    "time_per_step.png",
+)
+
+
 def check_entries(config: ExperimentConfig, out_dir: pathlib.Path | None = None) -> None:
     """Every ``compare`` entry's label, variant and model, and (with ``out_dir``) that its existing
     run folder can resume with this config, checked before anything is written or trained.
@@ -100,6 +109,13 @@ def check_entries(config: ExperimentConfig, out_dir: pathlib.Path | None = None)
     labels = [entry.display_name for entry in config.compare]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"config key 'compare': labels must be distinct, got {labels} (set 'label')")
+    outputs = (RESULTS, LEARNING_CURVES, FINAL_ACCURACY, TIME_PER_STEP)
+    for i, label in enumerate(labels):
+        if label in outputs:
+            raise ConfigError(
+                f"config key 'compare[{i}].label': {label!r} is a file compare writes beside the run "
+                f"folders ({', '.join(outputs)}); choose another label"
+            )
     task = build_task(config)
     for i, entry in enumerate(config.compare):
         try:
@@ -164,20 +180,18 @@ def compare(config: ExperimentConfig, out_dir: pathlib.Path, command: str) -> li
         "",
         table,
         "",
-        "![learning curves](learning_curves.png) ![final accuracy](final_accuracy.png) "
-        "![time per step](time_per_step.png)",
+        f"![learning curves]({LEARNING_CURVES}) ![final accuracy]({FINAL_ACCURACY}) "
+        f"![time per step]({TIME_PER_STEP})",
         "",
     ]
-    (out_dir / "results.md").write_text("\n".join(header))
-    plot_learning_curves(curves, "accuracy", out_dir / "learning_curves.png")
+    (out_dir / RESULTS).write_text("\n".join(header))
+    plot_learning_curves(curves, "accuracy", out_dir / LEARNING_CURVES)
     plot_bars(
         {r.variant: r.final_eval["accuracy"] for r in finished},
         "final eval accuracy",
-        out_dir / "final_accuracy.png",
+        out_dir / FINAL_ACCURACY,
     )
-    plot_bars(
-        {r.variant: ms_per_step(r) for r in finished}, "ms per train step", out_dir / "time_per_step.png"
-    )
+    plot_bars({r.variant: ms_per_step(r) for r in finished}, "ms per train step", out_dir / TIME_PER_STEP)
     print(table)
     return results
 

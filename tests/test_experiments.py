@@ -126,6 +126,11 @@ def test_compare_checks_run_folders_and_labels_before_training_any(tmp_path, cap
         entries = f"compare=[{{variant: full}}, {{variant: local, options: {{window: 2}}, label: '{label}'}}]"
         assert compare.main([tiny, entries, "--out", str(tmp_path / "labels")]) == 2
         assert f"compare[1].label {label!r} names a run folder" in capsys.readouterr().err
+    # A run folder named as one of compare's own outputs failed only after every entry trained.
+    entries = "compare=[{variant: full}, {variant: local, options: {window: 2}, label: results.md}]"
+    assert compare.main([tiny, entries, "--out", str(tmp_path / "labels")]) == 2
+    err = capsys.readouterr().err
+    assert "'compare[1].label': 'results.md' is a file compare writes beside the run folders" in err
     assert not (tmp_path / "labels").exists()
 
 
