@@ -803,6 +803,17 @@ def test_a_leading_tilde_in_out_dir_is_the_home_folder(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.startswith(f"error: scaling config: out_dir='{tmp_path}/afile/sub' cannot")
 
 
+def test_a_csv_that_is_not_a_sweeps_is_refused_before_measuring(tmp_path, capsys):
+    """Rows appended under another header lost their columns: the sweep measured, and discarded."""
+    (tmp_path / "scaling.csv").write_text("hello,world\n1,2\n")
+    cfg = REPO / "configs" / "scaling" / "cpu.yaml"
+    assert script_main()([str(cfg), f"out_dir={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert "scaling.csv is not a scaling sweep's CSV: its header lacks ['level', 'name'" in err
+    assert "measurements to run" not in out
+    assert (tmp_path / "scaling.csv").read_text() == "hello,world\n1,2\n"
+
+
 def test_command_line_checks_the_setup_before_counting(tmp_path, capsys):
     cfg = REPO / "configs" / "scaling" / "cpu.yaml"
     setup = scaling.load_config(cfg).setup("op") | {"head_dim": "8"}

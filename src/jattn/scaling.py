@@ -952,12 +952,26 @@ def _check_resumable(rows: Iterable[Mapping[str, Any]], config: ScalingConfig, p
             )
 
 
+def _check_header(path: Path) -> None:
+    """Refuse a CSV whose header lacks the columns that say which measurement a row is (a file
+    that is not a sweep's): every row appended to it would lose them, and the sweep with them."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    missing = [key for key in (*_ID_FIELDS, "status") if key not in _header(path)]
+    if missing:
+        raise config_lib.ConfigError(
+            f"{path} is not a scaling sweep's CSV: its header lacks {missing}; set resume=false to "
+            "replace it, or choose another out_dir"
+        )
+
+
 def sweep_rows(config: ScalingConfig) -> list[dict[str, Any]]:
     """The rows of ``out_dir/scaling.csv`` that a sweep of ``config`` keeps: none with ``resume=false``.
     Raises ``ConfigError`` if they are of another setup."""
     if not config.resume:
         return []
     path = Path(config.out_dir) / "scaling.csv"
+    _check_header(path)
     rows = read_rows(path)
     _check_resumable(rows, config, path)
     return rows
