@@ -75,9 +75,16 @@ def test_listops_rejects_a_min_len_longer_than_any_expression():
     assert (batch["lengths"] == 10).all()
 
 
-def test_listops_gives_up_on_lengths_too_rare_to_draw(monkeypatch):
-    monkeypatch.setattr(lo, "_MAX_DRAWS", 50)
+def test_listops_refuses_lengths_too_rare_to_draw_when_built(monkeypatch):
+    """A range drawn 5 times in 10000 passed, and a run stopped at the first example that ran out of
+    draws (and again on every resume)."""
+    for options in ({"max_depth": 4, "max_args": 10, "min_len": 140, "max_len": 200}, {"min_len": 122}):
+        with pytest.raises(ValueError, match=r"only \d of 10000 ListOps expressions .* fewer than 20"):
+            ListOps(**{"max_depth": 3, "max_args": 10, "max_len": 122, **options})
+    # An example still gives up by name, should a long run draw badly.
+    monkeypatch.setattr(lo, "_MIN_IN_RANGE", 0)
     task = ListOps(min_len=122, max_len=122, max_depth=3, max_args=10)  # reachable, p ~ 1e-17
+    monkeypatch.setattr(lo, "_MAX_DRAWS", 50)
     with pytest.raises(ValueError, match="in 50 draws .*use a smaller min_len"):
         task.batch("train", 0, 1)
 

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from jattn.data import listops as listops_module
 from jattn.train import (
     ConfigError,
     ExperimentConfig,
@@ -406,6 +407,17 @@ def test_evaluation_time_is_not_training_time(tmp_path, monkeypatch):
     # One window of 4 steps (the first untimed) and 4 clock seconds; the evaluation at step 2, in
     # the middle of the window, stays out.
     assert result.steps_per_s == pytest.approx(3 / 4)
+
+
+def test_a_task_that_cannot_make_a_batch_is_a_config_error_before_training(monkeypatch):
+    """A ListOps draw that ran out raised its ValueError as a traceback, not a config error."""
+    config = _tiny("task.name=listops", "task.options={min_len: 20, max_len: 60}")
+    task = build_task(config)
+    monkeypatch.setattr(listops_module, "_MAX_DRAWS", 0)
+    with pytest.raises(
+        ConfigError, match=r"config key 'task.options' \(task 'listops'\): no ListOps expression"
+    ):
+        check_model(config, task)
 
 
 def test_a_leading_tilde_in_run_folders_is_the_home_folder(tmp_path, monkeypatch):

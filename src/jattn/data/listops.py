@@ -26,6 +26,9 @@ TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
 NUM_CLASSES = 10
 _LEAF_PROBABILITY = 0.75
 _MAX_DRAWS = 10_000  # expressions ``ListOps.example`` draws before it gives up (LRA's settings: ~11)
+# Of _MAX_DRAWS draws, at least this many must fall in the length range when the task is built
+# (1 in 500): rarer lengths would exhaust an example's draws somewhere in a long run.
+_MIN_IN_RANGE = 20
 
 
 class _TooLong(Exception):
@@ -129,6 +132,26 @@ class ListOps:
                 f"max_args={self.max_args}, got min_len={self.min_len}; lower min_len or raise max_depth "
                 "or max_args"
             )
+        self._check_lengths_are_drawn_often_enough()
+
+    def _check_lengths_are_drawn_often_enough(self) -> None:
+        rng = np.random.default_rng(0)
+        in_range = 0
+        for _ in range(_MAX_DRAWS):
+            tokens: list[str] = []
+            try:
+                _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
+            except _TooLong:
+                continue
+            in_range += self.min_len <= len(tokens) <= self.max_len
+            if in_range == _MIN_IN_RANGE:
+                return
+        raise ValueError(
+            f"only {in_range} of {_MAX_DRAWS} ListOps expressions (max_depth={self.max_depth}, "
+            f"max_args={self.max_args}) have min_len={self.min_len} to max_len={self.max_len} tokens, "
+            f"fewer than {_MIN_IN_RANGE}: a long run would run out of draws for some example; lower "
+            "min_len, or raise max_len or max_depth"
+        )
 
     @property
     def spec(self) -> TaskSpec:

@@ -115,7 +115,10 @@ def check_model(config: ExperimentConfig, task: Task, attention_key: str = "atte
         ``<attention_key>.variant``, with the attention's own reason; or naming ``model`` and
         ``<attention_key>`` for any other ``ValueError`` the model raises.
     """
-    batch = task.batch("train", 0, config.train.batch_size)
+    try:
+        batch = task.batch("train", 0, config.train.batch_size)
+    except ValueError as err:  # a task whose options pass its own checks yet cannot make a batch
+        raise ConfigError(f"config key 'task.options' (task {config.task.name!r}): {err}") from None
 
     def logits():
         return apply_model(
