@@ -125,7 +125,7 @@ def check_entries(config: ExperimentConfig, out_dir: pathlib.Path | None = None)
         check_model(with_attention(config, entry), task, attention_key=f"compare[{i}]")
         if out_dir is not None:
             try:
-                check_run_folder(with_attention(config, entry), out_dir / entry.display_name)
+                check_run_folder(with_attention(config, entry), out_dir / entry.display_name, task)
             except ConfigError as err:
                 raise ConfigError(f"compare[{i}] ({entry.display_name!r}): {err}") from None
 

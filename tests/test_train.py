@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from jattn.data import listops as listops_module
+from jattn.data.text import load_text
 from jattn.train import (
     ConfigError,
     ExperimentConfig,
@@ -34,7 +35,7 @@ from jattn.train import build as build_module
 from jattn.train import loop as loop_module
 from jattn.train.build import build_model, check_model, learning_rate_schedule
 from jattn.train.config import apply_overrides, save_config
-from jattn.train.loop import check_resumable, load_run
+from jattn.train.loop import check_resumable, check_run_folder, load_run
 from jattn.train.schema import OptimizerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -407,6 +408,30 @@ def test_evaluation_time_is_not_training_time(tmp_path, monkeypatch):
     # One window of 4 steps (the first untimed) and 4 clock seconds; the evaluation at step 2, in
     # the middle of the window, stays out.
     assert result.steps_per_s == pytest.approx(3 / 4)
+
+
+def test_a_resume_on_an_edited_text_file_is_refused(tmp_path):
+    """The config names the file, not what it holds: a resume after an edit trained its remaining
+    steps on other text, and reported them as one run."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    config = _tiny(
+        "task.name=text", f"task.options={{text: {corpus}, seq_len: 16}}", "optimizer.schedule=constant"
+    )
+    run_dir = tmp_path / "run"
+    train(config, run_dir)
+    longer = _tiny(
+        "task.name=text",
+        f"task.options={{text: {corpus}, seq_len: 16}}",
+        "optimizer.schedule=constant",
+        "train.steps=5",
+    )
+    task = build_task(longer)
+    assert check_run_folder(longer, run_dir, task) == 3  # the same text: resumes
+    corpus.write_text("the quick brown fox jumps over the lazy dog! " * 8)  # same characters
+    load_text.cache_clear()  # as a new process reads it
+    with pytest.raises(ConfigError, match=r"started on other data than task.options give now \(sha256:"):
+        check_run_folder(longer, run_dir, build_task(longer))
 
 
 def test_a_task_that_cannot_make_a_batch_is_a_config_error_before_training(monkeypatch):

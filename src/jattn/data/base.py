@@ -50,6 +50,14 @@ class Task(Protocol):
         ...
 
 
+def data_fingerprint(task: Task) -> str | None:
+    """What a task's batches are drawn from beyond its config, so a resumed run can check they did
+    not change: a task reading a file defines ``fingerprint()`` (a hash of the text); one generated
+    from its seed has none, its config saying it all."""
+    fingerprint = getattr(task, "fingerprint", None)
+    return None if fingerprint is None else fingerprint()
+
+
 def batch_rng(seed: int, split: str, index: int, batch_size: int) -> np.random.Generator:
     """The generator for one batch of ``batch_size`` examples: independent streams per
     (seed, split, index). Every ``Task.batch`` starts here, so its arguments are checked here."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import pathlib
 
 import numpy as np
@@ -55,6 +56,11 @@ class CharLM:
                     f"the {name} split of {self.text!r} has {len(part)} characters, fewer than seq_len + 1 = "
                     f"{self.seq_len + 1}; use a longer text or a shorter seq_len"
                 )
+
+    def fingerprint(self) -> str:
+        """The SHA-256 of the text (``data.data_fingerprint``): a file edited, or the ``pydoc_data``
+        topics of another Python release, draw other batches from the same config."""
+        return "sha256:" + hashlib.sha256(load_text(self.text).encode("utf-8")).hexdigest()
 
     @functools.cached_property
     def vocabulary(self) -> str:

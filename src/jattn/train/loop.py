@@ -8,6 +8,7 @@
     run_dir/checkpoints/<step> Orbax checkpoints of {"step", "params", "opt_state"}
     run_dir/result.json        final metrics, speed, memory, parameter count
     run_dir/summary.md         the same as a table
+    run_dir/data.json          for a task read from a file (text): the hash a resume checks
 
 ``train_step(state, batch) -> (state, metrics)`` is a pure function of its arguments (the PRNG key
 for dropout is ``fold_in(seed, step)``) and every batch is a pure function of (data seed, step),
@@ -41,7 +42,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jattn.data import TaskSpec
+from jattn.data import Task, TaskSpec
+from jattn.data.base import data_fingerprint
 from jattn.nn import param_count
 from jattn.parallel import training as parallel
 from jattn.train.build import (
@@ -371,12 +373,15 @@ def _check_creatable(run_dir: pathlib.Path) -> None:
         raise ConfigError(f"{what} cannot be written: {str(existing)!r} is not writable")
 
 
-def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> int | None:
-    """Raise ``ConfigError`` unless ``config`` may run in ``run_dir``; return the step of its latest
-    checkpoint (None: none). Writes nothing (``experiments/compare.py`` checks every entry first).
+def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path, task: Task) -> int | None:
+    """Raise ``ConfigError`` unless ``config`` (with ``task``, built from it) may run in ``run_dir``;
+    return the step of its latest checkpoint (None: none). Writes nothing (``experiments/compare.py``
+    checks every entry first).
 
     A run folder with a checkpoint resumes only as ``check_resumable`` allows against its
-    ``config.yaml`` (so checkpoints without one are refused: nothing says what they belong to).
+    ``config.yaml`` (so checkpoints without one are refused: nothing says what they belong to), and
+    only on the data it started with (``data.json``: a text file edited since, or Python's
+    ``pydoc_data`` of another release, would train the remaining steps on other text).
     One without a checkpoint has trained nothing to keep (the run failed or was stopped before its
     first checkpoint), so a new config replaces the old one, unless the run finished
     (``result.json``) and its checkpoints were deleted since: its results are kept from another
@@ -401,7 +406,31 @@ def check_run_folder(config: ExperimentConfig, run_dir: str | pathlib.Path) -> i
             "so nothing says which config they belong to; put its config.yaml back or use a new run folder"
         )
     check_resumable(_saved_config(saved_path), config, step)
+    _check_same_data(run_dir, task)
     return step
+
+
+DATA_FILE = "data.json"
+
+
+def _check_same_data(run_dir: pathlib.Path, task: Task) -> None:
+    path = run_dir / DATA_FILE
+    if not path.is_file():  # a task generated from its seed, or a folder begun before data.json
+        return
+    started_on = json.loads(path.read_text()).get("fingerprint")
+    now = data_fingerprint(task)
+    if started_on != now:
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} started on other data than task.options give now ({started_on} "
+            f"then, {now} now): a resume would train its remaining steps on other data. Restore the data "
+            "(a text file edited since, or another Python's pydoc_data) or use a new run folder"
+        )
+
+
+def _save_data_fingerprint(run_dir: pathlib.Path, task: Task) -> None:
+    fingerprint = data_fingerprint(task)
+    if fingerprint is not None:
+        (run_dir / DATA_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
 def _saved_config(path: pathlib.Path) -> ExperimentConfig:
@@ -670,12 +699,13 @@ def _train(
     fns = ModelFunctions.from_model(model, task.spec)
     tx = build_optimizer(config.optimizer, tc.steps)
     state = placement.place_state(init_state(fns, tx))
-    latest = check_run_folder(config, run_dir)
+    latest = check_run_folder(config, run_dir, task)
     with _checkpoint_manager(run_dir) as manager:
         _drop_old_checkpoints(manager)  # ones an earlier process was stopped before deleting
         if latest is not None:
             state = _restore(manager, state, latest, run_dir)
         save_config(config, run_dir / "config.yaml")  # after the restore: a refused one keeps the old
+        _save_data_fingerprint(run_dir, task)
         last_saved = latest
         start = int(state["step"])
         finished = _finished_result(run_dir, start) if start == tc.steps else None
