@@ -352,6 +352,36 @@ class AttentionSuite:
             most_negative = jnp.asarray(np.where(allowed_pairs, 0.0, np.finfo(np.float32).min), jnp.float32)
             self.check_against_oracle(q, k, v, d_out, mask=mask, bias=most_negative, dtype="bfloat16")
 
+    def test_a_large_finite_additive_mask_matches_xla(self):
+        """T5X-style padding, -1e9 to -1e30 added to padded rows and keys: a padded row's logits are
+        all near that value and round alike, so it attends uniformly; finite masks are not masks to
+        the oracle, and float32 cannot hold their digits, so the peer is XLA at the same dtype. The
+        loss reads valid rows only, as a padded batch's does."""
+        if not self.supports_bias:
+            pytest.skip(f"{self.implementation} takes no bias")
+        rng = np.random.default_rng(10)
+        valid = np.arange(16) < 12
+        mask = MASK_CASES[self.supported_masks[0]](rng, (2,), 16, 16)
+        for dtype in [d for d in ("float32", "float16") if d in self.dtypes]:
+            q, k, v, d_out = make_inputs(rng, (2,), 16, 16, 1, 1, 16, 16, jnp.dtype(dtype))
+            d_out = d_out * valid[:, None, None]
+            for value in (-1e9, -1e30):
+                bias = jnp.asarray(np.where(valid[:, None] & valid[None, :], 0.0, value), jnp.float32)
+
+                def loss(q, k, v, implementation, bias=bias):
+                    out = jattn.attention(q, k, v, mask=mask, bias=bias, implementation=implementation)
+                    return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+                grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+                (_, got), got_grads = grad(q, k, v, self.implementation)
+                (_, want), want_grads = grad(q, k, v, "xla")
+                tol = TOLERANCES[dtype][1]
+                pairs = zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads), strict=True)
+                for name, a, b in pairs:
+                    np.testing.assert_allclose(
+                        as64(a), as64(b), atol=tol, rtol=tol, err_msg=f"{value}: {name}"
+                    )
+
     def test_matches_jax_nn_dot_product_attention(self):
         rng = np.random.default_rng(6)
         q, k, v, _ = make_inputs(rng, (2,), 40, 40, 4, 2, 16, 16, jnp.float32)

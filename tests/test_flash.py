@@ -34,6 +34,18 @@ class TestFlashSuite(AttentionSuite):
     max_examples = 4
 
 
+@pytest.mark.parametrize("value", [-1e10, -1e20])
+def test_a_row_at_a_large_finite_mask_value_is_uniform_not_nan(value):
+    """The fused exponent ``2 ** (s·log2 e - m·log2 e)`` rounded ``s·log2 e`` at the magnitude of s:
+    where every logit of a row is -1e10 (an additive padding mask), s == m gave an exponent near
+    +800, p inf and the row NaN. In float32 such a row's logits are equal: it averages v."""
+    rng = np.random.default_rng(11)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 16, 1, 16)), jnp.float32) for _ in range(3))
+    bias = jnp.full((16, 16), value, jnp.float32)
+    out = jattn.attention(q, k, v, bias=bias, implementation="flash")
+    np.testing.assert_allclose(out, jnp.broadcast_to(v.mean(1, keepdims=True), out.shape), atol=1e-5)
+
+
 def check(q, k, v, d_out, *, mask=None, bias=None, softcap=None, atol=2e-5, **kernel_kwargs):
     """Forward and all gradients of the kernel against the float64 oracle."""
 

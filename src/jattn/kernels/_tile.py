@@ -32,12 +32,15 @@ def exp(x):
 
 
 def exp_of_difference(s, row):
-    """``e ** (s - row)`` as ``2 ** (s · log2 e - row · log2 e)``: the row term (a running max or
-    log-sum-exp, one per row or column) is scaled once, so each score costs one FFMA and one
-    ``ex2`` instead of a subtraction, a multiply and the ``ex2``. It is clamped to a finite value:
-    ``MASK_VALUE · log2 e`` overflows float32, and ``-inf - -inf`` would be NaN."""
-    row = jnp.maximum(row * LOG2_E, jnp.finfo(jnp.float32).min)
-    return jnp.exp2(s * LOG2_E - row)
+    """``e ** (s - row)`` for a score ``s`` and its row's running max or log-sum-exp (``row >= s``
+    where ``s`` is not masked; a masked ``s`` is MASK_VALUE or -inf, and the caller zeroes it).
+
+    The difference is taken before the scaling by ``log2 e``. FlashAttention's fused form
+    ``2 ** (s · log2 e - row · log2 e)``, one FFMA, rounds ``s · log2 e`` at the magnitude of
+    ``s``: at a large finite additive mask (-1e10, T5X's) the exponent of ``s == row`` came out
+    near +800 instead of 0, ``p`` was inf and the row NaN, and logits of 1e4-1e5 lost digits. The
+    subtraction costs an FADD per score on the FMA pipe, not on the ``ex2`` unit that bounds it."""
+    return jnp.exp2((s - row) * LOG2_E)
 
 
 def evaluate_formula(formula, q_pos, kv_pos, q_vectors, kv_vectors, table_tile):
