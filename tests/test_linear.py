@@ -53,6 +53,18 @@ def check_performer(q, k, v, d_out, *, key, num_features, causal, orthogonal=Tru
     )
 
 
+def check_linear_attention(q, k, v, d_out, **kwargs):
+    """``jattn.linear_attention`` against its float64 oracle, forward and gradients."""
+    check(
+        lambda q, k, v: jattn.linear_attention(q, k, v, **kwargs),
+        (q, k, v),
+        d_out,
+        reference.linear_attention_reference(q, k, v, **kwargs),
+        reference.linear_attention_vjp_reference(q, k, v, d_out, **kwargs),
+        "qkv",
+    )
+
+
 @settings(max_examples=4, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -62,15 +74,7 @@ def check_performer(q, k, v, d_out, *, key, num_features, causal, orthogonal=Tru
 )
 def test_linear_attention_matches_oracle(seed, causal, feature_map, length):
     _, q, k, v, d_out = inputs(seed, q_len=length, kv_len=length)
-    kwargs = {"feature_map": feature_map, "causal": causal}
-    check(
-        lambda q, k, v: jattn.linear_attention(q, k, v, **kwargs),
-        (q, k, v),
-        d_out,
-        reference.linear_attention_reference(q, k, v, **kwargs),
-        reference.linear_attention_vjp_reference(q, k, v, d_out, **kwargs),
-        "qkv",
-    )
+    check_linear_attention(q, k, v, d_out, feature_map=feature_map, causal=causal)
 
 
 @pytest.mark.parametrize("causal, orthogonal", [(False, True), (True, False)])
@@ -114,16 +118,7 @@ def test_elu_features_of_very_negative_activations_keep_their_weight(causal):
     """elu(x) + 1 = exp(x) for x < 0, which float32 holds down to x of about -87; computed as
     elu(x) + 1 it rounded to 0 below about -17, and every row returned zeros."""
     _, q, k, v, d_out = inputs(3, q_len=20, kv_len=20)
-    q, k = q - 30.0, k - 30.0
-    kwargs = {"feature_map": "elu+1", "causal": causal}
-    check(
-        lambda q, k, v: jattn.linear_attention(q, k, v, **kwargs),
-        (q, k, v),
-        d_out,
-        reference.linear_attention_reference(q, k, v, **kwargs),
-        reference.linear_attention_vjp_reference(q, k, v, d_out, **kwargs),
-        "qkv",
-    )
+    check_linear_attention(q - 30.0, k - 30.0, v, d_out, feature_map="elu+1", causal=causal)
 
 
 def test_performer_error_shrinks_with_more_features():
