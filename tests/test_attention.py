@@ -242,6 +242,7 @@ def test_submodules_are_reached_from_the_package_on_first_use():
         "assert callable(jattn.nn.MultiHeadAttention) and callable(jattn.train.load_run)\n"
         "assert callable(jattn.viz.plot_mask) and callable(jattn.maps.attention_weights)\n"
         "assert {'nn', 'train', 'scaling', 'data', 'parallel', 'flops'} <= set(dir(jattn))\n"
+        "assert 'importlib' not in dir(jattn)\n"
         "try:\n"
         "    jattn.no_such_thing\n"
         "except AttributeError as err:\n"

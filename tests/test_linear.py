@@ -335,6 +335,8 @@ def test_bad_input_names_the_argument():
         get_variant("linformer", projected_len=64, max_len=32)
     with pytest.raises(TypeError, match="orthogonal must be True or False"):
         get_variant("performer", orthogonal="no")
+    with pytest.raises(ValueError, match='stabilizer must be "row" or "all", got \'rows\''):
+        linear.positive_random_features(q[0, :, 0], jnp.ones((4, 8)), scale=1.0, stabilizer="rows")
 
 
 def test_scale_may_be_a_jax_scalar_and_static_arguments_are_checked_by_name():
