@@ -13,6 +13,7 @@ brackets, which left the task ambiguous).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -134,18 +135,22 @@ class ListOps:
             )
         self._check_lengths_are_drawn_often_enough()
 
-    def _check_lengths_are_drawn_often_enough(self) -> None:
-        rng = np.random.default_rng(0)
-        in_range = 0
+    def _in_range_draws(self, rng: np.random.Generator):
+        """(tokens, value) of each of ``_MAX_DRAWS`` draws whose length is in range."""
         for _ in range(_MAX_DRAWS):
             tokens: list[str] = []
             try:
-                _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
+                value = _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
             except _TooLong:
                 continue
-            in_range += self.min_len <= len(tokens) <= self.max_len
-            if in_range == _MIN_IN_RANGE:
-                return
+            if self.min_len <= len(tokens) <= self.max_len:
+                yield tokens, value
+
+    def _check_lengths_are_drawn_often_enough(self) -> None:
+        draws = self._in_range_draws(np.random.default_rng(0))
+        in_range = sum(1 for _ in itertools.islice(draws, _MIN_IN_RANGE))  # stops at the bound
+        if in_range == _MIN_IN_RANGE:
+            return
         raise ValueError(
             f"only {in_range} of {_MAX_DRAWS} ListOps expressions (max_depth={self.max_depth}, "
             f"max_args={self.max_args}) have min_len={self.min_len} to max_len={self.max_len} tokens, "
@@ -163,14 +168,9 @@ class ListOps:
         Raises:
           ValueError: none of ``_MAX_DRAWS`` draws had a length in range (too rare to draw).
         """
-        for _ in range(_MAX_DRAWS):
-            tokens: list[str] = []
-            try:
-                value = _draw(rng, 1, self.max_depth, self.max_args, tokens, self.max_len + 1)
-            except _TooLong:
-                continue
-            if self.min_len <= len(tokens) <= self.max_len:
-                return tokens, value
+        drawn = next(self._in_range_draws(rng), None)
+        if drawn is not None:
+            return drawn
         raise ValueError(
             f"no ListOps expression of min_len={self.min_len} to max_len={self.max_len} tokens in "
             f"{_MAX_DRAWS} draws (max_depth={self.max_depth}, max_args={self.max_args}): such lengths "
