@@ -5,8 +5,9 @@ scores. Queries are cut into blocks; each query block gathers the key/value posi
 into a ``[C]`` list (C much smaller than S) and runs the dense per-head math of
 ``dense.dense_attention_one_head`` on that ``[block, C]`` tile, with the mask evaluated elementwise
 on the gathered positions. Query blocks run a bounded group at a time, and the backward pass
-recomputes each group (autodiff through the gather: a scatter-add into dk, dv), so time and memory
-grow linearly with the number of gathered tiles, forward and backward.
+recomputes each group (autodiff through the gather: a scatter-add into dk, dv, in float32 for
+16-bit inputs), so time and memory grow linearly with the number of gathered tiles, forward and
+backward.
 
 * ``"banded"`` (sliding-window masks, Beltagy et al. 2020 Longformer): the mask must lie inside a
   band ``t - left <= s <= t + right`` plus global tokens. Query block ``i`` takes the contiguous key
@@ -73,8 +74,8 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, sca
     """Attention of query blocks over per-block lists of key positions, for one head.
 
     Args:
-      q: ``[T, H]``. k: ``[S, H]``. v: ``[S, Hv]``. mask: per-head mask or None.
-      bias: ``[T|1, S|1]`` or None.
+      q: ``[T, H]``. k: ``[S, H]``. v: ``[S, Hv]``: float32 for a 16-bit q (see ``_per_head``).
+      mask: per-head mask or None. bias: ``[T|1, S|1]`` or None.
       q_pos: int ``[R, bq]`` query positions of each block (may run past T).
       kv_pos: int ``[R, C]`` key positions each block gathers (may run past S or below 0).
       kv_valid: bool ``[R, C]``: slots that hold a real key position listed once.
@@ -101,9 +102,10 @@ def _attend_gathered(q, k, v, mask, bias, q_pos, kv_pos, kv_valid, *, heads, sca
             rows = q_idx[:, None] if bias.shape[0] > 1 else jnp.zeros((1, 1), jnp.int32)
             cols = kv_idx[None, :] if bias.shape[1] > 1 else jnp.zeros((1, 1), jnp.int32)
             tile_bias = bias[rows, cols]  # [bq|1, C|1]
+        k_tile, v_tile = k[kv_idx].astype(q.dtype), v[kv_idx].astype(q.dtype)
         return dense_attention_one_head(
-            q[q_idx], k[kv_idx], v[kv_idx], allowed, tile_bias, scale=scale, softcap=softcap
-        )  # [bq, Hv]
+            q[q_idx], k_tile, v_tile, allowed, tile_bias, scale=scale, softcap=softcap
+        )
 
     rows_per_step = _rows_per_step(heads, q_pos.shape[1] * kv_pos.shape[1])
     if q_pos.shape[0] <= rows_per_step:
@@ -129,15 +131,21 @@ def _set_rows(out, rows: np.ndarray, values):
 
 def _per_head(problem: Problem, attend_one_head):
     """vmap ``attend_one_head(q [T, H], k [S, H], v [S, Hv], mask, bias, *, heads, scale, softcap)
-    -> [T, Hv]`` over the batch and heads."""
+    -> [T, Hv]`` over the batch and heads.
+
+    16-bit keys and values reach ``attend_one_head`` in float32 (each gathered tile is cast back),
+    so that their gradients, scatter-added over every tile that gathered a key, sum in float32.
+    """
     heads = problem.q.shape[0] * problem.num_heads
+    wide = jnp.promote_types(problem.dtype, jnp.float32)
     cfg = {"heads": heads, "scale": problem.scale, "softcap": problem.softcap}
 
     def per_head(q_h, k_h, v_h, ops):
         mask_h, bias_h = ops
         return attend_one_head(q_h, k_h, v_h, mask_h, bias_h, **cfg)
 
-    return vmap_over_heads(per_head, problem.q, problem.k, problem.v, (problem.mask, problem.bias))
+    k, v = problem.k.astype(wide), problem.v.astype(wide)
+    return vmap_over_heads(per_head, problem.q, k, v, (problem.mask, problem.bias))
 
 
 # ---------------------------------------------------------------------------------------------
