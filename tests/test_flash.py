@@ -191,6 +191,22 @@ def test_second_derivatives_raise_a_clear_error_and_first_derivatives_still_work
         jax.hessian(loss)(q, k, v)
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [masks.bigbird(64), masks.bigbird(64) & masks.padding(np.array([4000]))],
+    ids=["bigbird", "bigbird&padding"],
+)
+def test_a_table_mask_is_evaluated_on_its_partial_tiles_only(mask):
+    """A mask the kernel cannot compute from positions reaches it as a table of its P partial tiles,
+    evaluated in the program: neither a constant of P·bq·bkv entries (7 MiB of program text for
+    BigBird at 4096, 31 MiB at 16384, where tracing took 7 s) nor, with padding, the dense
+    ``[T, S]`` mask."""
+    x = jax.ShapeDtypeStruct((1, 4096, 1, 64), jnp.float32)
+    text = jax.jit(lambda q, k, v: jattn.flash_attention(q, k, v, mask=mask)).lower(x, x, x).as_text()
+    assert "4096x4096" not in text
+    assert len(text) < 2**20
+
+
 def test_table_masks_may_look_positions_up_in_data_of_the_true_lengths():
     """A ``from_fn`` mask indexing a ``[T, S]`` table is evaluated at true positions only: padding
     to whole tiles (T, S not multiples of the block) must not index past the table."""

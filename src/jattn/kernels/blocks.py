@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +25,6 @@ from jattn.kernels._config import HEADER, entries_per_row, row_length
 
 # Position-only masks whose ``_allowed`` uses only comparisons, so Triton and Mosaic lower it.
 IN_KERNEL_POSITION_MASKS = (masks_lib.Full, masks_lib.SlidingWindow, masks_lib.PrefixLM)
-_ELEMENTS_PER_EVAL = 1 << 22  # mask entries evaluated per call when a table is built in NumPy
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -186,44 +186,22 @@ def mask_formula(mask: masks_lib.Mask | None, q_len: int, kv_len: int):
     return formula, as_int(vectors.q), as_int(vectors.kv)
 
 
-def _positions(padded: int, length: int, xp):
-    """``xp.arange(padded)`` with the padding at position ``length - 1``: a mask may look positions
-    up in data of the true length (as ``masks._layout_from_predicate`` evaluates it). The kernels
-    exclude keys past ``kv_len`` and the wrapper drops padded query rows, so their bits are unused."""
-    return xp.minimum(xp.arange(padded), length - 1)
-
-
-def tile_table(mask: masks_lib.Mask, schedule: Schedule, q_len: int, kv_len: int):
+def tile_table(mask, schedule: Schedule, q_len: int, kv_len: int):
     """The mask on the schedule's partial tiles: int8 ``[B|1, N|1, P, bq, bkv]`` (P >= 1).
 
-    Position-only masks are evaluated in NumPy one band of q tiles at a time (the table is a
-    compile-time constant); data-dependent masks (boolean arrays) from their dense form, which
-    they hold anyway.
+    ``mask`` is anything with ``tile(q_idx [bq], kv_idx [bkv]) -> bool [..., bq, bkv]`` (a canonical
+    ``jattn.masks.Mask``, whose leading dims are ``[B|1, N|1]``). It is evaluated on the P partial
+    tiles only, vmapped over them inside the traced computation: P·bq·bkv entries per batch element
+    and head, never the ``[T, S]`` matrix, and no constant baked into the program. Positions past
+    the end read as the last one, so a mask may look them up in data of the true length (as
+    ``masks._layout_from_predicate`` evaluates it); the kernels exclude keys past ``kv_len`` and
+    the wrapper drops padded query rows, so those bits are unused.
     """
     bq, bkv = schedule.block_q, schedule.block_kv
-    partial = schedule.partial_tiles
-    if len(partial) == 0:
+    partial = jnp.asarray(schedule.partial_tiles)  # [P, 2]
+    if partial.shape[0] == 0:
         return jnp.zeros((1, 1, 1, bq, bkv), jnp.int8)
-    q_padded, kv_padded = schedule.num_q_blocks * bq, schedule.num_kv_blocks * bkv
-    if mask.position_only:
-        tiles = np.empty((len(partial), bq, bkv), np.int8)
-        q_pos = _positions(q_padded, q_len, np).reshape(-1, bq)  # [nq, bq]
-        kv_idx = _positions(kv_padded, kv_len, np)
-        bands = np.unique(partial[:, 0])
-        per_eval = max(1, _ELEMENTS_PER_EVAL // (bq * kv_padded))  # q tiles evaluated per call
-        for start in range(0, len(bands), per_eval):
-            chunk = bands[start : start + per_eval]
-            q_idx = q_pos[chunk].reshape(-1)
-            allowed = masks_lib.evaluate_in_numpy(mask.tile, q_idx, kv_idx).reshape(
-                len(chunk), bq, -1, bkv
-            )  # [c, bq, nk, bkv]
-            rows = np.flatnonzero(np.isin(partial[:, 0], chunk))
-            band_of_row = np.searchsorted(chunk, partial[rows, 0])
-            tiles[rows] = allowed[band_of_row, :, partial[rows, 1]]
-        return jnp.asarray(tiles[None, None])
-    q_idx, kv_idx = _positions(q_padded, q_len, jnp), _positions(kv_padded, kv_len, jnp)
-    dense = mask.tile(q_idx, kv_idx)  # [B|1, N|1, T', S']
-    dense = jnp.broadcast_to(dense, (*dense.shape[:-2], q_padded, kv_padded))
-    dense = dense.reshape(*dense.shape[:-2], q_padded // bq, bq, kv_padded // bkv, bkv)
-    picked = dense[..., partial[:, 0], :, partial[:, 1], :]  # [P, B|1, N|1, bq, bkv]
-    return jnp.moveaxis(picked, 0, -3).astype(jnp.int8)
+    q_idx = jnp.minimum(partial[:, :1] * bq + jnp.arange(bq), q_len - 1)  # [P, bq]
+    kv_idx = jnp.minimum(partial[:, 1:] * bkv + jnp.arange(bkv), kv_len - 1)  # [P, bkv]
+    tiles = jax.vmap(mask.tile, out_axes=-3)(q_idx, kv_idx)  # [..., P, bq, bkv]
+    return tiles.reshape((1,) * (5 - tiles.ndim) + tiles.shape).astype(jnp.int8)

@@ -469,10 +469,7 @@ def _one_head_call(q, k, v, mask, plan, scale, softcap, interpret):
     bq, bkv = plan.block_q, plan.block_kv
     table, formula = None, None
     if mask is not None and len(schedule.partial_tiles):
-        tiles = schedule.partial_tiles  # [P, 2]
-        q_idx = jnp.asarray(tiles[:, :1] * bq + np.arange(bq))  # [P, bq]
-        kv_idx = jnp.asarray(tiles[:, 1:] * bkv + np.arange(bkv))  # [P, bkv]
-        table = jax.vmap(mask.tile)(q_idx, kv_idx).astype(jnp.int8)[None, None]  # [1, 1, P, bq, bkv]
+        table = blocks.tile_table(mask, schedule, plan.q_len, plan.kv_len)  # [1, 1, P, bq, bkv]
         formula = ("table",)
     aux = KernelAux(
         rows=jnp.asarray(schedule.rows),
