@@ -26,6 +26,9 @@ POSITION_MASKS = {
     "longformer": masks.longformer(3, [0]),
     "bigbird": masks.bigbird(4, num_random=1),
     "random_blocks": masks.random_blocks(4, 2, seed=3),
+    "random_blocks_odd": masks.random_blocks(3, 2, seed=1),  # blocks that tiles do not align with
+    "random_blocks_none": masks.random_blocks(4, 0),
+    "from_blocks": masks.from_blocks(np.random.default_rng(0).random((24, 14)) < 0.5, 3, 5),
     "from_fn": masks.from_fn(lambda q, k: (q + k) % 5 == 0),
     "and": masks.causal() & masks.sliding_window(6, 6),
     "or": masks.sliding_window(1, 1) | masks.global_tokens([3]),

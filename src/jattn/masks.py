@@ -202,6 +202,21 @@ def _classify(any_true, all_true) -> np.ndarray:
     return np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY)).astype(np.int8)
 
 
+def _layout_of_cells(cells, cell_q: int, cell_kv: int, q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    """Layout of a mask that is constant on ``cell_q × cell_kv`` cells: ``cells`` bool ``[rows, cols]``
+    says which cells are attended (cells past it are not). A tile is FULL (EMPTY) when every (no) cell
+    it overlaps is attended, counted with a summed-area table: O(cells + tiles), not O(T·S)."""
+    q0, q1, k0, k1 = _tile_bounds(q_len, kv_len, block_q, block_kv)
+    q0, q1, k0, k1 = q0 // cell_q, q1 // cell_q, k0 // cell_kv, k1 // cell_kv  # cells each tile overlaps
+    reached = np.zeros((int(q1.max()) + 1, int(k1.max()) + 1), bool)  # [cell rows, cell cols]
+    rows, cols = min(reached.shape[0], cells.shape[0]), min(reached.shape[1], cells.shape[1])
+    reached[:rows, :cols] = cells[:rows, :cols]
+    sums = np.zeros((reached.shape[0] + 1, reached.shape[1] + 1), np.int64)
+    sums[1:, 1:] = reached.cumsum(0).cumsum(1)
+    count = sums[q1 + 1, k1 + 1] - sums[q0, k1 + 1] - sums[q1 + 1, k0] + sums[q0, k0]  # [nq, nk]
+    return _classify(count > 0, count == (q1 - q0 + 1) * (k1 - k0 + 1))
+
+
 def _as_mask(value: Any, name: str) -> Mask:
     if isinstance(value, Mask):
         return value
@@ -398,6 +413,11 @@ class BlockLayout(_PositionMask):
         cols = xp.minimum(kb, table.shape[1] - 1)
         return in_range & table[rows, cols]
 
+    def _layout(self, q_len, kv_len, block_q, block_kv):
+        return _layout_of_cells(
+            np.asarray(self.layout, bool), self.block_q, self.block_kv, q_len, kv_len, block_q, block_kv
+        )
+
 
 @_register
 class RandomBlocks(_PositionMask):
@@ -427,25 +447,11 @@ class RandomBlocks(_PositionMask):
         return hit & (q_block < len(self.picks)) & (kv >= 0)
 
     def _layout(self, q_len, kv_len, block_q, block_kv):
-        # Only tiles that meet a picked key block can be non-empty; classify just those exactly.
-        layout = np.zeros((-(-q_len // block_q), -(-kv_len // block_kv)), np.int8)
-        for i in range(layout.shape[0]):
-            q_idx = np.arange(i * block_q, min((i + 1) * block_q, q_len))
-            first, last = q_idx[0] // self.block, min(q_idx[-1] // self.block, len(self.picks or ()) - 1)
-            key_blocks = {kb for qb in range(first, last + 1) for kb in (self.picks or ())[qb]}
-            tiles = {
-                j
-                for kb in key_blocks
-                if kb * self.block < kv_len
-                for j in range(
-                    kb * self.block // block_kv, (min((kb + 1) * self.block, kv_len) - 1) // block_kv + 1
-                )
-            }
-            for j in tiles:
-                kv_idx = np.arange(j * block_kv, min((j + 1) * block_kv, kv_len))
-                allowed = self.tile(q_idx, kv_idx)
-                layout[i, j] = FULL if allowed.all() else PARTIAL if allowed.any() else EMPTY
-        return layout
+        picks = self.picks or ()  # drawn by for_lengths: [query block][num_random]
+        cells = np.zeros((len(picks), -(-kv_len // self.block)), bool)  # [query block, key block]
+        if picks and picks[0]:
+            cells[np.arange(len(picks))[:, None], np.array(picks)] = True
+        return _layout_of_cells(cells, self.block, self.block, q_len, kv_len, block_q, block_kv)
 
 
 @_register
