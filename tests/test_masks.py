@@ -280,6 +280,24 @@ def test_bad_arguments_name_themselves(build, message):
         build()
 
 
+def test_layouts_from_the_predicate_are_evaluated_a_bounded_rectangle_at_a_time(monkeypatch):
+    """With a budget below one row of tiles, the predicate is evaluated a few tiles at a time along
+    the keys as well (at S = 131072 a row of 512-query tiles was 67M pairs at once), and the layout
+    is the same."""
+    sizes = []
+
+    def stripes(q, k):
+        sizes.append(q.size * k.size)
+        return (q + 2 * k) % 7 < 3
+
+    expected = dense_layout(masks.from_fn(stripes).dense(37, 45), 4, 8)  # [10, 6] tiles
+    sizes.clear()
+    monkeypatch.setattr(masks, "_PAIRS_PER_EVAL", 3 * 4 * 8)  # three 4x8 tiles
+    layout = _layout_from_predicate(masks.from_fn(stripes).tile, 37, 45, 4, 8)
+    np.testing.assert_array_equal(layout, expected)
+    assert max(sizes) <= 3 * 4 * 8 and len(sizes) == 10 * 2
+
+
 def test_layout_from_predicate_handles_ragged_edges():
     layout = _layout_from_predicate(masks.full().tile, 5, 7, 4, 4)
     np.testing.assert_array_equal(layout, np.full((2, 2), FULL))

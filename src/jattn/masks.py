@@ -42,7 +42,7 @@ from jattn._checks import check_bool, check_int
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile classes in a block layout: nothing attended / some attended / everything attended."""
 
-_ROWS_PER_EVAL = 1 << 22  # elements evaluated at once when a layout is computed from the predicate
+_PAIRS_PER_EVAL = 1 << 22  # (query, key) pairs evaluated at once when a layout comes from the predicate
 
 
 def _is_concrete(x: Any) -> bool:
@@ -169,26 +169,34 @@ def evaluate_in_numpy(tile_fn, q_idx: np.ndarray, kv_idx: np.ndarray) -> np.ndar
 
 
 def _layout_from_predicate(tile_fn, q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    """Exact layout from ``tile_fn`` evaluated on every (query, key) pair, a rectangle of tiles of
+    about ``_PAIRS_PER_EVAL`` pairs at a time (so memory stays bounded at any length)."""
     num_q_blocks, num_kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
-    padded_kv = num_kv_blocks * block_kv
-    kv_idx = np.arange(padded_kv)
-    in_range_kv = (kv_idx < kv_len).reshape(num_kv_blocks, block_kv)  # [nk, bkv]
+    kv_step = max(1, min(num_kv_blocks, _PAIRS_PER_EVAL // (block_q * block_kv)))  # kv tiles per call
+    q_step = max(1, _PAIRS_PER_EVAL // (block_q * block_kv * kv_step))  # q tiles per call
     layout = np.empty((num_q_blocks, num_kv_blocks), np.int8)
-    q_blocks_per_eval = max(1, _ROWS_PER_EVAL // (block_q * padded_kv))
-    for start in range(0, num_q_blocks, q_blocks_per_eval):
-        stop = min(num_q_blocks, start + q_blocks_per_eval)
-        q_idx = np.arange(start * block_q, stop * block_q)
-        allowed = evaluate_in_numpy(tile_fn, np.minimum(q_idx, q_len - 1), np.minimum(kv_idx, kv_len - 1))
-        allowed = allowed.reshape(-1, stop - start, block_q, num_kv_blocks, block_kv)
-        valid = (q_idx < q_len).reshape(1, stop - start, block_q, 1, 1) & in_range_kv[None, None, None]
-        any_true = (allowed & valid).any(axis=(2, 4))  # [batch, q blocks, kv blocks]
-        all_true = (allowed | ~valid).all(axis=(2, 4))
-        tiles = np.where(all_true, FULL, np.where(any_true, PARTIAL, EMPTY))
-        # A tile may be skipped (EMPTY) or left unmasked (FULL) only if that holds everywhere.
-        layout[start:stop] = np.where(
-            (tiles == EMPTY).all(0), EMPTY, np.where((tiles == FULL).all(0), FULL, PARTIAL)
-        )
+    for q_start in range(0, num_q_blocks, q_step):
+        q_idx = np.arange(q_start * block_q, min(num_q_blocks, q_start + q_step) * block_q)
+        for kv_start in range(0, num_kv_blocks, kv_step):
+            kv_idx = np.arange(kv_start * block_kv, min(num_kv_blocks, kv_start + kv_step) * block_kv)
+            layout[q_start : q_start + q_step, kv_start : kv_start + kv_step] = _classify_rectangle(
+                tile_fn, q_idx, kv_idx, q_len, kv_len, block_q, block_kv
+            )
     return layout
+
+
+def _classify_rectangle(tile_fn, q_idx, kv_idx, q_len, kv_len, block_q, block_kv) -> np.ndarray:
+    """EMPTY/PARTIAL/FULL of the tiles ``q_idx [nq·bq] × kv_idx [nk·bkv]`` cover (positions past the
+    lengths count for neither), over every batch element and head of the mask."""
+    nq, nk = len(q_idx) // block_q, len(kv_idx) // block_kv
+    allowed = evaluate_in_numpy(tile_fn, np.minimum(q_idx, q_len - 1), np.minimum(kv_idx, kv_len - 1))
+    allowed = allowed.reshape(-1, nq, block_q, nk, block_kv)
+    valid = (q_idx < q_len).reshape(1, nq, block_q, 1, 1) & (kv_idx < kv_len).reshape(1, 1, 1, nk, block_kv)
+    any_true = (allowed & valid).any(axis=(2, 4))  # [batch, nq, nk]
+    all_true = (allowed | ~valid).all(axis=(2, 4))
+    tiles = _classify(any_true, all_true)
+    # A tile may be skipped (EMPTY) or left unmasked (FULL) only if that holds everywhere.
+    return np.where((tiles == EMPTY).all(0), EMPTY, np.where((tiles == FULL).all(0), FULL, PARTIAL))
 
 
 def _tile_bounds(q_len, kv_len, block_q, block_kv):
