@@ -567,8 +567,9 @@ def _memory_bytes(compiled) -> int | None:
 class RunResult:
     """What a finished run reports (also in ``result.json``).
 
-    ``steps_per_s`` and ``tokens_per_s`` leave out the first step after a (re)start (start-up);
-    they are None when no other step ran (older runs wrote NaN: ``from_json`` reads it as None).
+    ``steps_per_s`` and ``tokens_per_s`` time the training steps: they leave out the first step
+    after a (re)start (start-up), and evaluating, logging and saving checkpoints; they are None
+    when no other step ran (older runs wrote NaN: ``from_json`` reads it as None).
     """
 
     name: str
@@ -719,7 +720,7 @@ def _train(
         memory = _memory_bytes(compiled)
         tokens_per_batch = _tokens_per_batch(first_batch)
 
-        schedule = learning_rate_schedule(config.optimizer, tc.steps)
+        schedule = jax.jit(learning_rate_schedule(config.optimizer, tc.steps))  # compiled once, not per op
         window: list[dict] = []
         untimed = 1  # the first step after a (re)start includes start-up: it stays out of the speeds
         train_time, timed_steps = 0.0, 0
