@@ -212,6 +212,30 @@ def test_block_buckets_keep_a_dense_row_from_widening_the_others():
     assert sparse.gathered_area(buckets, 16) == (7 + 8) * 16 * 16
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [
+        masks.causal(),
+        masks.sliding_window(40),
+        masks.strided(24),
+        masks.random_blocks(16, 2),
+        masks.from_fn(lambda q, k: (q + k) % 50 < 7),
+        masks.padding(np.array([150, 90])),
+    ],
+    ids=["causal", "window", "strided", "random_blocks", "from_fn", "padding"],
+)
+@pytest.mark.parametrize("q_len, kv_len", [(200, 200), (97, 300)])
+def test_layouts_grouped_into_larger_tiles_equal_the_masks_own(mask, q_len, kv_len):
+    """block_sparse evaluates the mask once, at 32-tiles, and groups that layout into 64- and
+    128-tiles to choose among them; the groups must be the layouts the mask itself gives there."""
+    mask = mask.for_lengths(q_len, kv_len)
+    fine = mask.blocks(q_len, kv_len, 32, 32)
+    for factor in (1, 2, 4):
+        block = 32 * factor
+        expected = mask.blocks(q_len, kv_len, block, block)
+        np.testing.assert_array_equal(sparse.coarser_layout(fine, factor), expected, err_msg=f"{block}")
+
+
 def test_auto_choice_picks_the_sparse_implementations():
     q = jnp.zeros((1, 2048, 1, 8))
     assert jattn.explain(q, q, q, mask=masks.sliding_window(64, 64)).implementation == "banded"

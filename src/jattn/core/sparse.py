@@ -336,13 +336,33 @@ def gathered_area(buckets: list[_Bucket], block: int) -> int:
     return sum(b.kv_blocks.size for b in buckets) * block * block
 
 
-def choose_block(mask: masks_lib.Mask, q_len: int, kv_len: int) -> int:
-    """The largest candidate tile size whose gathered area is within ``_BLOCK_SLACK`` of the best."""
+def coarser_layout(layout: np.ndarray, factor: int) -> np.ndarray:
+    """The layout at tiles ``factor`` times larger on each side, from ``layout``'s: a large tile is
+    FULL (EMPTY) when every small tile in it is; small tiles past the end count for neither."""
+    nq, nk = layout.shape
+    shape = (-(-nq // factor) * factor, -(-nk // factor) * factor)
+
+    def every_small_tile(kind):  # [nq / factor, nk / factor]
+        padded = np.ones(shape, bool)
+        padded[:nq, :nk] = layout == kind
+        return padded.reshape(shape[0] // factor, factor, shape[1] // factor, factor).all(axis=(1, 3))
+
+    return masks_lib._classify(~every_small_tile(masks_lib.EMPTY), every_small_tile(masks_lib.FULL))
+
+
+def choose_layout(mask: masks_lib.Mask, q_len: int, kv_len: int) -> tuple[int, np.ndarray]:
+    """``(block, layout)``: the largest candidate tile size whose gathered area is within
+    ``_BLOCK_SLACK`` of the best, and the mask's layout at it. The mask is evaluated once, at the
+    smallest candidate; the larger ones are grouped from it."""
     longest = _next_pow2(max(q_len, kv_len))
     candidates = sorted({min(b, longest) for b in _BLOCK_CANDIDATES}, reverse=True)
-    areas = {b: gathered_area(block_buckets(mask.blocks(q_len, kv_len, b, b)), b) for b in candidates}
+    finest = candidates[-1]
+    layout = mask.blocks(q_len, kv_len, finest, finest)
+    layouts = {b: coarser_layout(layout, b // finest) for b in candidates}
+    areas = {b: gathered_area(block_buckets(layouts[b]), b) for b in candidates}
     best = min(areas.values())
-    return next(b for b in candidates if areas[b] <= _BLOCK_SLACK * best)
+    block = next(b for b in candidates if areas[b] <= _BLOCK_SLACK * best)
+    return block, layouts[block]
 
 
 def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucket], *, heads, scale, softcap):
@@ -366,8 +386,8 @@ def _block_sparse_one_head(q, k, v, mask, bias, block: int, buckets: list[_Bucke
 def run_block_sparse(problem: Problem):
     """``implementation="block_sparse"``: q ``[B, T, N, H]``, k/v ``[B, S, K, H]`` -> ``[B, T, N, Hv]``."""
     mask = masks_lib.full() if problem.mask is None else problem.mask
-    block = choose_block(mask, problem.q_len, problem.kv_len)
-    buckets = block_buckets(mask.blocks(problem.q_len, problem.kv_len, block, block))
+    block, layout = choose_layout(mask, problem.q_len, problem.kv_len)
+    buckets = block_buckets(layout)
     return _per_head(problem, functools.partial(_block_sparse_one_head, block=block, buckets=buckets))
 
 
