@@ -1,6 +1,7 @@
 """Task generators: deterministic from the seed, and each task's answer is right."""
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -58,6 +59,16 @@ def test_listops_labels_lengths_and_brackets():
         lo.tokenize("( 1 )")
     with pytest.raises(ValueError, match="min_len must be <= max_len"):
         ListOps(min_len=10, max_len=5)
+
+
+def test_listops_batches_of_a_seed_stay_the_same():
+    """A resumed run draws the batches of the steps it has left from the task's seed: a change to the
+    generator (even one that keeps every expression in range) would train it on other data. These
+    are the batches of the first release, the same under NumPy 2.4 and 2.5."""
+    batch = ListOps(min_len=10, max_len=20, max_depth=4, max_args=4).batch("train", 0, 8)
+    assert batch["lengths"].tolist() == [14, 12, 15, 11, 14, 16, 14, 17]
+    assert batch["labels"].tolist() == [3, 9, 2, 4, 4, 8, 6, 6]
+    assert hashlib.sha256(batch["inputs"].astype(np.int32).tobytes()).hexdigest()[:16] == "d6729fc7f25d05b8"
 
 
 def test_listops_rejects_a_min_len_longer_than_any_expression():

@@ -20,7 +20,8 @@ import jattn
 from attention_suite import AttentionSuite, make_inputs, oracle_mask
 from jattn import masks
 from jattn.attention import make_problem
-from jattn.core.chunked import make_plan
+from jattn.core._common import MASK_VALUE
+from jattn.core.chunked import chunked_forward_with_lse, make_plan
 from jattn.core.cudnn import supports_cudnn
 from jattn.kernels import aot, blocks, flash, gpu, tpu
 from jattn.kernels._config import HEADER
@@ -32,6 +33,12 @@ class TestFlashSuite(AttentionSuite):
     implementation = "flash"
     second_order = False
     max_examples = 4
+
+
+def test_nan_in_keys_only_padded_query_rows_reach_stays_out():
+    """The shared suite's test, in the default suite (``TestFlashSuite`` runs in the slow one): the
+    kernel's own test of its padded query rows, which must not reach keys by position."""
+    TestFlashSuite().test_nan_in_keys_only_padded_query_rows_reach_stays_out()
 
 
 @pytest.mark.parametrize("value", [-1e10, -1e20])
@@ -222,6 +229,20 @@ def test_table_masks_may_look_positions_up_in_data_of_the_true_lengths():
     check(q, k, v, d_out, mask=masks.from_fn(lookup), platform="gpu", block_q=16, block_kv=16)
 
 
+def test_one_head_with_its_lse_gives_rows_with_nothing_to_attend_zeros_and_the_mask_value():
+    """Ring attention merges partial softmaxes by their log-sum-exp: a row with nothing to attend in
+    a block must say so (lse ``MASK_VALUE``, weight 0 in the merge), as chunked's does."""
+    rng = np.random.default_rng(31)
+    q, k, v = (jnp.asarray(rng.normal(size=(32, 16)), jnp.float32) for _ in range(3))
+    mask = masks.from_fn(lambda t, s: (t >= 5) & (s <= t))  # rows 0-4 attend nothing
+    plan = make_plan(np.asarray(mask.blocks(32, 32, 16, 16)), 32, 32, 16, 16)
+    out, lse = flash.flash_forward_with_lse(q, k, v, mask, plan=plan, scale=0.25)
+    expected_out, expected_lse = chunked_forward_with_lse(q, k, v, mask, plan=plan, scale=0.25)
+    assert (np.asarray(lse[:5]) == MASK_VALUE).all() and (np.asarray(out[:5]) == 0).all()
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-5)
+    np.testing.assert_allclose(out, expected_out, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharded inputs
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +264,7 @@ def _collectives(fn, *args) -> int:
 
 @pytest.mark.parametrize(
     ("kind", "num_kv_heads"),
-    [("auto", 2), ("explicit", 2), pytest.param("explicit", 1, marks=pytest.mark.slow)],
+    [("auto", 2), ("explicit", 2), ("explicit", 1)],
     ids=["auto", "explicit", "mqa"],
 )
 def test_under_a_mesh_the_kernel_runs_on_each_devices_share(kind, num_kv_heads):
@@ -251,10 +272,12 @@ def test_under_a_mesh_the_kernel_runs_on_each_devices_share(kind, num_kv_heads):
     every device (and on Explicit axes the call failed). Under ``jax.set_mesh`` the kernel runs on
     each device's share of the batch (and, on Explicit axes, of the heads, grouped-query heads with
     their kv heads): nothing is gathered, the output stays sharded, and the numbers are XLA's. One
-    kv head cannot be split over two devices: multi-query heads are gathered for the kernel."""
+    kv head cannot be split over two devices: multi-query heads are gathered for the kernel; nor can
+    a bias shared by the batch and heads, which every device reads whole."""
     mesh, spec = _mesh(kind)
     rng = np.random.default_rng(30)
     q, k, v, d_out = make_inputs(rng, (4,), 40, 40, 4, num_kv_heads, 16, 16, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(40, 40)), jnp.float32)  # [T, S]
     shard = lambda x, s=spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))  # noqa: E731
     kv_spec = spec if num_kv_heads > 1 else P("data")  # one kv head: not split
     q, k, v, d_out = shard(q), shard(k, kv_spec), shard(v, kv_spec), shard(d_out)
@@ -263,7 +286,7 @@ def test_under_a_mesh_the_kernel_runs_on_each_devices_share(kind, num_kv_heads):
     def attend(implementation):
         def run(q, k, v, lengths):
             mask = masks.causal() & masks.padding(lengths)
-            return jattn.attention(q, k, v, mask=mask, implementation=implementation)
+            return jattn.attention(q, k, v, mask=mask, bias=bias, implementation=implementation)
 
         return run
 
@@ -412,11 +435,14 @@ def test_schedule_lists_full_tiles_first_then_masked(transposed):
     """Each row: its full tiles, then its masked ones, both ascending; the kernels loop over the two
     runs separately and take entry j as masked exactly when ``num_full <= j < count``. A masked
     entry's table index points at its tile in ``partial_tiles``."""
-    mask = masks.sliding_window(40) | masks.from_fn(lambda t, s: (t * s) % 11 == 0)
+    mask = masks.sliding_window(40) | masks.from_fn(lambda t, s: (t + s) % 97 == 0)
     layout = np.asarray(mask.blocks(200, 200, 16, 16))
     schedule = blocks.make_schedule(layout, 200, 200, 16, 16)
     packed = schedule.cols if transposed else schedule.rows
     width = schedule.transposed_width if transposed else schedule.width
+    assert (packed[:, 0] < width).any()  # some rows are padded
+    in_table = layout[tuple(schedule.partial_tiles.T)]
+    assert (in_table != masks.EMPTY).all()  # the table holds visited tiles only
     crosses_end = np.zeros(layout.shape, bool)
     crosses_end[:, -1] = True  # 200 keys end inside the last 16-key tile
     must_mask = (layout == masks.PARTIAL) | (crosses_end & (layout != masks.EMPTY))
@@ -491,6 +517,12 @@ def test_block_size_table_lookup_and_override():
     assert flash.choose_block_sizes("triton", problem) == entry
     short = make_problem(x[:20], x[:20], x[:20])
     assert flash.choose_block_sizes("triton", short).block_q == 32  # fitted to the length
+    exact = make_problem(x[:64], x[:64], x[:64])
+    assert flash.choose_block_sizes("triton", exact).block_q == min(64, entry.block_q)  # a power of two
+    wide_values = make_problem(x[..., :64], x[..., :64], jnp.zeros((4096, 2, 256), jnp.bfloat16))
+    widest = flash.lookup_block_sizes("triton", jnp.bfloat16, 256)
+    assert flash.choose_block_sizes("triton", wide_values).block_q == widest.block_q  # by max(H, Hv)
+    assert flash.choose_block_sizes("triton", wide_values).block_kv == widest.block_kv
     overridden = flash.choose_block_sizes("triton", problem, block_q=32, block_kv=16)
     assert (overridden.block_q, overridden.block_kv, overridden.num_warps) == (32, 16, entry.num_warps)
     assert flash.choose_block_sizes("mosaic_tpu", short).block_q == 128  # TPU tiles stay >= 128
@@ -524,6 +556,8 @@ def test_tpu_tiles_grow_until_the_schedule_fits_scalar_memory(monkeypatch):
     # Only the tiles not passed in grow.
     tiles, used = _tpu_schedule(monkeypatch, 65536, masks.causal(), block_q=128)
     assert tiles == (128, 512) and used <= SMEM_FOR_THE_SCHEDULE
+    with pytest.raises(ValueError, match="SMEM"):  # tiles grow to 512 at most: 128 x 512 is too many at 128k
+        _tpu_schedule(monkeypatch, 131072, masks.causal(), block_q=128)
 
 
 def test_tpu_tiles_grow_only_while_their_vmem_estimate_fits(monkeypatch):

@@ -113,12 +113,14 @@ def test_gradients_match_the_oracle_where_the_normalizer_is_tiny(causal):
     )
 
 
+@pytest.mark.parametrize("shift", [-30.0, 100.0])
 @pytest.mark.parametrize("causal", [False, True])
-def test_elu_features_of_very_negative_activations_keep_their_weight(causal):
+def test_elu_features_of_extreme_activations_match_the_oracle(causal, shift):
     """elu(x) + 1 = exp(x) for x < 0, which float32 holds down to x of about -87; computed as
-    elu(x) + 1 it rounded to 0 below about -17, and every row returned zeros."""
+    elu(x) + 1 it rounded to 0 below about -17, and every row returned zeros. Above about 88,
+    exp(x) overflows in the branch the ``where`` discards, and its gradient 0 · inf would be NaN."""
     _, q, k, v, d_out = inputs(3, q_len=20, kv_len=20)
-    check_linear_attention(q - 30.0, k - 30.0, v, d_out, feature_map="elu+1", causal=causal)
+    check_linear_attention(q + shift, k + shift, v, d_out, feature_map="elu+1", causal=causal)
 
 
 def test_performer_error_shrinks_with_more_features():

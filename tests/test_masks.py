@@ -153,7 +153,8 @@ def test_a_window_reaching_past_int32_is_unbounded_not_wrapped(implementation):
         np.testing.assert_array_equal(window.dense(8, 8), same.dense(8, 8))
         got = jattn.attention(x, x, x, mask=window, implementation=implementation)
         np.testing.assert_allclose(got, jattn.attention(x, x, x), atol=1e-6, rtol=1e-6)
-    assert masks.sliding_window(2**31 - 1) == masks.causal()
+    assert masks.sliding_window(2**31 - 1) == masks.sliding_window(1 << 30) == masks.causal()
+    assert masks.sliding_window((1 << 30) - 1) != masks.causal()
 
 
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "block_sparse", "flash"])

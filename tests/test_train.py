@@ -93,6 +93,12 @@ def test_schema_errors_name_the_key(data, match):
         from_dict(ExperimentConfig, data)
 
 
+def test_schema_bounds_take_their_inclusive_ends():
+    data = {"train": {"seed": 2**32 - 1}, "optimizer": {"end_fraction": 1.0}, "model": {"dropout": 0.9}}
+    config = from_dict(ExperimentConfig, data)
+    assert (config.train.seed, config.optimizer.end_fraction) == (2**32 - 1, 1.0)
+
+
 def test_overrides_files_and_round_trip(tmp_path):
     config = load_config(
         ExperimentConfig, TINY, ["model.width=32", "attention.options={window: 4}", "attention.variant=local"]
@@ -293,11 +299,20 @@ def test_train_steps_may_change_only_where_the_schedule_does_not_depend_on_them(
     for schedule in ("cosine", "linear"):
         with pytest.raises(ConfigError, match=rf"'train.steps': 10 -> 20 .*{schedule}.*spreads its decay"):
             resumable(schedule, 10, 20, 10)
+        resumable(schedule, 10, 20, 4, warmup=5)  # only warm-up steps trained: their rates stay
+        resumable(schedule, 10, 10, 10)
     # Rates that differ in the last digits are printed with enough of them to differ.
     with pytest.raises(ConfigError, match=r"step \d+ took (\S+), it would take (?!\1\))\S+\)"):
         resumable("cosine", 1000, 1001, 10)
-        resumable(schedule, 10, 20, 4, warmup=5)  # only warm-up steps trained: their rates stay
-        resumable(schedule, 10, 10, 10)
+
+
+def test_a_task_option_added_or_removed_is_a_change_a_run_cannot_resume_with():
+    def config(options):
+        return from_dict(ExperimentConfig, {"task": {"name": "recall", "options": options}})
+
+    for saved, new in [({}, {"seq_len": 64}), ({"seq_len": 64}, {})]:
+        with pytest.raises(ConfigError, match="task.options.seq_len"):
+            check_resumable(config(saved), config(new), 0)
 
 
 def _train_windows(run_dir):
