@@ -14,14 +14,15 @@ TABLE = str(resources.files("jattn.kernels").joinpath("block_sizes.json"))
 
 def write_entries(lowering: str, target: str, entries: dict, source: str, output: str = TABLE) -> None:
     """Merge ``entries`` ``{dtype: {head_dim: BlockSizes fields}}`` into ``lowering``'s ``target``
-    table (entries not given keep theirs) and note ``source`` for each dtype written."""
+    table and note ``source`` for each entry written; entries not given keep theirs and their
+    sources (``{lowering/target: {dtype: {head_dim: source}}}``)."""
     with open(TABLE) as f:
         table = json.load(f)
     by_dtype = table.setdefault(lowering, {}).setdefault(target, {})
     sources = table.setdefault("sources", {}).setdefault(f"{lowering}/{target}", {})
     for dtype, by_dim in entries.items():
         by_dtype.setdefault(dtype, {}).update(by_dim)
-        sources[dtype] = source
+        sources.setdefault(dtype, {}).update(dict.fromkeys(by_dim, source))
     with open(output, "w") as f:
         f.write(_format(table) + "\n")
 

@@ -174,7 +174,21 @@ def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path, monkeypatc
     assert swept or tuned == dataclasses.asdict(current)  # a candidate won, or the current entry stayed
     assert set(table["triton"]["sm90"]) == {"bfloat16", "float16", "float32"}  # entries not swept are kept
     assert set(table["triton"]) == set(flash.TRITON_TARGETS) and "mosaic_tpu" in table
-    assert "autotune_flash.py" in table["sources"]["triton/sm90"]["float32"]
+    sources = table["sources"]["triton/sm90"]
+    assert "autotune_flash.py" in sources["float32"]["16"]
+    assert "autotune_flash.py" not in sources["float32"]["64"]  # an entry not swept keeps its source
+
+
+def test_every_table_entry_says_how_it_was_chosen():
+    """Each (lowering, target, dtype, head dim) entry has its own source: a sweep of some head
+    dims must not relabel the entries it did not time."""
+    table = json.loads((ROOT / "src/jattn/kernels/block_sizes.json").read_text())
+    for lowering in flash.LOWERINGS:
+        for target, by_dtype in table[lowering].items():
+            for dtype, by_dim in by_dtype.items():
+                sources = table["sources"][f"{lowering}/{target}"][dtype]
+                assert set(sources) == set(by_dim), (lowering, target, dtype)
+                assert all(isinstance(text, str) and text for text in sources.values())
 
 
 TABULATED = [
