@@ -5,15 +5,17 @@
 
 For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times the table's
 current entry, then, for every tile shape, the forward under each forward launch setting (warps,
-stages), then forward+backward under each backward candidate (8 warps, 2 or 3 stages, whole-tile or
-smaller backward steps) with that tile's best forward; the fastest forward+backward is kept, so the
-current entry stays unless a candidate beats it. Each time is the median of 5 runs of 10
-back-to-back calls (``gpu_bench.time_call``), as the GPU check times its cells. Four
-warps are not tried for the backward: compiled for sm_90 they spill in every configuration
-(``benchmarks/triton_static.py --sweep``). Candidates that fail to compile (too much shared memory)
-are skipped. The entries go to the table of the GPU's architecture (``flash.device_target``:
-sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep (about 2 minutes per pair
-on an H100); entries not swept, other architectures' and the TPU's, are kept as they are.
+stages), then forward+backward under each backward candidate with that tile's best forward; the
+fastest forward+backward is kept, so the current entry stays unless a candidate beats it. Backward
+candidates: 4 warps (2 stages) or 8 (2 or 3 stages), and steps of 32, 64 or the whole tile. Four
+warps spill on sm_90 (``benchmarks/triton_static.py --sweep``), but spills did not rank the
+kernels on an H200: its fastest head-dim-128 entry spills 728 B a thread and beat one spilling
+524 B by 1.6x. Each time is the median of 5 runs of 10 back-to-back calls
+(``gpu_bench.time_call``), as the GPU check times its cells. Candidates that fail to compile (too
+much shared memory) are skipped. The entries go to the table of the GPU's architecture
+(``flash.device_target``: sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep
+(about 100 s per pair on an H200 for these 70 candidates; an earlier list of 49 took 58 and 74 s);
+entries not swept, other architectures' and the TPU's, are kept as they are.
 Every candidate's time (or why it failed) goes to stderr, and the table is written after each
 (dtype, head dim) pair, so a run cut short keeps the pairs it finished. ``--budget-s`` tunes no new
 pair once that many seconds have passed. The exit status is 1 if a requested pair got no entry.
@@ -42,17 +44,18 @@ KERNEL_DTYPES = ("bfloat16", "float16", "float32")
 DTYPES = ("float32",) if TINY else KERNEL_DTYPES
 HEAD_DIMS = (16,) if TINY else (64, 128, 256)
 LENGTH, TOKENS, HEADS = (32, 32, 1) if TINY else (4096, 16384, 16)
-TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 64), (64, 32)]
+# 64x32 lost at both head dims on the H200; the current entry is always timed, whatever its tile.
+TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 64)]
 LAUNCH = [(4, 2)] if TINY else list(itertools.product((4, 8), (2, 3)))  # forward (warps, stages)
-BACKWARD_LAUNCH = [(4, 2)] if TINY else [(8, 2), (8, 3)]
-SMALL_Q_STEP, SMALL_KV_STEP = (16, 16) if TINY else (32, 64)
+BACKWARD_LAUNCH = [(4, 2)] if TINY else [(4, 2), (8, 2), (8, 3)]
+BACKWARD_STEPS = (16,) if TINY else (32, 64)  # besides the whole tile
 
 
 def backward_candidates(forward: flash.BlockSizes) -> list[flash.BlockSizes]:
-    """The tile's best forward with each backward launch setting and step (the whole tile, or
-    ``SMALL_Q_STEP`` queries per dk/dv step and ``SMALL_KV_STEP`` keys per dq step)."""
-    q_steps = sorted({forward.block_q, min(forward.block_q, SMALL_Q_STEP)})
-    kv_steps = sorted({forward.block_kv, min(forward.block_kv, SMALL_KV_STEP)})
+    """The tile's best forward with each backward launch setting and step: the whole tile or one
+    of ``BACKWARD_STEPS`` smaller than it, queries per dk/dv step and keys per dq step."""
+    q_steps = sorted({forward.block_q, *(step for step in BACKWARD_STEPS if step < forward.block_q)})
+    kv_steps = sorted({forward.block_kv, *(step for step in BACKWARD_STEPS if step < forward.block_kv)})
     return [
         dataclasses.replace(
             forward, backward_num_warps=w, backward_num_stages=s, backward_q_step=q, backward_kv_step=kv

@@ -119,11 +119,25 @@ def test_gpu_check_logs_each_cell_with_its_throughput(monkeypatch):
     )
 
 
-def _autotune(monkeypatch):
-    monkeypatch.setenv("JATTN_AUTOTUNE_TINY", "1")
+def _autotune(monkeypatch, tiny: bool = True):
+    monkeypatch.setenv("JATTN_AUTOTUNE_TINY", "1" if tiny else "0")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.delitem(sys.modules, "autotune_flash", raising=False)
     return importlib.import_module("autotune_flash")
+
+
+def test_autotune_backward_candidates_try_four_warps_and_every_smaller_step(monkeypatch):
+    """On the H200 the fastest backward steps were neither the whole tile nor the smallest (head
+    dim 128: 32 queries and 64 keys on 128x128 tiles), so the sweep tries each step below the tile;
+    it tries 4 warps too, as Pallas mha's fast backward runs on 4."""
+    autotune = _autotune(monkeypatch, tiny=False)
+    candidates = autotune.backward_candidates(flash.BlockSizes(128, 64, 4, 3))
+    assert {(c.backward_q_step, c.backward_kv_step) for c in candidates} == {
+        (q, kv) for q in (32, 64, 128) for kv in (32, 64)
+    }
+    assert {(c.backward_num_warps, c.backward_num_stages) for c in candidates} == {(4, 2), (8, 2), (8, 3)}
+    assert all((c.block_q, c.block_kv, c.num_warps, c.num_stages) == (128, 64, 4, 3) for c in candidates)
+    assert len(candidates) == 18
 
 
 def test_autotune_that_tunes_nothing_fails_and_says_why(monkeypatch, tmp_path, capsys):
