@@ -108,26 +108,27 @@ def _along(axis: int, size: int) -> tuple[int, int]:
     return (size, 1) if axis == 0 else (1, size)
 
 
-def _rows_used(allowed, keys_first: bool = False):
-    """Which query rows ``[bq, 1]`` and key rows ``[bkv, 1]`` of a tile attend anything."""
+def queries_used(allowed, *, keys_first: bool = False):
+    """Which queries of a masked tile attend any key: bool ``[bq, 1]``."""
     as_float = allowed.astype(jnp.float32)  # [bq, bkv], or [bkv, bq] keys first
-    along_rows = jnp.max(as_float, axis=1, keepdims=True) > 0
-    along_columns = jnp.max(as_float.T, axis=1, keepdims=True) > 0
-    return (along_columns, along_rows) if keys_first else (along_rows, along_columns)
+    return jnp.max(as_float.T if keys_first else as_float, axis=1, keepdims=True) > 0
 
 
-def sanitize(allowed, q, k, v, d_out=None, *, keys_first: bool = False):
-    """Zero the rows of a masked tile that nothing attends (padding may hold NaN; ``0 · NaN``
-    would otherwise reach the output through a matmul). Full tiles have no such rows."""
-    if allowed is None:
-        return q, k, v, d_out
-    q_used, kv_used = _rows_used(allowed, keys_first)
-    q = jnp.where(q_used, q, jnp.zeros_like(q))
-    k = jnp.where(kv_used, k, jnp.zeros_like(k))
-    v = jnp.where(kv_used, v, jnp.zeros_like(v))
-    if d_out is not None:
-        d_out = jnp.where(q_used, d_out, jnp.zeros_like(d_out))
-    return q, k, v, d_out
+def keys_used(allowed, *, keys_first: bool = False):
+    """Which keys of a masked tile any query attends: bool ``[bkv, 1]``."""
+    as_float = allowed.astype(jnp.float32)
+    return jnp.max(as_float if keys_first else as_float.T, axis=1, keepdims=True) > 0
+
+
+def zero_unused(used, x):
+    """``x`` ``[n, H]`` with the rows not ``used`` (``[n, 1]``; None: a full tile, all used) zeroed.
+
+    A matmul that sums over the tile's queries or keys meets the unused ones with a zero weight,
+    and ``0 · NaN`` is NaN: padding may hold NaN (an unfilled cache), so the rows it sums over are
+    zeroed first. Only those: an operand that meets the unused rows in scores, whose masked entries
+    are replaced, needs nothing, and a loop-invariant operand zeroed in every step costs a copy of
+    it (the dk/dv kernel's k and v, the dq kernel's q and dO)."""
+    return x if used is None else jnp.where(used, x, jnp.zeros_like(x))
 
 
 def masked_logits(q, k, bias, allowed, *, scale, softcap):
@@ -156,8 +157,8 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
       allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
     """
     m, row_sum, acc = stats
-    if allowed is not None:  # q and k reach only s, whose masked entries are replaced: zero v only
-        v = jnp.where(_rows_used(allowed)[1], v, jnp.zeros_like(v))
+    if allowed is not None:  # p·v sums over the keys; q and k reach only s, whose masked entries are replaced
+        v = zero_unused(keys_used(allowed), v)
     s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
     p = exp_of_difference(s, m_new)
@@ -188,22 +189,22 @@ def probs_and_dscores(q, k, v, d_out, lse, delta, bias, allowed, *, scale, softc
       ``online_softmax_step``. With ``keys_first``: lse and delta ``[1, bq]``, bias and allowed
       ``[bkv, bq]``.
     Returns:
-      ``(p, ds, q, k, d_out)``: p and ds ``[bq, bkv]`` (``[bkv, bq]`` keys first) float32 (ds
-      through the softcap, before ``scale``), and the sanitized q, k, d_out the gradient matmuls
-      must use.
+      ``(p, ds)``, ``[bq, bkv]`` (``[bkv, bq]`` keys first) float32, ds through the softcap and
+      before ``scale``. Their masked entries are exact zeros even where q, k, v or dO hold NaN;
+      the gradient matmuls zero the rows they sum over (``zero_unused``).
     """
-    q, k, v, d_out = sanitize(allowed, q, k, v, d_out, keys_first=keys_first)
     # Keys first, the same products transposed: S = (k·qᵀ)·scale and dP = v·dOᵀ.
     (rows, columns), (d_rows, d_columns) = ((k, q), (v, d_out)) if keys_first else ((q, k), (d_out, v))
     s, capped = masked_logits(rows, columns, bias, allowed, scale=scale, softcap=softcap)
     dp = jax.lax.dot_general(d_rows, d_columns, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     p = exp_of_difference(s, lse)
-    if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
     ds = p * (dp - delta)
     if capped is not None:
         ds = ds * (1.0 - capped * capped)
-    return p, ds, q, k, d_out
+    if allowed is not None:  # where dP is NaN (an unused row of v or dO), p · (dP - delta) is too
+        p = jnp.where(allowed, p, 0.0)
+        ds = jnp.where(allowed, ds, 0.0)
+    return p, ds
 
 
 def matmul(a, b, *, transpose_a: bool = False):

@@ -298,12 +298,13 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
             allowed = _kv_tile_allowed(
                 cfg, q_start, kv_start, kv_step, q_vectors, kv_vec_refs, table_ref, 0, table_id, offset
             )
-        _, ds, _, k_used, _ = _tile.probs_and_dscores(
+        k = _tile.zero_unused(None if allowed is None else _tile.keys_used(allowed), k)  # dq sums over keys
+        _, ds = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
         )
         if dbias_ref is not None:
             dbias_ref[0, :, pl.ds(kv_start, kv_step)] = ds
-        return dq + _tile.matmul(ds, k_used)  # the scale once, after the loop: the wgmma accumulates
+        return dq + _tile.matmul(ds, k)  # the scale once, after the loop: the wgmma accumulates
 
     steps = cfg.block_kv // kv_step
     dq = _loop_full_then_masked(sched_ref, visit, jnp.zeros(q.shape, jnp.float32), steps)
@@ -348,11 +349,13 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
                 keys_first=True,
             )
         dk, dv = grads
-        p_t, ds_t, q_used, _, do_used = _tile.probs_and_dscores(
+        used = None if allowed is None else _tile.queries_used(allowed, keys_first=True)  # [q_step, 1]
+        q, d_out = _tile.zero_unused(used, q), _tile.zero_unused(used, d_out)  # dk, dv sum over queries
+        p_t, ds_t = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap, keys_first=True
         )  # pᵀ, dSᵀ [bkv, q_step]
-        dv = dv + _tile.matmul(p_t, do_used)  # [bkv, Hv]
-        return dk + _tile.matmul(ds_t, q_used), dv  # the scale once, after the loops
+        dv = dv + _tile.matmul(p_t, d_out)  # [bkv, Hv]
+        return dk + _tile.matmul(ds_t, q), dv  # the scale once, after the loops
 
     def one_head(g, grads):
         return _loop_full_then_masked(sched_ref, functools.partial(visit, g), grads, cfg.block_q // q_step)

@@ -291,20 +291,11 @@ def forward(cfg: KernelConfig, q, k, v, bias, aux: KernelAux):
 # ---------------------------------------------------------------------------------------------
 
 
-def _tile_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg: KernelConfig):
-    """The backward tile math of both backward kernels on the current blocks (see ``_tile``)."""
+def _tile_grads(q, k, v, d_out, lse_ref, delta_ref, bias_ref, allowed, cfg: KernelConfig):
+    """``(p, ds)`` of both backward kernels on the current blocks (see ``_tile``)."""
     bias = None if bias_ref is None else bias_ref[...]
     return _tile.probs_and_dscores(
-        q_ref[...],
-        k_ref[...],
-        v_ref[...],
-        do_ref[...],
-        lse_ref[...],
-        delta_ref[...],
-        bias,
-        allowed,
-        scale=cfg.scale,
-        softcap=cfg.softcap,
+        q, k, v, d_out, lse_ref[...], delta_ref[...], bias, allowed, scale=cfg.scale, softcap=cfg.softcap
     )
 
 
@@ -326,12 +317,15 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
             dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
 
     def run(allowed):
-        _, ds, _, k_used, _ = _tile_grads(
-            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg
+        k = _tile.zero_unused(
+            None if allowed is None else _tile.keys_used(allowed), k_ref[...]
+        )  # dq sums over keys
+        _, ds = _tile_grads(
+            q_ref[...], k, v_ref[...], do_ref[...], lse_ref, delta_ref, bias_ref, allowed, cfg
         )
         if dbias_ref is not None:
             dbias_ref[...] = ds
-        dq_acc[...] += cfg.scale * _tile.matmul(ds, k_used)
+        dq_acc[...] += cfg.scale * _tile.matmul(ds, k)
 
     @pl.when(j < count)
     def _():
@@ -358,11 +352,14 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def run(allowed):
-        p, ds, q_used, _, do_used = _tile_grads(
-            q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, allowed, cfg
-        )
-        dv_acc[...] += _tile.matmul(p, do_used, transpose_a=True)  # [bkv, Hv]
-        dk_acc[...] += cfg.scale * _tile.matmul(ds, q_used, transpose_a=True)  # [bkv, H]
+        used = None if allowed is None else _tile.queries_used(allowed)  # [bq, 1]
+        q, d_out = (
+            _tile.zero_unused(used, q_ref[...]),
+            _tile.zero_unused(used, do_ref[...]),
+        )  # dk, dv sum over queries
+        p, ds = _tile_grads(q, k_ref[...], v_ref[...], d_out, lse_ref, delta_ref, bias_ref, allowed, cfg)
+        dv_acc[...] += _tile.matmul(p, d_out, transpose_a=True)  # [bkv, Hv]
+        dk_acc[...] += cfg.scale * _tile.matmul(ds, q, transpose_a=True)  # [bkv, H]
 
     @pl.when(jq < _count(sched_ref, kj, width))
     def _():
