@@ -4,18 +4,20 @@
     PYTHONPATH=src python3 benchmarks/autotune_flash.py --output /tmp/t.json
 
 For each dtype and head dim (16 heads, 16384 tokens at N = 4096, causal) it times the table's
-current entry, then, for every tile shape, the forward under each forward launch setting (warps,
-stages), then forward+backward under each backward candidate with that tile's best forward; the
-fastest forward+backward is kept, so the current entry stays unless a candidate beats it. Backward
-candidates: 4 warps (2 stages) or 8 (2 or 3 stages), and steps of 32, 64 or the whole tile. Four
-warps spill on sm_90 (``benchmarks/triton_static.py --sweep``), but spills did not rank the
-kernels on an H200: its fastest head-dim-128 entry spills 728 B a thread and beat one spilling
-524 B by 1.6x. Each time is the median of 5 runs of 10 back-to-back calls
+current entry, then, for every tile shape, the forward under each launch setting (4 or 8 warps, 2
+or 3 stages) and kv step (32, 64 or the whole tile), then forward+backward under each backward
+candidate with that tile's best forward: 4 warps (2 stages) or 8 (2 or 3 stages), and steps of 32,
+64 or the whole tile. The fastest forward+backward is kept, so the current entry stays unless a
+candidate beats it. Four warps spill on sm_90 (``benchmarks/triton_static.py --sweep``), but spills
+did not rank the kernels on an H200: its fastest head-dim-128 entry spilled 728 B a thread and beat
+one spilling 524 B by 1.6x. A forward kv step of 64 on 128x128 tiles compiles as the 128x64 tile's
+forward does (96 KiB of shared memory at head dim 128), the fastest forward there, while the
+backward keeps the 128x128 schedule. Each time is the median of 5 runs of 10 back-to-back calls
 (``gpu_bench.time_call``), as the GPU check times its cells. Candidates that fail to compile (too
 much shared memory) are skipped. The entries go to the table of the GPU's architecture
 (``flash.device_target``: sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep
-(about 100 s per pair on an H200 for these 70 candidates; an earlier list of 49 took 58 and 74 s);
-entries not swept, other architectures' and the TPU's, are kept as they are.
+(86 candidates a pair, about 2 minutes on an H200 by the 1.3 s a candidate took there); entries not
+swept, other architectures' and the TPU's, are kept as they are.
 Every candidate's time (or why it failed) goes to stderr, and the table is written after each
 (dtype, head dim) pair, so a run cut short keeps the pairs it finished. ``--budget-s`` tunes no new
 pair once that many seconds have passed. The exit status is 1 if a requested pair got no entry.
@@ -48,14 +50,26 @@ LENGTH, TOKENS, HEADS = (32, 32, 1) if TINY else (4096, 16384, 16)
 TILES = [(16, 16), (32, 16)] if TINY else [(128, 128), (128, 64), (64, 64)]
 LAUNCH = [(4, 2)] if TINY else list(itertools.product((4, 8), (2, 3)))  # forward (warps, stages)
 BACKWARD_LAUNCH = [(4, 2)] if TINY else [(4, 2), (8, 2), (8, 3)]
-BACKWARD_STEPS = (16,) if TINY else (32, 64)  # besides the whole tile
+STEPS = (16,) if TINY else (32, 64)  # besides the whole tile
+
+
+def steps_within(tile: int) -> list[int]:
+    """The whole tile and each of ``STEPS`` smaller than it."""
+    return sorted({tile, *(step for step in STEPS if step < tile)})
+
+
+def forward_candidates(block_q: int, block_kv: int) -> list[flash.BlockSizes]:
+    """The tile under each forward launch setting and kv step."""
+    return [
+        flash.BlockSizes(block_q, block_kv, w, s, forward_kv_step=kv)
+        for (w, s), kv in itertools.product(LAUNCH, steps_within(block_kv))
+    ]
 
 
 def backward_candidates(forward: flash.BlockSizes) -> list[flash.BlockSizes]:
-    """The tile's best forward with each backward launch setting and step: the whole tile or one
-    of ``BACKWARD_STEPS`` smaller than it, queries per dk/dv step and keys per dq step."""
-    q_steps = sorted({forward.block_q, *(step for step in BACKWARD_STEPS if step < forward.block_q)})
-    kv_steps = sorted({forward.block_kv, *(step for step in BACKWARD_STEPS if step < forward.block_kv)})
+    """The tile's best forward with each backward launch setting and step (queries per dk/dv
+    step, keys per dq step)."""
+    q_steps, kv_steps = steps_within(forward.block_q), steps_within(forward.block_kv)
     return [
         dataclasses.replace(
             forward, backward_num_warps=w, backward_num_stages=s, backward_q_step=q, backward_kv_step=kv
@@ -107,8 +121,7 @@ def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
     """The fastest tile and launch settings for causal forward+backward, the current entry included."""
     best, best_seconds = fastest([current_entry(dtype, head_dim)], dtype, head_dim, gradient=True)
     for bq, bkv in TILES:
-        forward = [flash.BlockSizes(bq, bkv, w, s) for w, s in LAUNCH]
-        tile_forward, _ = fastest(forward, dtype, head_dim, gradient=False)
+        tile_forward, _ = fastest(forward_candidates(bq, bkv), dtype, head_dim, gradient=False)
         if tile_forward is None:
             continue
         sizes, seconds = fastest(backward_candidates(tile_forward), dtype, head_dim, gradient=True)

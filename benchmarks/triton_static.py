@@ -383,9 +383,9 @@ def _choose_within(limits: Limits, head_dim: int, dtype, arch: int, length: int)
 
 
 def table_entry(sizes: flash.BlockSizes) -> dict[str, int]:
-    """``sizes`` as a ``block_sizes.json`` entry (the backward steps only where they are not the tiles)."""
+    """``sizes`` as a ``block_sizes.json`` entry (the steps only where they are not the tiles)."""
     entry = dataclasses.asdict(sizes)
-    for step, tile in (("backward_q_step", "block_q"), ("backward_kv_step", "block_kv")):
+    for step, tile in flash.STEPS:
         if entry[step] == entry[tile]:
             del entry[step]
     return entry

@@ -91,9 +91,10 @@ def test_both_lowerings_match_oracle_with_gqa_odd_lengths_and_table_masks(platfo
 
 
 @pytest.mark.parametrize("mask_kind", ["table_and_bias", "segments_and_padding"])
-def test_backward_steps_smaller_than_the_tiles_match_the_oracle(mask_kind):
-    """dq walks each listed kv tile 16 keys at a time and dk/dv each q tile 16 queries at a time:
-    the mask (table rows/columns, or positions and vectors), bias and dbias follow each step."""
+def test_steps_smaller_than_the_tiles_match_the_oracle(mask_kind):
+    """The forward and dq walk each listed kv tile 16 keys at a time and dk/dv each q tile 16
+    queries at a time: the mask (table rows/columns, or positions and vectors), bias and dbias
+    follow each step."""
     rng = np.random.default_rng(7)
     q_len, kv_len = 75, 70
     q, k, v, d_out = make_inputs(rng, (2,), q_len, kv_len, 4, 2, 16, 16, jnp.float32)
@@ -106,20 +107,27 @@ def test_backward_steps_smaller_than_the_tiles_match_the_oracle(mask_kind):
         mask = masks.segments(segment_ids[:, :q_len], segment_ids[:, :kv_len]) & masks.padding(
             np.array([75, 50]), np.array([70, 40])
         )
-    sizes = flash.BlockSizes(32, 32, backward_q_step=16, backward_kv_step=16)
+    sizes = flash.BlockSizes(32, 32, backward_q_step=16, backward_kv_step=16, forward_kv_step=16)
     check(q, k, v, d_out, mask=mask, bias=bias, platform="gpu", sizes=sizes)
 
 
-def test_backward_steps_are_checked_and_shrink_with_the_tiles():
+def test_steps_are_checked_and_shrink_with_the_tiles():
     with pytest.raises(
         ValueError, match="backward_q_step must be at most block_q=32, got backward_q_step=64"
     ):
         flash.BlockSizes(32, 32, backward_q_step=64)
     with pytest.raises(ValueError, match="backward_kv_step must be a power of two >= 16"):
         flash.BlockSizes(32, 32, backward_kv_step=24)
-    sizes = flash.BlockSizes(128, 64, backward_q_step=64, backward_kv_step=32)
-    assert (sizes.with_tiles(32, 64).backward_q_step, sizes.with_tiles(32, 64).backward_kv_step) == (32, 32)
-    assert flash.BlockSizes(64, 32).backward_q_step == 64  # default: whole tiles
+    with pytest.raises(
+        ValueError, match="forward_kv_step must be at most block_kv=32, got forward_kv_step=64"
+    ):
+        flash.BlockSizes(32, 32, forward_kv_step=64)
+    sizes = flash.BlockSizes(128, 64, backward_q_step=64, backward_kv_step=32, forward_kv_step=64)
+    smaller = sizes.with_tiles(32, 64)
+    assert (smaller.backward_q_step, smaller.backward_kv_step, smaller.forward_kv_step) == (32, 32, 64)
+    assert sizes.with_tiles(128, 32).forward_kv_step == 32
+    whole = flash.BlockSizes(64, 32)  # default: whole tiles
+    assert (whole.backward_q_step, whole.backward_kv_step, whole.forward_kv_step) == (64, 32, 32)
 
 
 def test_in_kernel_masks_segments_padding_and_softcap():
@@ -318,13 +326,13 @@ EXPORT_MASKS = {
 }
 
 
-def _exported_text(platform: str, head_dim: int, mask, gradient: bool, bias_shape=None) -> str:
+def _exported_text(platform: str, head_dim: int, mask, gradient: bool, bias_shape=None, sizes=None) -> str:
     """The exported module of flash on bfloat16 inputs (4 query heads, 2 key/value heads), with a
-    bfloat16 bias of ``bias_shape`` if given (its gradient taken too)."""
+    bfloat16 bias of ``bias_shape`` if given (its gradient taken too), on ``sizes`` if given."""
 
     def attend(q, k, v, bias=None):
         problem = make_problem(q, k, v, mask=mask, bias=bias)
-        out = flash.flash_problem(problem, platform=platform, interpret=False)
+        out = flash.flash_problem(problem, platform=platform, interpret=False, sizes=sizes)
         return out.astype(jnp.float32).sum() if gradient else out
 
     q = jax.ShapeDtypeStruct((2, 384, 4, head_dim), jnp.bfloat16)
@@ -340,6 +348,18 @@ def _exported_text(platform: str, head_dim: int, mask, gradient: bool, bias_shap
 def test_lowers_for_cuda_through_triton(head_dim, mask_name, gradient):
     text = _exported_text("cuda", head_dim, EXPORT_MASKS[mask_name], gradient)
     assert text.count(aot.TRITON_CALL) == (3 if gradient else 1)  # forward (+ dq and dk/dv kernels)
+
+
+def test_steps_smaller_than_the_tiles_lower_for_cuda():
+    """Forward, dq and dk/dv steps inside 128x128 tiles, with a table mask and a bias (whose tiles
+    and table columns follow each step)."""
+    sizes = flash.BlockSizes(
+        128, 128, 4, 2, 8, 2, backward_q_step=32, backward_kv_step=64, forward_kv_step=64
+    )
+    text = _exported_text(
+        "cuda", 128, EXPORT_MASKS["bigbird_table"], True, bias_shape=(4, 384, 384), sizes=sizes
+    )
+    assert text.count(aot.TRITON_CALL) == 3
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -128,8 +128,8 @@ def _autotune(monkeypatch, tiny: bool = True):
 
 def test_autotune_backward_candidates_try_four_warps_and_every_smaller_step(monkeypatch):
     """On the H200 the fastest backward steps were neither the whole tile nor the smallest (head
-    dim 128: 32 queries and 64 keys on 128x128 tiles), so the sweep tries each step below the tile;
-    it tries 4 warps too, as Pallas mha's fast backward runs on 4."""
+    dim 128: 32 queries and 64 keys on 128x128 tiles), so the sweep tries each step below the tile,
+    forward kv steps too; it tries 4 warps for the backward, as Pallas mha's fast backward runs on 4."""
     autotune = _autotune(monkeypatch, tiny=False)
     candidates = autotune.backward_candidates(flash.BlockSizes(128, 64, 4, 3))
     assert {(c.backward_q_step, c.backward_kv_step) for c in candidates} == {
@@ -138,6 +138,8 @@ def test_autotune_backward_candidates_try_four_warps_and_every_smaller_step(monk
     assert {(c.backward_num_warps, c.backward_num_stages) for c in candidates} == {(4, 2), (8, 2), (8, 3)}
     assert all((c.block_q, c.block_kv, c.num_warps, c.num_stages) == (128, 64, 4, 3) for c in candidates)
     assert len(candidates) == 18
+    forwards = autotune.forward_candidates(128, 128)
+    assert {c.forward_kv_step for c in forwards} == {32, 64, 128} and len(forwards) == 12
 
 
 def test_autotune_that_tunes_nothing_fails_and_says_why(monkeypatch, tmp_path, capsys):

@@ -30,8 +30,9 @@ class KernelConfig:
       q_len, kv_len: the true lengths (operands are padded to block multiples).
       block_q, block_kv: tile sizes. num_warps, num_stages: Triton launch settings of the
         forward kernel; backward_num_warps, backward_num_stages: of the dq and dk/dv kernels.
-      backward_q_step, backward_kv_step: rows per step of the Triton dk/dv and dq kernels over a
-        listed tile (see ``flash.BlockSizes``; the TPU lowering takes whole tiles).
+      backward_q_step, backward_kv_step, forward_kv_step: rows per step of the Triton dk/dv, dq
+        and forward kernels over a listed tile (see ``flash.BlockSizes``; the TPU lowering takes
+        whole tiles).
       formula: the in-kernel mask formula (``blocks.mask_formula``) or None.
       interpret: run the kernel in Pallas interpret mode.
       empty_lse: the lse of a row that attends nothing (ring attention merges by it).
@@ -49,6 +50,7 @@ class KernelConfig:
     backward_num_stages: int
     backward_q_step: int
     backward_kv_step: int
+    forward_kv_step: int
     formula: Any
     interpret: bool
     empty_lse: float = 0.0

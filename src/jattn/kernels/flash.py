@@ -46,6 +46,10 @@ MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
+# Each step of BlockSizes and the tile it divides.
+STEPS = (("backward_q_step", "block_q"), ("backward_kv_step", "block_kv"), ("forward_kv_step", "block_kv"))
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of one flash call.
@@ -59,6 +63,9 @@ class BlockSizes:
         backward_kv_step: keys the Triton dq kernel takes per step of a listed kv tile (powers of
         two >= 16, at most the tile; None: the whole tile). Smaller steps cut the shared memory and
         registers of the backward without changing the schedule, which all three kernels share.
+      forward_kv_step: keys the Triton forward kernel takes per step of a listed kv tile (as
+        backward_kv_step). Smaller steps let the forward run as on narrower tiles (less shared
+        memory, so two programs may share a multiprocessor) while the backward keeps wide ones.
     """
 
     block_q: int
@@ -69,6 +76,7 @@ class BlockSizes:
     backward_num_stages: int | None = None
     backward_q_step: int | None = None
     backward_kv_step: int | None = None
+    forward_kv_step: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -79,7 +87,7 @@ class BlockSizes:
                 object.__setattr__(self, name, getattr(self, name.removeprefix("backward_")))
             else:
                 object.__setattr__(self, name, check_int(name, value))
-        for name, tile in (("backward_q_step", "block_q"), ("backward_kv_step", "block_kv")):
+        for name, tile in STEPS:
             value = getattr(self, name)
             if value is None:
                 object.__setattr__(self, name, getattr(self, tile))
@@ -87,13 +95,13 @@ class BlockSizes:
                 raise ValueError(f"{name} must be at most {tile}={getattr(self, tile)}, got {name}={value}")
 
     def with_tiles(self, block_q: int, block_kv: int) -> BlockSizes:
-        """These settings on other tiles; the backward steps shrink with them where they must."""
+        """These settings on other tiles; the steps shrink with them where they must."""
+        tiles = {"block_q": block_q, "block_kv": block_kv}
         return dataclasses.replace(
             self,
             block_q=block_q,
             block_kv=block_kv,
-            backward_q_step=min(self.backward_q_step or block_q, block_q),
-            backward_kv_step=min(self.backward_kv_step or block_kv, block_kv),
+            **{step: min(getattr(self, step) or tiles[tile], tiles[tile]) for step, tile in STEPS},
         )
 
 

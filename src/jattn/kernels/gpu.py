@@ -6,8 +6,8 @@ program reads its row of the tile schedule as an ordinary int32 input and loops 
 without a branch inside (``_loop_full_then_masked``): empty tiles are never loaded. Grids put the
 q (or kv) tile first so that neighbouring programs share K/V in L2.
 
-* forward, grid ``(num_q_blocks, B, N)``, last q tile first: out ``[B, T', N, Hv]``, lse
-  ``[B, N, T', 1]``.
+* forward, grid ``(num_q_blocks, B, N)``, last q tile first, ``forward_kv_step`` keys per step of
+  a listed kv tile: out ``[B, T', N, Hv]``, lse ``[B, N, T', 1]``.
 * dq, same grid, over the same kv-tile lists, ``backward_kv_step`` keys per step; also writes dS
   tiles when there is a bias.
 * dk/dv, grid ``(num_kv_blocks, B, K)``: loops over the G query heads of the kv head and the
@@ -166,6 +166,24 @@ def _entry(sched_ref, width: int, j):
     return sched_ref[HEADER + j], sched_ref[HEADER + width + j]
 
 
+def _kv_step(cfg, aux, refs, q_start, q_vectors, masked: bool, j, step, kv_step: int):
+    """Keys ``[kv_start, kv_start + kv_step)`` of the j-th listed kv tile of a q tile's row, for the
+    forward and dq kernels: ``(kv_start, k [kv_step, H], v [kv_step, Hv], bias [bq, kv_step] | None,
+    allowed [bq, kv_step] | None)``. ``refs``: (sched, k, v, bias | None, table | None, kv vectors)."""
+    sched_ref, k_ref, v_ref, bias_ref, table_ref, kv_vec_refs = refs
+    kv_id, table_id = _entry(sched_ref, aux.row_width, j)
+    kv_start = pl.multiple_of(kv_id * cfg.block_kv + step * kv_step, kv_step)
+    k = k_ref[pl.ds(kv_start, kv_step), :]
+    v = v_ref[pl.ds(kv_start, kv_step), :]
+    bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, kv_step)]
+    allowed = None
+    if masked:
+        allowed = _kv_tile_allowed(
+            cfg, q_start, kv_start, kv_step, q_vectors, kv_vec_refs, table_ref, 0, table_id, step * kv_step
+        )
+    return kv_start, k, v, bias, allowed
+
+
 def _loop_full_then_masked(sched_ref, visit, init, steps_per_tile: int = 1):
     """Fold ``visit(masked, j, step, carry)`` over a row's full entries, then over its masked
     ones, in ``steps_per_tile`` steps per listed tile.
@@ -200,22 +218,15 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     q_start = _q_tile() * cfg.block_q
     q = q_ref[...]  # [bq, H]
     q_vectors = [ref[...] for ref in q_vec_refs]  # [bq, 1]
-    step = functools.partial(_tile.online_softmax_step, scale=cfg.scale, softcap=cfg.softcap)
+    kv_refs = (sched_ref, k_ref, v_ref, bias_ref, table_ref, kv_vec_refs)
+    kv_step = cfg.forward_kv_step
 
-    def visit(masked: bool, j, _step, stats):  # one step per tile
-        kv_id, table_id = _entry(sched_ref, aux.row_width, j)
-        kv_start = pl.multiple_of(kv_id * cfg.block_kv, cfg.block_kv)
-        k = k_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, H]
-        v = v_ref[pl.ds(kv_start, cfg.block_kv), :]  # [bkv, Hv]
-        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, cfg.block_kv)]  # [bq, bkv]
-        allowed = None
-        if masked:
-            allowed = _kv_tile_allowed(
-                cfg, q_start, kv_start, cfg.block_kv, q_vectors, kv_vec_refs, table_ref, 0, table_id, 0
-            )
-        return step(stats, q, k, v, bias, allowed)
+    def visit(masked: bool, j, step, stats):  # keys [kv_start, kv_start + kv_step) of the j-th tile
+        _, k, v, bias, allowed = _kv_step(cfg, aux, kv_refs, q_start, q_vectors, masked, j, step, kv_step)
+        return _tile.online_softmax_step(stats, q, k, v, bias, allowed, scale=cfg.scale, softcap=cfg.softcap)
 
-    stats = _loop_full_then_masked(sched_ref, visit, _tile.init_statistics(cfg.block_q, v_ref.shape[-1]))
+    init = _tile.init_statistics(cfg.block_q, v_ref.shape[-1])
+    stats = _loop_full_then_masked(sched_ref, visit, init, cfg.block_kv // kv_step)
     out, lse = _tile.finish_statistics(stats, cfg.empty_lse)
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
@@ -284,20 +295,13 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
     lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
     q_vectors = [ref[...] for ref in q_vec_refs]
 
+    kv_refs = (sched_ref, k_ref, v_ref, bias_ref, table_ref, kv_vec_refs)
     kv_step = cfg.backward_kv_step
 
     def visit(masked: bool, j, step, dq):  # keys [kv_start, kv_start + kv_step) of the j-th tile
-        kv_id, table_id = _entry(sched_ref, aux.row_width, j)
-        kv_start = pl.multiple_of(kv_id * cfg.block_kv + step * kv_step, kv_step)
-        k = k_ref[pl.ds(kv_start, kv_step), :]  # [kv_step, H]
-        v = v_ref[pl.ds(kv_start, kv_step), :]
-        bias = None if bias_ref is None else bias_ref[0, :, pl.ds(kv_start, kv_step)]  # [bq, kv_step]
-        allowed = None
-        if masked:
-            offset = step * kv_step
-            allowed = _kv_tile_allowed(
-                cfg, q_start, kv_start, kv_step, q_vectors, kv_vec_refs, table_ref, 0, table_id, offset
-            )
+        kv_start, k, v, bias, allowed = _kv_step(
+            cfg, aux, kv_refs, q_start, q_vectors, masked, j, step, kv_step
+        )
         k = _tile.zero_unused(None if allowed is None else _tile.keys_used(allowed), k)  # dq sums over keys
         _, ds = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
