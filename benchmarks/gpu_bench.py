@@ -407,11 +407,19 @@ def print_ratios(setup: Setup, results: dict) -> None:
 
 
 def sliding_window_vs_causal(setup: Setup) -> None:
+    """Flash with a causal sliding window against flash dense causal (the bar), and cuDNN's own
+    causal window beside them where there is a GPU: ``implementation=None`` takes cuDNN for it."""
     length, head_dim = setup.window_len, max(setup.head_dims)
     inputs = _inputs(setup, length, head_dim)
+    mask = masks.sliding_window(setup.window)
+    peer = "jax_cudnn" in implementations()
     print(f"## Sliding window {setup.window} vs dense causal, flash, N={length}, head_dim {head_dim}\n")
-    print(f"| pass | causal ms | window ms | speedup (bar: >= {WINDOW_BAR:.0f}x) |\n|---|---|---|---|")
-    window = functools.partial(jattn.flash_attention, mask=masks.sliding_window(setup.window))
+    print(
+        f"| pass | causal ms | window ms | speedup (bar: >= {WINDOW_BAR:.0f}x) | cuDNN window ms |\n"
+        "|---|---|---|---|---|"
+    )
+    window = functools.partial(jattn.flash_attention, mask=mask)
+    cudnn_window = functools.partial(jattn.attention, mask=mask, implementation="cudnn")
     for backward, pass_name in PASSES:
         try:
             steps = [
@@ -420,11 +428,21 @@ def sliding_window_vs_causal(setup: Setup) -> None:
             ]
             times = [time_call(step, inputs, setup.repeats, setup.calls) for step in steps]
         except Exception as error:  # noqa: BLE001
-            print(f"| {pass_name} | {_failure(error)} | | |")
+            print(f"| {pass_name} | {_failure(error)} | | | |")
             continue
         speedup = times[0] / times[1]
         verdict = "met" if speedup >= WINDOW_BAR else "MISSED"
-        print(f"| {pass_name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {speedup:.1f}x ({verdict}) |")
+        cudnn_cell = "n/a"
+        if peer:
+            try:
+                seconds = time_call(jitted_step(cudnn_window, backward), inputs, setup.repeats, setup.calls)
+                cudnn_cell = f"{seconds * 1e3:.2f}"
+            except Exception as error:  # noqa: BLE001
+                cudnn_cell = _failure(error)
+        print(
+            f"| {pass_name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {speedup:.1f}x ({verdict}) "
+            f"| {cudnn_cell} |"
+        )
     print()
 
 

@@ -292,10 +292,13 @@ class Choice:
 def _preferences(problem: Problem) -> list[tuple[str, str]]:
     """Implementations in order of preference for this problem, each with the reason."""
     prefs: list[tuple[str, str]] = []
+    if problem.backend in GPU_BACKENDS:
+        # Measured on an H200 (benchmarks/RESULTS.md): cuDNN ran 1.4-2.5x as fast as the flash
+        # kernel on the masks it takes (none, causal); flash runs the rest (sparse layouts,
+        # segments, softcap, float32, head dims over 128).
+        prefs.append(("cudnn", "cuDNN fused attention, the fastest measured on NVIDIA GPUs"))
     if problem.backend in (*GPU_BACKENDS, "tpu"):
         prefs.append(("flash", f"Pallas tiled kernel on {problem.backend}"))
-        if problem.backend != "tpu":
-            prefs.append(("cudnn", "cuDNN fused attention"))
     density = problem.density() if problem.mask is not None else 1.0
     if density <= _SPARSE_DENSITY:
         why = f"the mask leaves {density:.0%} of {_LAYOUT_BLOCK}x{_LAYOUT_BLOCK} tiles non-empty"
