@@ -724,17 +724,18 @@ def test_gpus_older_than_ampere_fall_back_from_the_fused_kernels(monkeypatch):
 
 def test_on_an_nvidia_gpu_cudnn_comes_first_where_it_can_run_the_call(monkeypatch):
     """cuDNN ran 1.4-2.5x as fast as flash on an H200, so implementation=None takes it for the
-    calls it runs and flash for the rest."""
+    calls it runs where every query attends a key, and flash for the rest."""
     _attach_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", "9.0")
     x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    assert jattn.explain(x, x, x, mask=masks.causal()).implementation == "cudnn"
-    assert jattn.explain(x, x, x, mask=masks.sliding_window(64)).implementation == "cudnn"
-    for others in (
-        dict(mask=masks.bigbird(64, num_random=1)),  # a sparse layout
-        dict(mask=masks.causal(), softcap=30.0),
-    ):
-        choice = jattn.explain(x, x, x, **others)
-        assert choice.implementation == "flash" and "cudnn" in choice.rejected
+    for mask in (None, masks.causal(), masks.sliding_window(64)):
+        assert jattn.explain(x, x, x, mask=mask).implementation == "cudnn"
+    assert jattn.explain(x, x, x, mask=masks.bigbird(64, num_random=1)).implementation == "flash"
+    softcapped = jattn.explain(x, x, x, mask=masks.causal(), softcap=30.0)
+    assert softcapped.implementation == "flash" and "softcap" in softcapped.rejected["cudnn"]
+    # cuDNN could run these, but a query may attend nothing: flash is tested to return zeros there
+    short = x[:, :100]
+    for q, kv, mask in ((x, x, masks.padding(np.array([0]), np.array([256]))), (x, short, masks.causal())):
+        assert jattn.explain(q, kv, kv, mask=mask).implementation == "flash"
     f32 = x.astype(jnp.float32)
     assert jattn.explain(f32, f32, f32, mask=masks.causal()).implementation == "flash"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

@@ -289,13 +289,25 @@ class Choice:
         return "\n".join(lines)
 
 
+def _every_query_attends(problem: Problem) -> bool:
+    """Whether every query attends a key whatever the data: no mask, or a causal window with
+    T <= S (query t attends key t). jattn returns zeros for a query that attends nothing; what
+    cuDNN returns there (a padding length of 0, say) is not checked on a GPU, so such calls go to
+    the flash kernel, which is tested for it."""
+    mask = problem.mask
+    if mask is None:
+        return True
+    is_causal_window = isinstance(mask, masks_lib.SlidingWindow) and mask.right == 0
+    return is_causal_window and problem.q_len <= problem.kv_len
+
+
 def _preferences(problem: Problem) -> list[tuple[str, str]]:
     """Implementations in order of preference for this problem, each with the reason."""
     prefs: list[tuple[str, str]] = []
-    if problem.backend in GPU_BACKENDS:
+    if problem.backend in GPU_BACKENDS and _every_query_attends(problem):
         # Measured on an H200 (benchmarks/RESULTS.md): cuDNN ran 1.4-2.5x as fast as the flash
-        # kernel on the masks it takes (none, causal); flash runs the rest (sparse layouts,
-        # segments, softcap, float32, head dims over 128).
+        # kernel without a mask and causal; flash runs the rest (sparse layouts, segments,
+        # softcap, float32, head dims over 128) and calls where a query may attend nothing.
         prefs.append(("cudnn", "cuDNN fused attention, the fastest measured on NVIDIA GPUs"))
     if problem.backend in (*GPU_BACKENDS, "tpu"):
         prefs.append(("flash", f"Pallas tiled kernel on {problem.backend}"))
