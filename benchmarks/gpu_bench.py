@@ -118,16 +118,20 @@ CHECKS = (  # (row label, dtype, matmul precision, bar)
 )
 
 
-def _check_one(setup: Setup, rng, dtype: str, head_dim: int, mask) -> list[float]:
-    """Relative errors of (out, dq, dk, dv) of flash against the oracle, GQA 4 heads over 2."""
-    length = setup.check_len
+def _check_one(
+    setup: Setup, rng, dtype: str, head_dim: int, mask, attend=jattn.flash_attention, extra_keys: int = 0
+) -> list[float]:
+    """Relative errors of (out, dq, dk, dv) of ``attend`` (flash) against the oracle, GQA 4 heads
+    over 2, ``check_len`` queries and ``extra_keys`` more keys."""
+    q_len, kv_len = setup.check_len, setup.check_len + extra_keys
     q, k, v, d_out = (
-        jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), dtype) for heads in (4, 2, 2, 4)
+        jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), dtype)
+        for length, heads in ((q_len, 4), (kv_len, 2), (kv_len, 2), (q_len, 4))
     )
-    out, vjp = jax.vjp(functools.partial(jattn.flash_attention, mask=mask), q, k, v)
+    out, vjp = jax.vjp(functools.partial(attend, mask=mask), q, k, v)
     grads = vjp(d_out)
     q64, k64, v64, do64 = (as_float64(x) for x in (q, k, v, d_out))
-    dense = mask.dense(length, length)
+    dense = None if mask is None else mask.dense(q_len, kv_len)
     expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
     errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
     return errors + [relative_error(g, expected[n]) for g, n in zip(grads, "qkv", strict=True)]
@@ -159,6 +163,35 @@ def check_correctness(setup: Setup) -> bool:
                 all_ok &= ok
                 cells = " | ".join(f"{e:.1e}" for e in errors)
                 print(f"{row} {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
+    print()
+    if "jax_cudnn" not in implementations():
+        print("(no cuDNN on this machine: the check of what implementation=None sends it is skipped)\n")
+        return all_ok
+    return check_cudnn(setup, rng) and all_ok
+
+
+def check_cudnn(setup: Setup, rng, implementation: str = "cudnn") -> bool:
+    """``jattn.attention(implementation="cudnn")`` vs the oracle on what ``implementation=None``
+    sends to cuDNN on NVIDIA GPUs: no mask and causal with T <= S (bfloat16, bar 1e-2). The
+    tests run it with another ``implementation`` on CPU."""
+    attend = functools.partial(jattn.attention, implementation=implementation)
+    print(f"## {implementation} through jattn.attention against the float64 oracle (S = T or T + 100)\n")
+    print("| head dim | mask | keys | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|---|")
+    all_ok = True
+    for head_dim in setup.check_head_dims:
+        for name, mask in (("none", None), ("causal", masks.causal())):
+            for extra_keys in (0, 100):
+                row = f"| {head_dim} | {name} | T + {extra_keys} |"
+                try:
+                    errors = _check_one(setup, rng, "bfloat16", head_dim, mask, attend, extra_keys)
+                except Exception as error:  # noqa: BLE001
+                    all_ok = False
+                    print(f"{row} {_failure(error)} | | | | {AGREEMENT_BAR:.0e} | NO |")
+                    continue
+                ok = _within(errors, AGREEMENT_BAR)
+                all_ok &= ok
+                cells = " | ".join(f"{e:.1e}" for e in errors)
+                print(f"{row} {cells} | {AGREEMENT_BAR:.0e} | {'yes' if ok else 'NO'} |")
     print()
     return all_ok
 

@@ -126,8 +126,11 @@ def test_steps_are_checked_and_shrink_with_the_tiles():
     smaller = sizes.with_tiles(32, 64)
     assert (smaller.backward_q_step, smaller.backward_kv_step, smaller.forward_kv_step) == (32, 32, 64)
     assert sizes.with_tiles(128, 32).forward_kv_step == 32
-    whole = flash.BlockSizes(64, 32)  # default: whole tiles
+    whole = flash.BlockSizes(64, 32)  # default: whole tiles, which stay whole on other tiles
     assert (whole.backward_q_step, whole.backward_kv_step, whole.forward_kv_step) == (64, 32, 32)
+    grown = whole.with_tiles(128, 128)
+    assert (grown.backward_q_step, grown.backward_kv_step, grown.forward_kv_step) == (128, 128, 128)
+    assert flash.BlockSizes(64, 64, backward_q_step=32).with_tiles(128, 128).backward_q_step == 32
 
 
 def test_in_kernel_masks_segments_padding_and_softcap():
@@ -723,19 +726,29 @@ def test_gpus_older_than_ampere_fall_back_from_the_fused_kernels(monkeypatch):
 
 
 def test_on_an_nvidia_gpu_cudnn_comes_first_where_it_can_run_the_call(monkeypatch):
-    """cuDNN ran 1.4-2.5x as fast as flash on an H200, so implementation=None takes it for the
-    calls it runs where every query attends a key, and flash for the rest."""
+    """cuDNN ran 1.4-2.5x as fast as flash on an H200 without a mask and causal, so
+    implementation=None takes it for those calls, and flash for the rest."""
     _attach_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", "9.0")
     x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    for mask in (None, masks.causal(), masks.sliding_window(64)):
+    for mask in (None, masks.causal()):
         assert jattn.explain(x, x, x, mask=mask).implementation == "cudnn"
     assert jattn.explain(x, x, x, mask=masks.bigbird(64, num_random=1)).implementation == "flash"
     softcapped = jattn.explain(x, x, x, mask=masks.causal(), softcap=30.0)
     assert softcapped.implementation == "flash" and "softcap" in softcapped.rejected["cudnn"]
-    # cuDNN could run these, but a query may attend nothing: flash is tested to return zeros there
-    short = x[:, :100]
-    for q, kv, mask in ((x, x, masks.padding(np.array([0]), np.array([256]))), (x, short, masks.causal())):
-        assert jattn.explain(q, kv, kv, mask=mask).implementation == "flash"
+    # cuDNN could run these, but a query may attend nothing (flash is tested to return zeros
+    # there), a bias may be broadcast over T or S, and its windows are untimed
+    short, bias = x[:, :100], jnp.zeros((2, 1, 256), jnp.float32)
+    for q, kv, others in (
+        (x, x, dict(mask=masks.padding(np.array([0]), np.array([256])))),
+        (x, short, dict(mask=masks.causal())),
+        (x, x, dict(mask=masks.causal(), bias=bias)),
+        (x, x, dict(mask=masks.sliding_window(64))),
+    ):
+        assert jattn.explain(q, kv, kv, **others).implementation == "flash"
+    empty = jnp.zeros((0, 256, 2, 64), jnp.bfloat16)
+    assert "empty batch" in supports_cudnn(make_problem(empty, empty, empty))
+    _attach_gpu(monkeypatch, "AMD Instinct MI300X", "gfx942")
+    assert "no CUDA compute capability" in supports_cudnn(make_problem(x, x, x))
     f32 = x.astype(jnp.float32)
     assert jattn.explain(f32, f32, f32, mask=masks.causal()).implementation == "flash"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

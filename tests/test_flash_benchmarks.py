@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jattn.kernels import flash
@@ -95,6 +96,24 @@ def test_gpu_check_marks_each_ratio_bar(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
     assert rows[0] == "| 16 | fwd | no | 1.25x (bar met) | n/a |"
     assert rows[-1] == "| 16 | fwd_bwd | yes | 0.80x (BAR MISSED) | 0.50x |"
+
+
+def test_gpu_check_tests_what_implementation_none_sends_to_cudnn(monkeypatch, capsys):
+    """The cuDNN rows (no mask and causal, S = T and T + 100, GQA) run here through "xla": each
+    reaches the oracle and passes, and a wrong answer fails its row."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    assert bench.check_cudnn(bench.CPU_TINY, np.random.default_rng(0), implementation="xla")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
+    assert [row.split(" | ")[1:3] for row in rows] == [
+        ["none", "T + 0"],
+        ["none", "T + 100"],
+        ["causal", "T + 0"],
+        ["causal", "T + 100"],
+    ]
+    assert all(row.endswith("| yes |") for row in rows)
+    monkeypatch.setattr(bench.jattn, "attention", lambda q, k, v, **kwargs: 1.5 * q)
+    assert not bench.check_cudnn(bench.CPU_TINY, np.random.default_rng(0), implementation="xla")
 
 
 def test_gpu_check_fails_a_nan_gradient(monkeypatch, capsys):

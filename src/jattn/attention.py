@@ -289,25 +289,28 @@ class Choice:
         return "\n".join(lines)
 
 
-def _every_query_attends(problem: Problem) -> bool:
-    """Whether every query attends a key whatever the data: no mask, or a causal window with
-    T <= S (query t attends key t). jattn returns zeros for a query that attends nothing; what
-    cuDNN returns there (a padding length of 0, say) is not checked on a GPU, so such calls go to
-    the flash kernel, which is tested for it."""
+def _measured_cudnn_case(problem: Problem) -> bool:
+    """Whether ``problem`` is a case where cuDNN was measured faster than flash and every query
+    attends a key whatever the data: no bias, and no mask or a causal one with T <= S. jattn returns
+    zeros for a query that attends nothing, and cuDNN's answer there (a padding length of 0), its
+    windows' speed and its bias restrictions (a bias broadcast over T or S) are unchecked on a GPU,
+    so those calls go to the flash kernel."""
+    if problem.bias is not None:
+        return False
     mask = problem.mask
     if mask is None:
         return True
-    is_causal_window = isinstance(mask, masks_lib.SlidingWindow) and mask.right == 0
-    return is_causal_window and problem.q_len <= problem.kv_len
+    is_causal = isinstance(mask, masks_lib.SlidingWindow) and mask.left is None and mask.right == 0
+    return is_causal and problem.q_len <= problem.kv_len
 
 
 def _preferences(problem: Problem) -> list[tuple[str, str]]:
     """Implementations in order of preference for this problem, each with the reason."""
     prefs: list[tuple[str, str]] = []
-    if problem.backend in GPU_BACKENDS and _every_query_attends(problem):
+    if problem.backend in GPU_BACKENDS and _measured_cudnn_case(problem):
         # Measured on an H200 (benchmarks/RESULTS.md): cuDNN ran 1.4-2.5x as fast as the flash
-        # kernel without a mask and causal; flash runs the rest (sparse layouts, segments,
-        # softcap, float32, head dims over 128) and calls where a query may attend nothing.
+        # kernel without a mask and causal; flash runs the rest (windows, sparse layouts, padding,
+        # segments, a bias, softcap, float32, head dims over 128).
         prefs.append(("cudnn", "cuDNN fused attention, the fastest measured on NVIDIA GPUs"))
     if problem.backend in (*GPU_BACKENDS, "tpu"):
         prefs.append(("flash", f"Pallas tiled kernel on {problem.backend}"))

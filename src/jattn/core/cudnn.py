@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import masks as masks_lib
-from jattn.core._common import pre_ampere_reason
+from jattn.core._common import attached_gpu, pre_ampere_reason
 
 
 def _mask_arguments(mask) -> dict | None:
@@ -38,8 +38,13 @@ def _mask_arguments(mask) -> dict | None:
 def supports_cudnn(p) -> str | None:
     if p.backend not in ("gpu", "cuda"):
         return f"cuDNN needs an NVIDIA GPU, the backend is {p.backend!r}"
+    gpu = attached_gpu()
+    if gpu is not None and gpu[1] is None:
+        return f"cuDNN needs an NVIDIA GPU, this {gpu[0]} reports no CUDA compute capability"
     if (too_old := pre_ampere_reason("cuDNN fused attention")) is not None:
         return too_old
+    if p.q.shape[0] == 0:
+        return "cuDNN is not called on an empty batch"
     if p.dtype not in (jnp.float16, jnp.bfloat16):
         return f"cuDNN attention takes float16 or bfloat16, got {p.dtype}"
     if p.head_dim != p.value_head_dim or p.head_dim % 8 or p.head_dim > 128:

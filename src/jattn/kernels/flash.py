@@ -95,14 +95,16 @@ class BlockSizes:
                 raise ValueError(f"{name} must be at most {tile}={getattr(self, tile)}, got {name}={value}")
 
     def with_tiles(self, block_q: int, block_kv: int) -> BlockSizes:
-        """These settings on other tiles; the steps shrink with them where they must."""
+        """These settings on other tiles: a step of a whole tile stays the whole tile, a smaller
+        step shrinks with the tile where it must."""
         tiles = {"block_q": block_q, "block_kv": block_kv}
-        return dataclasses.replace(
-            self,
-            block_q=block_q,
-            block_kv=block_kv,
-            **{step: min(getattr(self, step) or tiles[tile], tiles[tile]) for step, tile in STEPS},
-        )
+        steps = {
+            step: tiles[tile]
+            if getattr(self, step) == getattr(self, tile)
+            else min(getattr(self, step), tiles[tile])
+            for step, tile in STEPS
+        }
+        return dataclasses.replace(self, block_q=block_q, block_kv=block_kv, **steps)
 
 
 def _check_block(name: str, value, minimum: int) -> int:
