@@ -662,6 +662,10 @@ def test_ieee_float32_takes_tiles_that_do_not_spill(precision):
         assert flash.ieee_float32(jnp.float32) and not flash.ieee_float32(jnp.bfloat16)
         capped = flash.choose_block_sizes("triton", make_problem(x, x, x))
         assert (capped.block_q, capped.block_kv) == flash.IEEE_FLOAT32_MAX_TILES
+        four_warps = flash.lookup_block_sizes("triton", jnp.float32, 128, "sm80")
+        assert four_warps.backward_num_warps == 4  # chosen for TF32; IEEE loops spill 41 KB there
+        ieee = flash.tabulated_block_sizes("triton", jnp.float32, 128, "sm80")
+        assert ieee.backward_num_warps == flash.IEEE_FLOAT32_MIN_BACKWARD_WARPS
         assert (capped.num_warps, capped.num_stages) == (entry.num_warps, entry.num_stages)
         assert flash.choose_block_sizes("mosaic_tpu", make_problem(x, x, x)).block_q >= 128
         assert flash.choose_block_sizes("triton", make_problem(x, x, x), block_q=128).block_q == 128

@@ -177,6 +177,10 @@ def lookup_block_sizes(lowering: str, dtype, head_dim: int, target: str | None =
 # for TF32, spill there: at head dim 64 on sm_90, 128x128 spills 45 KB a thread and takes 208 of the
 # 227 KiB of shared memory.
 IEEE_FLOAT32_MAX_TILES = (64, 32)
+# The fewest warps of the IEEE float32 backward: its FMA loops hold their operands in registers,
+# and sm_80's float32 entry at head dim 128 (4 backward warps, chosen for TF32) spilled 41 KB a
+# thread in its dq kernel on 4 warps, 2.2 KB on 8 (triton_static.compile_for, capped tiles).
+IEEE_FLOAT32_MIN_BACKWARD_WARPS = 8
 
 
 def ieee_float32(dtype) -> bool:
@@ -193,12 +197,15 @@ def ieee_float32(dtype) -> bool:
 
 
 def tabulated_block_sizes(lowering: str, dtype, head_dim: int, target: str | None = None) -> BlockSizes:
-    """``lookup_block_sizes``' entry, on Triton within ``IEEE_FLOAT32_MAX_TILES`` where the matmuls
-    are IEEE float32 (``ieee_float32``)."""
+    """``lookup_block_sizes``' entry, on Triton within ``IEEE_FLOAT32_MAX_TILES`` and on at least
+    ``IEEE_FLOAT32_MIN_BACKWARD_WARPS`` backward warps where the matmuls are IEEE float32
+    (``ieee_float32``)."""
     sizes = lookup_block_sizes(lowering, dtype, head_dim, target)
     if lowering == "triton" and ieee_float32(dtype):
         max_q, max_kv = IEEE_FLOAT32_MAX_TILES
         sizes = sizes.with_tiles(min(sizes.block_q, max_q), min(sizes.block_kv, max_kv))
+        warps = max(sizes.backward_num_warps, IEEE_FLOAT32_MIN_BACKWARD_WARPS)
+        sizes = dataclasses.replace(sizes, backward_num_warps=warps)
     return sizes
 
 
