@@ -137,6 +137,25 @@ def _check_one(
     return errors + [relative_error(g, expected[n]) for g, n in zip(grads, "qkv", strict=True)]
 
 
+def _check_row(row: str, bar: float, errors_of) -> bool:
+    """Print one row of relative errors (``errors_of()``, or why it failed) and whether they are
+    within ``bar``; a failure is reported and the other rows still run."""
+    try:
+        errors = errors_of()
+    except Exception as error:  # noqa: BLE001
+        print(f"{row} {_failure(error)} | | | | {bar:.0e} | NO |")
+        return False
+    ok = _within(errors, bar)
+    cells = " | ".join(f"{e:.1e}" for e in errors)
+    print(f"{row} {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
+    return ok
+
+
+def _with_precision(precision, fn):
+    with jax.default_matmul_precision(precision):
+        return fn()
+
+
 def check_correctness(setup: Setup) -> bool:
     """Flash vs the float64 oracle; the bar is 1e-2 (bfloat16, TF32) and 1e-4 (IEEE float32)."""
     rng = np.random.default_rng(0)
@@ -151,18 +170,12 @@ def check_correctness(setup: Setup) -> bool:
             for name, mask in cases.items():
                 if precision is None and dtype == "float32" and name != "causal":
                     continue  # the default-precision row is informative: one mask is enough
-                row = f"| {label} | {head_dim} | {name} |"
-                try:
-                    with jax.default_matmul_precision(precision):
-                        errors = _check_one(setup, rng, dtype, head_dim, mask)
-                except Exception as error:  # noqa: BLE001 - report it and go on to the other cells
-                    all_ok = False
-                    print(f"{row} {_failure(error)} | | | | {bar:.0e} | NO |")
-                    continue
-                ok = _within(errors, bar)
-                all_ok &= ok
-                cells = " | ".join(f"{e:.1e}" for e in errors)
-                print(f"{row} {cells} | {bar:.0e} | {'yes' if ok else 'NO'} |")
+                check = functools.partial(_check_one, setup, rng, dtype, head_dim, mask)
+                all_ok &= _check_row(
+                    f"| {label} | {head_dim} | {name} |",
+                    bar,
+                    functools.partial(_with_precision, precision, check),
+                )
     print()
     if "jax_cudnn" not in implementations():
         print("(no cuDNN on this machine: the check of what implementation=None sends it is skipped)\n")
@@ -181,17 +194,10 @@ def check_cudnn(setup: Setup, rng, implementation: str = "cudnn") -> bool:
     for head_dim in setup.check_head_dims:
         for name, mask in (("none", None), ("causal", masks.causal())):
             for extra_keys in (0, 100):
-                row = f"| {head_dim} | {name} | T + {extra_keys} |"
-                try:
-                    errors = _check_one(setup, rng, "bfloat16", head_dim, mask, attend, extra_keys)
-                except Exception as error:  # noqa: BLE001
-                    all_ok = False
-                    print(f"{row} {_failure(error)} | | | | {AGREEMENT_BAR:.0e} | NO |")
-                    continue
-                ok = _within(errors, AGREEMENT_BAR)
-                all_ok &= ok
-                cells = " | ".join(f"{e:.1e}" for e in errors)
-                print(f"{row} {cells} | {AGREEMENT_BAR:.0e} | {'yes' if ok else 'NO'} |")
+                check = functools.partial(
+                    _check_one, setup, rng, "bfloat16", head_dim, mask, attend, extra_keys
+                )
+                all_ok &= _check_row(f"| {head_dim} | {name} | T + {extra_keys} |", AGREEMENT_BAR, check)
     print()
     return all_ok
 
