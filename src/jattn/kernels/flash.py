@@ -204,7 +204,7 @@ def tabulated_block_sizes(lowering: str, dtype, head_dim: int, target: str | Non
     if lowering == "triton" and ieee_float32(dtype):
         max_q, max_kv = IEEE_FLOAT32_MAX_TILES
         sizes = sizes.with_tiles(min(sizes.block_q, max_q), min(sizes.block_kv, max_kv))
-        warps = max(sizes.backward_num_warps, IEEE_FLOAT32_MIN_BACKWARD_WARPS)
+        warps = max(sizes.backward_num_warps or sizes.num_warps, IEEE_FLOAT32_MIN_BACKWARD_WARPS)
         sizes = dataclasses.replace(sizes, backward_num_warps=warps)
     return sizes
 
