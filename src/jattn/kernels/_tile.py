@@ -109,13 +109,18 @@ def _along(axis: int, size: int) -> tuple[int, int]:
 
 
 def queries_used(allowed, *, keys_first: bool = False):
-    """Which queries of a masked tile attend any key: bool ``[bq, 1]``."""
+    """Which queries of a masked tile attend any key: bool ``[bq, 1]``; None for a full tile
+    (``allowed`` None), whose queries all do."""
+    if allowed is None:
+        return None
     as_float = allowed.astype(jnp.float32)  # [bq, bkv], or [bkv, bq] keys first
     return jnp.max(as_float.T if keys_first else as_float, axis=1, keepdims=True) > 0
 
 
 def keys_used(allowed, *, keys_first: bool = False):
-    """Which keys of a masked tile any query attends: bool ``[bkv, 1]``."""
+    """Which keys of a masked tile any query attends: bool ``[bkv, 1]``; None for a full tile."""
+    if allowed is None:
+        return None
     as_float = allowed.astype(jnp.float32)
     return jnp.max(as_float if keys_first else as_float.T, axis=1, keepdims=True) > 0
 
@@ -157,8 +162,8 @@ def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap):
       allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
     """
     m, row_sum, acc = stats
-    if allowed is not None:  # p·v sums over the keys; q and k reach only s, whose masked entries are replaced
-        v = zero_unused(keys_used(allowed), v)
+    # p·v sums over the keys; q and k reach only s, whose masked entries are replaced
+    v = zero_unused(keys_used(allowed), v)
     s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
     p = exp_of_difference(s, m_new)

@@ -302,7 +302,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         kv_start, k, v, bias, allowed = _kv_step(
             cfg, aux, kv_refs, q_start, q_vectors, masked, j, step, kv_step
         )
-        k = _tile.zero_unused(None if allowed is None else _tile.keys_used(allowed), k)  # dq sums over keys
+        k = _tile.zero_unused(_tile.keys_used(allowed), k)  # dq sums over keys
         _, ds = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
         )
@@ -353,7 +353,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
                 keys_first=True,
             )
         dk, dv = grads
-        used = None if allowed is None else _tile.queries_used(allowed, keys_first=True)  # [q_step, 1]
+        used = _tile.queries_used(allowed, keys_first=True)  # [q_step, 1]
         q, d_out = _tile.zero_unused(used, q), _tile.zero_unused(used, d_out)  # dk, dv sum over queries
         p_t, ds_t = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap, keys_first=True

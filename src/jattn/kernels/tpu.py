@@ -317,9 +317,7 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
             dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
 
     def run(allowed):
-        k = _tile.zero_unused(
-            None if allowed is None else _tile.keys_used(allowed), k_ref[...]
-        )  # dq sums over keys
+        k = _tile.zero_unused(_tile.keys_used(allowed), k_ref[...])  # dq sums over keys
         _, ds = _tile_grads(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref, delta_ref, bias_ref, allowed, cfg
         )
@@ -352,11 +350,8 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def run(allowed):
-        used = None if allowed is None else _tile.queries_used(allowed)  # [bq, 1]
-        q, d_out = (
-            _tile.zero_unused(used, q_ref[...]),
-            _tile.zero_unused(used, do_ref[...]),
-        )  # dk, dv sum over queries
+        used = _tile.queries_used(allowed)  # [bq, 1]: dk and dv sum over the queries
+        q, d_out = _tile.zero_unused(used, q_ref[...]), _tile.zero_unused(used, do_ref[...])
         p, ds = _tile_grads(q, k_ref[...], v_ref[...], d_out, lse_ref, delta_ref, bias_ref, allowed, cfg)
         dv_acc[...] += _tile.matmul(p, d_out, transpose_a=True)  # [bkv, Hv]
         dk_acc[...] += cfg.scale * _tile.matmul(ds, q, transpose_a=True)  # [bkv, H]
