@@ -72,6 +72,7 @@ class Compiled:
     sync_mma: int
     registers: int
     spill_bytes: int
+    ptx_instructions: int  # in the kernel's PTX, a static size (not a count of what runs)
     arch: int = 90
 
     @property
@@ -214,8 +215,15 @@ def compile_for(ir: str, num_warps: int, num_stages: int, arch: int = 90) -> Com
         sync_mma=len(re.findall(r"= tt\.dot ", kernel.asm["ttgir"])),
         registers=int(registers.group(1)) if registers else -1,
         spill_bytes=int(spills.group(1)) if spills else 0,
+        ptx_instructions=_instruction_count(kernel.asm["ptx"]),
         arch=arch,
     )
+
+
+def _instruction_count(ptx: str) -> int:
+    """Instructions in PTX text: statements ending in ';' other than directives and comments."""
+    lines = (line.strip() for line in ptx.splitlines())
+    return sum(1 for line in lines if line.endswith(";") and not line.startswith((".", "//")))
 
 
 COLUMNS = (
@@ -230,7 +238,7 @@ COLUMNS = (
     "async mma",
     "sync mma",
 )
-HEADER = "| " + " | ".join((*COLUMNS, "regs", "spill B")) + " |\n|" + "---|" * (len(COLUMNS) + 2)
+HEADER = "| " + " | ".join((*COLUMNS, "regs", "spill B", "PTX instr")) + " |\n|" + "---|" * (len(COLUMNS) + 3)
 
 
 def row(kernel: str, head_dim: int, causal: bool, tiles: str, warps: int, stages: int, c: Compiled) -> str:
@@ -238,7 +246,7 @@ def row(kernel: str, head_dim: int, causal: bool, tiles: str, warps: int, stages
     mask = "causal" if causal else "none"
     pipelined = "yes" if c.pipelined else "no"
     cells = (kernel, head_dim, mask, tiles, warps, stages, smem, pipelined, c.async_mma, c.sync_mma)
-    return "| " + " | ".join(map(str, (*cells, c.registers, c.spill_bytes))) + " |"
+    return "| " + " | ".join(map(str, (*cells, c.registers, c.spill_bytes, c.ptx_instructions))) + " |"
 
 
 def compare(head_dims, length: int, arch: int, dtype: str, target: str | None) -> None:
