@@ -38,7 +38,6 @@ import jax
 import block_table
 import gpu_bench
 from jattn import masks
-from jattn.attention import make_problem
 from jattn.kernels import flash
 
 TINY = os.environ.get("JATTN_AUTOTUNE_TINY") == "1"
@@ -83,14 +82,9 @@ def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradien
     key = jax.random.key(head_dim)
     shape = (TOKENS // LENGTH, LENGTH, HEADS, head_dim)
     inputs = tuple(jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 4))  # q, k, v, d_out
-    platform = jax.default_backend()
-
-    def attend(q, k, v):
-        problem = make_problem(q, k, v, mask=masks.causal())
-        return flash.flash_problem(problem, platform=platform, interpret=platform == "cpu", sizes=sizes)
-
+    step = gpu_bench.jitted_step(gpu_bench.flash_with_sizes(masks.causal(), sizes), gradient)
     repeats, calls = (1, 1) if TINY else (5, 10)
-    return gpu_bench.time_call(gpu_bench.jitted_step(attend, gradient), inputs, repeats, calls)
+    return gpu_bench.time_call(step, inputs, repeats, calls)
 
 
 def fastest(candidates, dtype: str, head_dim: int, gradient: bool):

@@ -38,6 +38,7 @@ def test_gpu_check_tiny_mode_prints_every_table():
         "## TFLOP/s",
         "## Sliding window",
         "## Forward+backward temporary memory",
+        "## Where the window's time goes",
     ):
         assert heading in out
     assert "| NO |" not in out and "correctness passed" in out
@@ -136,6 +137,59 @@ def test_gpu_check_logs_each_cell_with_its_throughput(monkeypatch):
     assert bench._cell_summary(bench.CPU_TINY, cell, "skipped (time budget)").endswith(
         ": skipped (time budget)"
     )
+
+
+def test_window_diagnosis_compares_the_window_with_its_block_aligned_twin(monkeypatch):
+    """At the GPU run's sizes (N = 16384, window 1024, the sm_90 table's tiles) the block-aligned
+    window lists the sliding window's tiles with half its masked ones, so their difference is the
+    cost of masked tiles; the other variants keep the window and change only the tile settings."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    monkeypatch.setattr(flash, "device_target", lambda lowering: "sm90")
+    q = jnp.zeros((1, 16384, 16, 128), jnp.bfloat16)
+    variants = bench.window_variants(bench.GPU, (q,))
+    counts = []  # (label, listed tiles, masked tiles)
+    for label, mask, sizes in variants:
+        layout = mask.blocks(16384, 16384, sizes.block_q, sizes.block_kv)
+        counts.append((label, int((layout != 0).sum()), int((layout == 1).sum())))
+    table = variants[0][2]
+    assert (table.block_q, table.block_kv) == (128, 128)
+    assert counts == [
+        ("dense causal", 8256, 128),
+        ("sliding window", 1116, 248),
+        ("causal ∧ BlockWindow(128, 8)", 1116, 128),
+        ("sliding window, forward kv step 64", 1116, 248),
+        ("sliding window, 64x64 tiles", 4216, 496),
+    ]
+    assert variants[3][2] == dataclasses.replace(table, forward_kv_step=64)
+    assert variants[4][2] == table.with_tiles(64, 64)
+
+
+def test_window_diagnosis_prints_speedups_and_tile_costs_against_dense_causal(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    window = bench.masks.sliding_window(16)
+    variants = [
+        ("dense causal", bench.masks.causal(), flash.BlockSizes(16, 16)),
+        ("sliding window", window, flash.BlockSizes(16, 16)),
+        ("broken", window, flash.BlockSizes(16, 16)),
+    ]
+    monkeypatch.setattr(bench, "window_variants", lambda setup, inputs: variants)
+    times = iter([8.0, 16.0, 2.0, 5.0])  # dense fwd, fwd_bwd; window fwd, fwd_bwd; then a failure
+
+    def fake_time(step, inputs, repeats, calls):
+        try:
+            return next(times)
+        except StopIteration:
+            raise RuntimeError("compile failed") from None
+
+    monkeypatch.setattr(bench, "time_call", fake_time)
+    bench.window_diagnosis(bench.CPU_TINY)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    # 64 tokens on 16x16 tiles: causal lists 10 tiles (4 masked), the window of 16 lists 7 (7)
+    assert rows[0] == "| dense causal | 10 | 4 | 8000.000 | 1.00x | 1.00 | 16000.000 | 1.00x | 1.00 |"
+    assert rows[1] == "| sliding window | 7 | 7 | 2000.000 | 4.00x | 0.36 | 5000.000 | 3.20x | 0.45 |"
+    assert rows[2].startswith("| broken | 7 | 7 | n/a (RuntimeError) |")
 
 
 def _autotune(monkeypatch, tiny: bool = True):
