@@ -16,10 +16,13 @@ backward keeps the 128x128 schedule. Each time is the median of 5 runs of 10 bac
 (``gpu_bench.time_call``), as the GPU check times its cells. Candidates that fail to compile (too
 much shared memory) are skipped. The entries go to the table of the GPU's architecture
 (``flash.device_target``: sm90, sm80 or sm86). ``--dtypes`` and ``--head-dims`` narrow the sweep
-(86 candidates a pair, about 2 minutes on an H200 by the 1.3 s a candidate took there); entries not
-swept, other architectures' and the TPU's, are kept as they are.
-Every candidate's time (or why it failed) goes to stderr, and the table is written after each
-(dtype, head dim) pair, so a run cut short keeps the pairs it finished. ``--budget-s`` tunes no new
+(86 candidates a pair); entries not swept, other architectures' and the TPU's, are kept as they
+are. Compiling is most of the time: one at a time, 76 candidates took 245 s on an H200 (3.1 s
+each), so each batch (a tile's forward candidates, then its backward ones) is compiled on
+``gpu_bench.COMPILE_THREADS`` threads before it is timed.
+Every candidate's time (or why it failed) goes to stderr, and the table is written whenever a
+candidate beats all before it (its source says the sweep has not finished) and again when the
+pair is done, so a run cut short keeps the fastest candidate it timed. ``--budget-s`` tunes no new
 pair once that many seconds have passed. The exit status is 1 if a requested pair got no entry.
 ``JATTN_AUTOTUNE_TINY=1``: a two-tile sweep at tiny sizes in interpret mode on CPU (smoke test).
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -77,24 +81,42 @@ def backward_candidates(forward: flash.BlockSizes) -> list[flash.BlockSizes]:
     ]
 
 
-def seconds_per_call(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradient: bool) -> float:
-    """Median time of the causal forward (or forward+backward) with these sizes."""
+@functools.cache
+def candidate_inputs(dtype: str, head_dim: int):
+    """q, k, v and an output gradient of the swept shape."""
     key = jax.random.key(head_dim)
     shape = (TOKENS // LENGTH, LENGTH, HEADS, head_dim)
-    inputs = tuple(jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 4))  # q, k, v, d_out
+    return tuple(jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 4))
+
+
+def compile_candidate(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradient: bool):
+    """The causal forward (or forward+backward) step with these sizes, compiled."""
     step = gpu_bench.jitted_step(gpu_bench.flash_with_sizes(masks.causal(), sizes), gradient)
+    return step.lower(*candidate_inputs(dtype, head_dim)).compile()
+
+
+def seconds_per_call(step, inputs) -> float:
+    """Median time of a compiled candidate."""
     repeats, calls = (1, 1) if TINY else (5, 10)
     return gpu_bench.time_call(step, inputs, repeats, calls)
 
 
 def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
-    """(best BlockSizes, its seconds) among those that compile, or (None, inf)."""
+    """(best BlockSizes, its seconds) among those that compile and run, or (None, inf). All are
+    compiled first, in parallel (``gpu_bench.compile_all``), then timed one by one."""
+    inputs = candidate_inputs(dtype, head_dim)
+    steps = gpu_bench.compile_all(
+        {
+            sizes: functools.partial(compile_candidate, sizes, dtype, head_dim, gradient)
+            for sizes in candidates
+        }
+    )
     timings = {}
     pass_name = "fwd+bwd" if gradient else "fwd"
-    for sizes in candidates:
+    for sizes, step in steps.items():
         label = f"  {dtype} h={head_dim} {pass_name} {sizes}"
         try:
-            timings[sizes] = seconds_per_call(sizes, dtype, head_dim, gradient)
+            timings[sizes] = seconds_per_call(step.result(), inputs)
         except Exception as error:  # noqa: BLE001 - a candidate that does not compile is skipped
             print(f"{label}: skipped, {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
             continue
@@ -111,9 +133,13 @@ def current_entry(dtype: str, head_dim: int) -> flash.BlockSizes:
     return entry.with_tiles(min(entry.block_q, LENGTH), min(entry.block_kv, LENGTH))
 
 
-def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
-    """The fastest tile and launch settings for causal forward+backward, the current entry included."""
+def tune(dtype: str, head_dim: int, on_better=None) -> flash.BlockSizes | None:
+    """The fastest tile and launch settings for causal forward+backward, the current entry included.
+    ``on_better(sizes)`` is called with each candidate faster than all before it (the current
+    entry first), so that a sweep cut short keeps what it measured."""
     best, best_seconds = fastest([current_entry(dtype, head_dim)], dtype, head_dim, gradient=True)
+    if best is not None and on_better is not None:
+        on_better(best)
     for bq, bkv in TILES:
         tile_forward, _ = fastest(forward_candidates(bq, bkv), dtype, head_dim, gradient=False)
         if tile_forward is None:
@@ -121,6 +147,8 @@ def tune(dtype: str, head_dim: int) -> flash.BlockSizes | None:
         sizes, seconds = fastest(backward_candidates(tile_forward), dtype, head_dim, gradient=True)
         if seconds < best_seconds:
             best, best_seconds = sizes, seconds
+            if on_better is not None:
+                on_better(best)
     if best is not None:
         print(f"{dtype} head_dim={head_dim}: {best} ({best_seconds * 1e3:.2f} ms fwd+bwd)")
     return best
@@ -141,20 +169,28 @@ def main() -> int:
     start = time.perf_counter()
     device, day = jax.devices()[0].device_kind, time.strftime("%Y-%m-%d")
     source = f"tuned by benchmarks/autotune_flash.py on {device}, jax {jax.__version__}, {day}"
-    entries: dict = {}  # {dtype: {head_dim: BlockSizes fields}}, the pairs tuned so far
+    print(f"autotune_flash: {source}, compiling on {gpu_bench.COMPILE_THREADS} threads", file=sys.stderr)
+    entries: dict = {}  # {dtype: {head_dim: BlockSizes fields}}, the pairs written so far
+    sources: dict = {}  # {dtype: {head_dim: how each was chosen}}
+
+    def write(dtype: str, head_dim: int, sizes: flash.BlockSizes, how: str) -> None:
+        entries.setdefault(dtype, {})[str(head_dim)] = dataclasses.asdict(sizes)
+        sources.setdefault(dtype, {})[str(head_dim)] = how
+        block_table.write_entries("triton", flash.device_target("triton"), entries, sources, args.output)
+
     missing = []
     for dtype, head_dim in itertools.product(args.dtypes, args.head_dims):
         if time.perf_counter() - start > args.budget_s:
             print(f"{dtype} head_dim={head_dim}: not tuned, the {args.budget_s:.0f} s budget is spent")
             missing.append(f"{dtype}/{head_dim}")
             continue
-        best = tune(dtype, head_dim)
+        unfinished = f"{source}, the fastest so far of a sweep that did not finish"
+        best = tune(dtype, head_dim, functools.partial(write, dtype, head_dim, how=unfinished))
         if best is None:
             print(f"{dtype} head_dim={head_dim}: no candidate ran (see stderr)")
             missing.append(f"{dtype}/{head_dim}")
             continue
-        entries.setdefault(dtype, {})[str(head_dim)] = dataclasses.asdict(best)
-        block_table.write_entries("triton", flash.device_target("triton"), entries, source, args.output)
+        write(dtype, head_dim, best, source)
         print(f"wrote {args.output} ({time.perf_counter() - start:.0f} s)")
     if missing:
         print(f"no entry written for {', '.join(missing)}", file=sys.stderr)

@@ -12,19 +12,24 @@ from importlib import resources
 TABLE = str(resources.files("jattn.kernels").joinpath("block_sizes.json"))
 
 
-def write_entries(lowering: str, target: str, entries: dict, source: str, output: str = TABLE) -> None:
+def write_entries(lowering: str, target: str, entries: dict, sources: dict, output: str = TABLE) -> None:
     """Merge ``entries`` ``{dtype: {head_dim: BlockSizes fields}}`` into ``lowering``'s ``target``
-    table and note ``source`` for each entry written; entries not given keep theirs and their
-    sources (``{lowering/target: {dtype: {head_dim: source}}}``)."""
+    table, each noted with its ``sources[dtype][head_dim]`` (how it was chosen); entries not given
+    keep theirs and their sources (``{lowering/target: {dtype: {head_dim: source}}}``)."""
     with open(TABLE) as f:
         table = json.load(f)
     by_dtype = table.setdefault(lowering, {}).setdefault(target, {})
-    sources = table.setdefault("sources", {}).setdefault(f"{lowering}/{target}", {})
+    noted = table.setdefault("sources", {}).setdefault(f"{lowering}/{target}", {})
     for dtype, by_dim in entries.items():
         by_dtype.setdefault(dtype, {}).update(by_dim)
-        sources.setdefault(dtype, {}).update(dict.fromkeys(by_dim, source))
+        noted.setdefault(dtype, {}).update({dim: sources[dtype][dim] for dim in by_dim})
     with open(output, "w") as f:
         f.write(_format(table) + "\n")
+
+
+def one_source(entries: dict, source: str) -> dict:
+    """``sources`` for ``write_entries`` that note every entry with ``source``."""
+    return {dtype: dict.fromkeys(by_dim, source) for dtype, by_dim in entries.items()}
 
 
 def _format(node, indent: int = 0) -> str:

@@ -10,13 +10,17 @@ JAX's default precision, which on NVIDIA GPUs is TF32 for every JAX matmul, the 
 Part 2 first checks flash against cuDNN at the longest timed shape (N = 16384, head dim 128,
 bfloat16, causal and not), forward and gradients with a random output gradient, within 1e-2: the
 oracle runs at 300 tokens, this at the size the tables time. Every step is compiled once and shared
-by the agreement check, the memory table and the TFLOP/s table. Then, ordered so that what the bars
+by the agreement check, the memory table and the TFLOP/s table. Each part compiles its steps on
+``COMPILE_THREADS`` threads before it times any (``compile_all``): on an H200 on 2026-11-28,
+compiled one at a time, the correctness part took 174 s and the throughput part ran out of its
+budget before the XLA cells and the window diagnosis. Then, ordered so that what the bars
 need comes first when time runs short: a sliding window of 1024 against dense causal at N = 16384,
 the forward+backward temporary memory from XLA's compiled memory analysis (flash and the O(N)
 peers), then TFLOP/s for jattn flash, JAX's Pallas kernel
 (``jax.experimental.pallas.ops.gpu.attention.mha``), cuDNN and XLA (``jax.nn.dot_product_attention``)
 in the FlashAttention setup (16384 tokens per batch, 16 heads, bfloat16), head dim 128 and the longest
-sequences first, and last the ratios against Pallas and cuDNN with each bar of issue 3 marked.
+sequences first, the ratios against Pallas and cuDNN with each bar of issue 3 marked, and last a
+diagnosis of where the sliding window's time goes (no bar).
 
 FLOPs as in the FlashAttention papers: forward = 4·B·heads·N²·D, halved when causal; forward+backward =
 3.5 × forward. A forward+backward step returns the output and the gradients for an output
@@ -37,6 +41,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,23 +126,58 @@ CHECKS = (  # (row label, dtype, matmul precision, bar)
 )
 
 
-def _check_one(
-    setup: Setup, rng, dtype: str, head_dim: int, mask, attend=jattn.flash_attention, extra_keys: int = 0
-) -> list[float]:
-    """Relative errors of (out, dq, dk, dv) of ``attend`` (flash) against the oracle, GQA 4 heads
-    over 2, ``check_len`` queries and ``extra_keys`` more keys."""
-    q_len, kv_len = setup.check_len, setup.check_len + extra_keys
-    q, k, v, d_out = (
-        jnp.asarray(rng.normal(size=(2, length, heads, head_dim)), dtype)
+@dataclasses.dataclass(frozen=True)
+class OracleCase:
+    """One row of an oracle table: ``attend`` (flash unless given) on GQA inputs, 4 query heads
+    over 2, ``check_len`` queries and ``extra_keys`` more keys, forward and gradients."""
+
+    row: str  # the row's leading cells
+    dtype: str
+    head_dim: int
+    mask: masks.Mask | None
+    bar: float
+    precision: str | None = None  # jax.default_matmul_precision while tracing; None: JAX's default
+    attend: Callable = jattn.flash_attention
+    extra_keys: int = 0
+
+
+def _case_inputs(setup: Setup, rng, case: OracleCase):
+    """q, k, v and an output gradient of the case, drawn from ``rng``."""
+    q_len, kv_len = setup.check_len, setup.check_len + case.extra_keys
+    return tuple(
+        jnp.asarray(rng.normal(size=(2, length, heads, case.head_dim)), case.dtype)
         for length, heads in ((q_len, 4), (kv_len, 2), (kv_len, 2), (q_len, 4))
     )
-    out, vjp = jax.vjp(functools.partial(attend, mask=mask), q, k, v)
-    grads = vjp(d_out)
-    q64, k64, v64, do64 = (as_float64(x) for x in (q, k, v, d_out))
-    dense = None if mask is None else mask.dense(q_len, kv_len)
+
+
+def _compile_case(case: OracleCase, inputs):
+    step = jitted_step(functools.partial(case.attend, mask=case.mask), backward=True)
+    with jax.default_matmul_precision(case.precision):
+        return step.lower(*inputs).compile()
+
+
+def _oracle_errors(case: OracleCase, step, inputs) -> list[float]:
+    """Relative errors of (out, dq, dk, dv) of the compiled ``step`` against the float64 oracle."""
+    out, grads = step(*inputs)
+    q64, k64, v64, do64 = (as_float64(x) for x in inputs)
+    dense = None if case.mask is None else case.mask.dense(q64.shape[1], k64.shape[1])
     expected = attention_vjp_reference(q64, k64, v64, do64, mask=dense)
     errors = [relative_error(out, attention_reference(q64, k64, v64, mask=dense))]
     return errors + [relative_error(g, expected[n]) for g, n in zip(grads, "qkv", strict=True)]
+
+
+def check_against_oracle(setup: Setup, rng, cases: list[OracleCase]) -> bool:
+    """Print one row per case (all compiled first, in parallel: ``compile_all``); True if every
+    row is within its bar."""
+    inputs = [_case_inputs(setup, rng, case) for case in cases]
+    steps = compile_all(
+        {n: functools.partial(_compile_case, case, inputs[n]) for n, case in enumerate(cases)}
+    )
+    all_ok = True
+    for n, case in enumerate(cases):
+        errors_of = lambda n=n, case=case: _oracle_errors(case, steps[n].result(), inputs[n])  # noqa: E731
+        all_ok &= _check_row(case.row, case.bar, errors_of)
+    return all_ok
 
 
 def _check_row(row: str, bar: float, errors_of) -> bool:
@@ -152,31 +194,23 @@ def _check_row(row: str, bar: float, errors_of) -> bool:
     return ok
 
 
-def _with_precision(precision, fn):
-    with jax.default_matmul_precision(precision):
-        return fn()
-
-
 def check_correctness(setup: Setup) -> bool:
     """Flash vs the float64 oracle; the bar is 1e-2 (bfloat16, TF32) and 1e-4 (IEEE float32)."""
     rng = np.random.default_rng(0)
-    cases = {"causal": masks.causal(), "bigbird": masks.bigbird(setup.bigbird_block, num_random=1)}
+    named_masks = {"causal": masks.causal(), "bigbird": masks.bigbird(setup.bigbird_block, num_random=1)}
+    cases = [
+        OracleCase(f"| {label} | {head_dim} | {name} |", dtype, head_dim, mask, bar, precision)
+        for head_dim in setup.check_head_dims
+        for label, dtype, precision, bar in CHECKS
+        for name, mask in named_masks.items()
+        # the default-precision row is informative: one mask is enough
+        if not (precision is None and dtype == "float32" and name != "causal")
+    ]
     print("## Correctness against the float64 oracle (relative max error)\n")
     print(
         "| dtype | head dim | mask | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|---|"
     )
-    all_ok = True
-    for head_dim in setup.check_head_dims:
-        for label, dtype, precision, bar in CHECKS:
-            for name, mask in cases.items():
-                if precision is None and dtype == "float32" and name != "causal":
-                    continue  # the default-precision row is informative: one mask is enough
-                check = functools.partial(_check_one, setup, rng, dtype, head_dim, mask)
-                all_ok &= _check_row(
-                    f"| {label} | {head_dim} | {name} |",
-                    bar,
-                    functools.partial(_with_precision, precision, check),
-                )
+    all_ok = check_against_oracle(setup, rng, cases)
     print()
     if "jax_cudnn" not in implementations():
         print("(no cuDNN on this machine: the check of what implementation=None sends it is skipped)\n")
@@ -189,16 +223,23 @@ def check_cudnn(setup: Setup, rng, implementation: str = "cudnn") -> bool:
     sends to cuDNN on NVIDIA GPUs: no mask and causal with T <= S (bfloat16, bar 1e-2). The
     tests run it with another ``implementation`` on CPU."""
     attend = functools.partial(jattn.attention, implementation=implementation)
+    cases = [
+        OracleCase(
+            f"| {head_dim} | {name} | T + {extra_keys} |",
+            "bfloat16",
+            head_dim,
+            mask,
+            AGREEMENT_BAR,
+            attend=attend,
+            extra_keys=extra_keys,
+        )
+        for head_dim in setup.check_head_dims
+        for name, mask in (("none", None), ("causal", masks.causal()))
+        for extra_keys in (0, 100)
+    ]
     print(f"## {implementation} through jattn.attention against the float64 oracle (S = T or T + 100)\n")
     print("| head dim | mask | keys | out | dq | dk | dv | bar | ok |\n|---|---|---|---|---|---|---|---|---|")
-    all_ok = True
-    for head_dim in setup.check_head_dims:
-        for name, mask in (("none", None), ("causal", masks.causal())):
-            for extra_keys in (0, 100):
-                check = functools.partial(
-                    _check_one, setup, rng, "bfloat16", head_dim, mask, attend, extra_keys
-                )
-                all_ok &= _check_row(f"| {head_dim} | {name} | T + {extra_keys} |", AGREEMENT_BAR, check)
+    all_ok = check_against_oracle(setup, rng, cases)
     print()
     return all_ok
 
@@ -275,6 +316,34 @@ def jitted_step(attend, backward: bool):
     return jax.jit(forward_backward)
 
 
+COMPILE_THREADS = int(os.environ.get("JATTN_COMPILE_THREADS", os.cpu_count() or 1))
+
+
+def compile_all(jobs: dict) -> dict[Any, Future]:
+    """Run ``{key: job}`` (each job lowers and compiles one step) on ``COMPILE_THREADS`` threads;
+    ``{key: future}``, whose ``result()`` is the compiled step or raises the job's error.
+
+    Compiling dominates these scripts: a flash candidate took 3.1 s on an H200, of which the
+    Python lowering (which holds the GIL) is about 0.2 s and XLA's Triton and PTX compilation
+    (which does not) the rest. Everything is compiled before anything is timed, so no timing
+    shares the machine with a compile. ``JATTN_COMPILE_THREADS=1`` compiles in the calling thread.
+    """
+    if COMPILE_THREADS <= 1:
+        return {key: _run_now(job) for key, job in jobs.items()}
+    with ThreadPoolExecutor(COMPILE_THREADS) as pool:
+        futures = {key: pool.submit(job) for key, job in jobs.items()}
+    return futures
+
+
+def _run_now(job) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(job())
+    except Exception as error:  # noqa: BLE001 - kept for the caller, as a pool's future keeps it
+        future.set_exception(error)
+    return future
+
+
 def flash_with_sizes(mask, sizes: flash.BlockSizes):
     """``attend(q, k, v)`` by the flash kernel on these tile settings, whatever the table says (the
     autotuner's candidates, the window diagnosis's variants)."""
@@ -295,13 +364,35 @@ def _inputs(setup: Setup, length: int, head_dim: int):
     return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k in jax.random.split(key, 4))
 
 
-@functools.cache
-def compiled_step(setup: Setup, name: str, causal: bool, backward: bool, length: int, head_dim: int):
-    """One implementation's step compiled once for one shape: the agreement check, the sliding-window
-    comparison, the memory table and the throughput table share it (a jitted function called after
+def _lower_and_compile(step, inputs):
+    return step.lower(*inputs).compile()
+
+
+# (setup, name, causal, backward, length, head_dim) -> the future of the compiled step
+_STEPS: dict[tuple, Future] = {}
+
+
+def precompile_steps(setup: Setup, cells) -> None:
+    """Compile, in parallel (``compile_all``), the steps of the cells ``(name, causal, backward,
+    length, head_dim)`` not compiled yet: the agreement check, the sliding-window comparison, the
+    memory table and the throughput table share them (a jitted function called after
     ``.lower().compile()`` would compile again)."""
-    attend = functools.partial(implementations()[name], causal=causal)
-    return jitted_step(attend, backward).lower(*_inputs(setup, length, head_dim)).compile()
+    impls = implementations()
+    jobs = {}
+    for cell in cells:
+        name, causal, backward, length, head_dim = cell
+        if (setup, *cell) not in _STEPS:
+            step = jitted_step(functools.partial(impls[name], causal=causal), backward)
+            inputs = _inputs(setup, length, head_dim)  # drawn here, not in the compiling threads
+            jobs[(setup, *cell)] = functools.partial(_lower_and_compile, step, inputs)
+    _STEPS.update(compile_all(jobs))
+
+
+def compiled_step(setup: Setup, name: str, causal: bool, backward: bool, length: int, head_dim: int):
+    """One implementation's step compiled once for one shape (raises what its compile raised)."""
+    cell = (name, causal, backward, length, head_dim)
+    precompile_steps(setup, [cell])
+    return _STEPS[(setup, *cell)].result()
 
 
 def agreement_at_scale(setup: Setup) -> bool:
@@ -358,29 +449,41 @@ def _over_budget() -> bool:
 PASSES = ((False, "fwd"), (True, "fwd_bwd"))
 
 
-def measure_throughput(setup: Setup) -> dict:
-    """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N),
-    the cells the bars need first: flash before its peers, head dim 128 before 64, and the longest
-    sequences first (the ratio bars hold from ``bar_len`` on)."""
-    results = {}
+def throughput_cells(setup: Setup):
+    """``(name, head_dim, backward, pass_name, causal, length)`` of every throughput cell, the cells
+    the bars need first: flash before its peers, head dim 128 before 64, and the longest sequences
+    first (the ratio bars hold from ``bar_len`` on)."""
     for name in implementations():
         for head_dim in sorted(setup.head_dims, reverse=True):
             for backward, pass_name in PASSES:
                 for causal in (False, True):
                     for length in sorted(setup.lengths, reverse=True):
-                        cell = (name, head_dim, pass_name, causal, length)
-                        if _over_budget():
-                            results[cell] = "skipped (time budget)"
-                            continue
-                        try:
-                            step = compiled_step(setup, name, causal, backward, length, head_dim)
-                            results[cell] = time_call(
-                                step, _inputs(setup, length, head_dim), setup.repeats, setup.calls
-                            )
-                        except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
-                            results[cell] = _failure(error)
-                        # The tables print at the end: if the run is cut short, these lines remain.
-                        print(f"measured {_cell_summary(setup, cell, results[cell])}", file=sys.stderr)
+                        yield name, head_dim, backward, pass_name, causal, length
+
+
+def precompile_throughput(setup: Setup) -> None:
+    """Compile every step of the throughput part at once (they include the agreement check's and
+    the memory table's)."""
+    cells = throughput_cells(setup)
+    precompile_steps(setup, [(name, causal, backward, n, h) for name, h, backward, _, causal, n in cells])
+
+
+def measure_throughput(setup: Setup) -> dict:
+    """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N),
+    in the order of ``throughput_cells``."""
+    results = {}
+    for name, head_dim, backward, pass_name, causal, length in throughput_cells(setup):
+        cell = (name, head_dim, pass_name, causal, length)
+        if _over_budget():
+            results[cell] = "skipped (time budget)"
+            continue
+        try:
+            step = compiled_step(setup, name, causal, backward, length, head_dim)
+            results[cell] = time_call(step, _inputs(setup, length, head_dim), setup.repeats, setup.calls)
+        except Exception as error:  # noqa: BLE001 - a peer that cannot run a cell says why
+            results[cell] = _failure(error)
+        # The tables print at the end: if the run is cut short, these lines remain.
+        print(f"measured {_cell_summary(setup, cell, results[cell])}", file=sys.stderr)
     return results
 
 
@@ -471,13 +574,21 @@ def sliding_window_vs_causal(setup: Setup) -> None:
         f"| pass | causal ms | window ms | speedup (bar: >= {WINDOW_BAR:.0f}x) | cuDNN window ms |\n"
         "|---|---|---|---|---|"
     )
-    window = functools.partial(jattn.flash_attention, mask=mask)
-    cudnn_window = functools.partial(jattn.attention, mask=mask, implementation="cudnn")
+    attends = {"flash": functools.partial(jattn.flash_attention, mask=mask)}
+    if peer:
+        attends["cudnn"] = functools.partial(jattn.attention, mask=mask, implementation="cudnn")
+    window_steps = compile_all(
+        {
+            (name, backward): functools.partial(_lower_and_compile, jitted_step(attend, backward), inputs)
+            for name, attend in attends.items()
+            for backward, _ in PASSES
+        }
+    )
     for backward, pass_name in PASSES:
         try:
             steps = [
                 compiled_step(setup, "jattn_flash", True, backward, length, head_dim),
-                jitted_step(window, backward),
+                window_steps[("flash", backward)].result(),
             ]
             times = [time_call(step, inputs, setup.repeats, setup.calls) for step in steps]
         except Exception as error:  # noqa: BLE001
@@ -488,7 +599,8 @@ def sliding_window_vs_causal(setup: Setup) -> None:
         cudnn_cell = "n/a"
         if peer:
             try:
-                seconds = time_call(jitted_step(cudnn_window, backward), inputs, setup.repeats, setup.calls)
+                step = window_steps[("cudnn", backward)].result()
+                seconds = time_call(step, inputs, setup.repeats, setup.calls)
                 cudnn_cell = f"{seconds * 1e3:.2f}"
             except Exception as error:  # noqa: BLE001
                 cudnn_cell = _failure(error)
@@ -562,8 +674,18 @@ def window_diagnosis(setup: Setup) -> None:
         "| variant | tiles | masked | fwd ms | fwd speedup | fwd tile cost | fwd_bwd ms | fwd_bwd speedup "
         "| fwd_bwd tile cost |\n|---|---|---|---|---|---|---|---|---|"
     )
+    variants = window_variants(setup, inputs)
+    steps = compile_all(
+        {
+            (index, backward): functools.partial(
+                _lower_and_compile, jitted_step(flash_with_sizes(mask, sizes), backward), inputs
+            )
+            for index, (_, mask, sizes) in enumerate(variants)
+            for backward, _ in PASSES
+        }
+    )
     dense: dict[str, float] = {}  # pass -> seconds per tile of dense causal, the first variant
-    for index, (label, mask, sizes) in enumerate(window_variants(setup, inputs)):
+    for index, (label, mask, sizes) in enumerate(variants):
         layout = mask.blocks(length, length, sizes.block_q, sizes.block_kv)
         tiles, masked = int((layout != masks.EMPTY).sum()), int((layout == masks.PARTIAL).sum())
         cells = []
@@ -572,8 +694,7 @@ def window_diagnosis(setup: Setup) -> None:
                 cells += ["skipped (time budget)", "", ""]
                 continue
             try:
-                step = jitted_step(flash_with_sizes(mask, sizes), backward)
-                seconds = time_call(step, inputs, setup.repeats, setup.calls)
+                seconds = time_call(steps[(index, backward)].result(), inputs, setup.repeats, setup.calls)
             except Exception as error:  # noqa: BLE001
                 cells += [_failure(error), "", ""]
                 continue
@@ -605,6 +726,7 @@ def main() -> int:
     if part != "throughput":
         correct &= check_correctness(setup)
     if part != "correctness":
+        precompile_throughput(setup)
         correct &= agreement_at_scale(setup)
         sliding_window_vs_causal(setup)
         temp_memory(setup)

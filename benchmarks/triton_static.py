@@ -423,7 +423,9 @@ def choose_and_report(head_dims, dtypes, arch: int, length: int, write: bool) ->
         import triton
 
         source = f"chosen by benchmarks/triton_static.py --choose --arch {arch} (triton {triton.__version__})"
-        block_table.write_entries("triton", table_target(arch), chosen, source)
+        block_table.write_entries(
+            "triton", table_target(arch), chosen, block_table.one_source(chosen, source)
+        )
 
 
 def main() -> int:

@@ -121,7 +121,7 @@ def test_gpu_check_fails_a_nan_gradient(monkeypatch, capsys):
     """A NaN error must fail its row: Python's max() drops a NaN that is not first."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     bench = importlib.import_module("gpu_bench")
-    monkeypatch.setattr(bench, "_check_one", lambda *args: [1e-7, float("nan"), 1e-7, 1e-7])
+    monkeypatch.setattr(bench, "_oracle_errors", lambda *args: [1e-7, float("nan"), 1e-7, 1e-7])
     assert not bench.check_correctness(bench.CPU_TINY)
     rows = [line for line in capsys.readouterr().out.splitlines() if "| nan |" in line]
     assert rows and all(row.endswith("| NO |") for row in rows)
@@ -137,6 +137,41 @@ def test_gpu_check_logs_each_cell_with_its_throughput(monkeypatch):
     assert bench._cell_summary(bench.CPU_TINY, cell, "skipped (time budget)").endswith(
         ": skipped (time budget)"
     )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compile_all_keeps_each_jobs_result_or_error(monkeypatch, threads):
+    """One candidate that does not compile (too much shared memory) must not lose the others."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    monkeypatch.setattr(bench, "COMPILE_THREADS", threads)
+
+    def fail():
+        raise RuntimeError("Shared memory size limit exceeded")
+
+    futures = bench.compile_all({"a": lambda: 1, "b": fail, "c": lambda: 3})
+    assert list(futures) == ["a", "b", "c"]
+    assert futures["a"].result() == 1 and futures["c"].result() == 3
+    with pytest.raises(RuntimeError, match="Shared memory"):
+        futures["b"].result()
+
+
+def test_throughput_steps_compile_once_each_before_any_is_timed(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = importlib.import_module("gpu_bench")
+    compiled = []
+
+    def fake_compile(step, inputs):
+        compiled.append(step)
+        return step
+
+    monkeypatch.setattr(bench, "_lower_and_compile", fake_compile)
+    monkeypatch.setattr(bench, "_STEPS", {})
+    bench.precompile_throughput(bench.CPU_TINY)
+    # flash and XLA on CPU, one head dim, two passes, causal and not, two lengths
+    assert len(compiled) == len(bench._STEPS) == 2 * 1 * 2 * 2 * 2
+    bench.compiled_step(bench.CPU_TINY, "jattn_flash", True, True, 64, 16)
+    assert len(compiled) == 16
 
 
 def test_window_diagnosis_compares_the_window_with_its_block_aligned_twin(monkeypatch):
@@ -221,7 +256,7 @@ def test_autotune_that_tunes_nothing_fails_and_says_why(monkeypatch, tmp_path, c
     def fail(*args):
         raise RuntimeError("out of shared memory: 240 KiB asked")
 
-    monkeypatch.setattr(autotune, "seconds_per_call", fail)
+    monkeypatch.setattr(autotune, "compile_candidate", fail)
     output = tmp_path / "block_sizes.json"
     monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
     assert autotune.main() == 1
@@ -241,11 +276,40 @@ def test_autotune_stops_tuning_when_its_budget_is_spent(monkeypatch, tmp_path, c
 def test_autotune_keeps_the_current_entry_unless_a_candidate_beats_it(monkeypatch, capsys):
     autotune = _autotune(monkeypatch)
     current = autotune.current_entry("float32", 16)
-    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, *args: 1.0 if sizes == current else 2.0)
+    monkeypatch.setattr(autotune, "compile_candidate", lambda sizes, *args: sizes)  # "compiled": its sizes
+    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, inputs: 1.0 if sizes == current else 2.0)
     assert autotune.tune("float32", 16) == current
-    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, *args: 2.0 if sizes == current else 1.0)
+    monkeypatch.setattr(autotune, "seconds_per_call", lambda sizes, inputs: 2.0 if sizes == current else 1.0)
     assert autotune.tune("float32", 16) != current
     assert "float32 head_dim=16" in capsys.readouterr().out
+
+
+def test_autotune_cut_short_keeps_the_fastest_candidate_it_timed(monkeypatch, tmp_path):
+    """A GPU session's time can end mid-sweep (on an H200 the run of 2026-11-28 timed 76 of 86
+    candidates of a pair and wrote nothing): each candidate faster than all before is written
+    at once, and its source says that the sweep did not finish."""
+    autotune = _autotune(monkeypatch)
+    current = autotune.current_entry("float32", 16)
+    timed = []
+
+    def seconds(sizes, inputs):
+        timed.append(sizes)
+        if len(timed) == 4:
+            raise KeyboardInterrupt  # the session's time limit
+        return 2.0 if sizes == current else 1.0 / len(timed)
+
+    monkeypatch.setattr(autotune, "compile_candidate", lambda sizes, *args: sizes)
+    monkeypatch.setattr(autotune, "seconds_per_call", seconds)
+    output = tmp_path / "block_sizes.json"
+    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
+    with pytest.raises(KeyboardInterrupt):
+        autotune.main()
+    # timed: the current entry (2 s), the first tile's forward (0.5 s) and backward (0.33 s) candidate,
+    # then the second tile's forward, cut
+    assert timed[0] == current and timed[2] != current
+    table = json.loads(output.read_text())
+    entry, source = table["triton"]["sm90"]["float32"]["16"], table["sources"]["triton/sm90"]["float32"]["16"]
+    assert entry == dataclasses.asdict(timed[2]) and source.endswith("a sweep that did not finish")
 
 
 def test_autotune_tiny_mode_writes_a_table_the_kernel_reads(tmp_path, monkeypatch):
