@@ -100,8 +100,8 @@ def test_gpu_check_marks_each_ratio_bar(monkeypatch, capsys):
 
 
 def test_gpu_check_tests_what_implementation_none_sends_to_cudnn(monkeypatch, capsys):
-    """The cuDNN rows (no mask and causal, S = T and T + 100, GQA) run here through "xla": each
-    reaches the oracle and passes, and a wrong answer fails its row."""
+    """The cuDNN rows (no mask, causal and a causal window, S = T and T + 100, GQA) run here
+    through "xla": each reaches the oracle and passes, and a wrong answer fails its row."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     bench = importlib.import_module("gpu_bench")
     assert bench.check_cudnn(bench.CPU_TINY, np.random.default_rng(0), implementation="xla")
@@ -111,6 +111,8 @@ def test_gpu_check_tests_what_implementation_none_sends_to_cudnn(monkeypatch, ca
         ["none", "T + 100"],
         ["causal", "T + 0"],
         ["causal", "T + 100"],
+        ["window 10", "T + 0"],  # a quarter of the 40 queries
+        ["window 10", "T + 100"],
     ]
     assert all(row.endswith("| yes |") for row in rows)
     monkeypatch.setattr(bench.jattn, "attention", lambda q, k, v, **kwargs: 1.5 * q)
@@ -193,10 +195,10 @@ def test_window_diagnosis_compares_the_window_with_its_block_aligned_twin(monkey
         ("dense causal", 8256, 128),
         ("sliding window", 1116, 248),
         ("causal ∧ BlockWindow(128, 8)", 1116, 128),
-        ("sliding window, forward kv step 64", 1116, 248),
+        ("sliding window, forward kv step 128", 1116, 248),  # the table's steps are 64
         ("sliding window, 64x64 tiles", 4216, 496),
     ]
-    assert variants[3][2] == dataclasses.replace(table, forward_kv_step=64)
+    assert table.forward_kv_step == 64 and variants[3][2] == dataclasses.replace(table, forward_kv_step=128)
     assert variants[4][2] == table.with_tiles(64, 64)
 
 
