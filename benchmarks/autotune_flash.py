@@ -89,10 +89,10 @@ def candidate_inputs(dtype: str, head_dim: int):
     return tuple(jax.random.normal(k, shape, dtype) for k in jax.random.split(key, 4))
 
 
-def compile_candidate(sizes: flash.BlockSizes, dtype: str, head_dim: int, gradient: bool):
-    """The causal forward (or forward+backward) step with these sizes, compiled."""
+def compile_candidate(sizes: flash.BlockSizes, inputs, gradient: bool):
+    """The causal forward (or forward+backward) step with these sizes, compiled for ``inputs``."""
     step = gpu_bench.jitted_step(gpu_bench.flash_with_sizes(masks.causal(), sizes), gradient)
-    return step.lower(*candidate_inputs(dtype, head_dim)).compile()
+    return gpu_bench._lower_and_compile(step, inputs)
 
 
 def seconds_per_call(step, inputs) -> float:
@@ -101,16 +101,13 @@ def seconds_per_call(step, inputs) -> float:
     return gpu_bench.time_call(step, inputs, repeats, calls)
 
 
-def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
+def fastest(candidates, dtype: str, head_dim: int, gradient: bool, on_timed=None):
     """(best BlockSizes, its seconds) among those that compile and run, or (None, inf). All are
-    compiled first, in parallel (``gpu_bench.compile_all``), then timed one by one."""
+    compiled first, in parallel (``gpu_bench.compile_all``), then timed one by one, each passed to
+    ``on_timed(sizes, seconds)`` as it is timed."""
     inputs = candidate_inputs(dtype, head_dim)
-    steps = gpu_bench.compile_all(
-        {
-            sizes: functools.partial(compile_candidate, sizes, dtype, head_dim, gradient)
-            for sizes in candidates
-        }
-    )
+    compile_one = functools.partial(compile_candidate, inputs=inputs, gradient=gradient)
+    steps = gpu_bench.compile_all({sizes: functools.partial(compile_one, sizes) for sizes in candidates})
     timings = {}
     pass_name = "fwd+bwd" if gradient else "fwd"
     for sizes, step in steps.items():
@@ -121,6 +118,8 @@ def fastest(candidates, dtype: str, head_dim: int, gradient: bool):
             print(f"{label}: skipped, {type(error).__name__}: {str(error)[:300]}", file=sys.stderr)
             continue
         print(f"{label}: {timings[sizes] * 1e3:.3f} ms", file=sys.stderr)
+        if on_timed is not None:
+            on_timed(sizes, timings[sizes])
     if not timings:
         return None, float("inf")
     best = min(timings, key=timings.get)
@@ -135,23 +134,26 @@ def current_entry(dtype: str, head_dim: int) -> flash.BlockSizes:
 
 def tune(dtype: str, head_dim: int, on_better=None) -> flash.BlockSizes | None:
     """The fastest tile and launch settings for causal forward+backward, the current entry included.
-    ``on_better(sizes)`` is called with each candidate faster than all before it (the current
-    entry first), so that a sweep cut short keeps what it measured."""
-    best, best_seconds = fastest([current_entry(dtype, head_dim)], dtype, head_dim, gradient=True)
-    if best is not None and on_better is not None:
-        on_better(best)
+    ``on_better(sizes)`` is called, as soon as it is timed, with each candidate other than the
+    current entry that is faster than all timed before it, so that a sweep cut short keeps it."""
+    current = current_entry(dtype, head_dim)
+    best: list = [None, float("inf")]  # the fastest forward+backward so far and its seconds
+
+    def consider(sizes: flash.BlockSizes, seconds: float) -> None:
+        if seconds < best[1]:
+            best[:] = sizes, seconds
+            if sizes != current and on_better is not None:
+                on_better(sizes)
+
+    fastest([current], dtype, head_dim, gradient=True, on_timed=consider)
     for bq, bkv in TILES:
         tile_forward, _ = fastest(forward_candidates(bq, bkv), dtype, head_dim, gradient=False)
-        if tile_forward is None:
-            continue
-        sizes, seconds = fastest(backward_candidates(tile_forward), dtype, head_dim, gradient=True)
-        if seconds < best_seconds:
-            best, best_seconds = sizes, seconds
-            if on_better is not None:
-                on_better(best)
-    if best is not None:
-        print(f"{dtype} head_dim={head_dim}: {best} ({best_seconds * 1e3:.2f} ms fwd+bwd)")
-    return best
+        if tile_forward is not None:
+            fastest(backward_candidates(tile_forward), dtype, head_dim, gradient=True, on_timed=consider)
+    sizes, seconds = best
+    if sizes is not None:
+        print(f"{dtype} head_dim={head_dim}: {sizes} ({seconds * 1e3:.2f} ms fwd+bwd)")
+    return sizes
 
 
 def main() -> int:

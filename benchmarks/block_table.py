@@ -7,6 +7,8 @@ Shared by ``autotune_flash.py`` (timings on a GPU) and ``triton_static.py --choo
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from importlib import resources
 
 TABLE = str(resources.files("jattn.kernels").joinpath("block_sizes.json"))
@@ -23,8 +25,12 @@ def write_entries(lowering: str, target: str, entries: dict, sources: dict, outp
     for dtype, by_dim in entries.items():
         by_dtype.setdefault(dtype, {}).update(by_dim)
         noted.setdefault(dtype, {}).update({dim: sources[dtype][dim] for dim in by_dim})
-    with open(output, "w") as f:
+    # A new file moved over the old one: a run killed while writing leaves the old table whole.
+    folder = os.path.dirname(os.path.abspath(output))
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False) as f:
         f.write(_format(table) + "\n")
+    os.chmod(f.name, 0o644)  # a temporary file is private; the table is not
+    os.replace(f.name, output)
 
 
 def one_source(entries: dict, source: str) -> dict:

@@ -13,7 +13,9 @@
 # The correctness part and the throughput part run as two processes: a kernel that brings its
 # process down (an illegal address is sticky) still leaves the throughput part its run. Both parts
 # together cannot outlast JATTN_GPU_CHECK_TIMEOUT_S (default 330 s); output is unbuffered, so what
-# was printed before a timeout is kept. The exit status is 1 if a correctness bar failed.
+# was printed before a timeout is kept. The exit status is 1 if a correctness bar failed. Each part
+# compiles its steps on threads (JATTN_COMPILE_THREADS, default the cores, at most 16); a part that
+# dies by a signal runs once more on one compile thread.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,6 +33,16 @@ for part in correctness throughput; do
     fi
     timeout -k 10 "$left" "$PYTHON" benchmarks/gpu_bench.py --part "$part" "$@"
     code=$?
+    # Killed by a signal of its own (not the timeout's): perhaps the compiling threads. Once more,
+    # compiling one step at a time, in the time left.
+    if ((code > 128 && code != 137)) && [ "${JATTN_COMPILE_THREADS:-}" != 1 ]; then
+        left=$((deadline - $(date +%s)))
+        if ((left > 0)); then
+            echo "gpu_check: the $part part died (status $code); again on one compile thread" >&2
+            JATTN_COMPILE_THREADS=1 timeout -k 10 "$left" "$PYTHON" benchmarks/gpu_bench.py --part "$part" "$@"
+            code=$?
+        fi
+    fi
     if ((code != 0)); then
         echo "gpu_check: the $part part exited with status $code" >&2
         status=1
