@@ -679,6 +679,11 @@ def window_variants(setup: Setup, inputs) -> list[tuple[str, masks.Mask, flash.B
     if min(half_q, half_kv) >= gpu.MIN_BLOCK:
         half_tiles = table.with_tiles(half_q, half_kv)
         variants.append((f"sliding window, {half_q}x{half_kv} tiles", window, half_tiles))
+    # A padding mask of the full length changes no tile, but the kernels cannot tell that it
+    # leaves no row unattended, so they zero the unattended rows of masked tiles as before 2026-11-28.
+    full_length = masks.padding(np.full((q.shape[0],), q.shape[1]))
+    for label, mask in (("dense causal", masks.causal()), ("sliding window", window)):
+        variants.append((f"{label} ∧ padding(N): rows zeroed", mask & full_length, table))
     return variants
 
 
@@ -689,7 +694,10 @@ def window_diagnosis(setup: Setup) -> None:
     program pays once (loading q, filling the pipeline, the epilogue) weighs more over 9 tiles than
     over 64. The block-aligned window lists the same tiles with half as many masked; the forward kv
     step changes the shared memory a program takes (at half a tile two may share a multiprocessor
-    and hide each other's fixed costs); half tiles halve what each masked tile wastes. "Tile cost"
+    and hide each other's fixed costs); half tiles halve what each masked tile wastes; the last two
+    rows put back the zeroing of unattended rows, which these masks no longer need (the
+    "zeroes" column says which rows zero: the block-aligned twin does, as the kernels cannot tell
+    that an intersection of masks attends every row, so it compares with the padded window). "Tile cost"
     is time per listed query-key pair of tiles (so tiles of any size compare) relative to dense
     causal's."""
     length, head_dim = setup.window_len, max(setup.head_dims)
@@ -705,8 +713,8 @@ def window_diagnosis(setup: Setup) -> None:
         print(f"(not run: {_failure(error)})\n")
         return
     print(
-        "| variant | tiles | masked | fwd ms | fwd speedup | fwd tile cost | fwd_bwd ms | fwd_bwd speedup "
-        "| fwd_bwd tile cost |\n|---|---|---|---|---|---|---|---|---|"
+        "| variant | tiles | masked | zeroes | fwd ms | fwd speedup | fwd tile cost | fwd_bwd ms "
+        "| fwd_bwd speedup | fwd_bwd tile cost |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     steps = compile_all(
         {
@@ -718,8 +726,9 @@ def window_diagnosis(setup: Setup) -> None:
         }
     )
     dense: dict[str, tuple[float, int]] = {}  # pass -> (seconds, listed pairs) of dense causal
-    for index, ((label, _, sizes), layout) in enumerate(zip(variants, layouts, strict=True)):
+    for index, ((label, mask, sizes), layout) in enumerate(zip(variants, layouts, strict=True)):
         tiles, masked = int((layout != masks.EMPTY).sum()), int((layout == masks.PARTIAL).sum())
+        zeroes = "no" if mask._attends_every_row(length, length) else "yes"
         pairs = tiles * sizes.block_q * sizes.block_kv
         cells = []
         for backward, pass_name in PASSES:
@@ -739,7 +748,7 @@ def window_diagnosis(setup: Setup) -> None:
             dense_seconds, dense_pairs = dense[pass_name]
             tile_cost = (seconds / pairs) / (dense_seconds / dense_pairs)
             cells += [f"{seconds * 1e3:.3f}", f"{dense_seconds / seconds:.2f}x", f"{tile_cost:.2f}"]
-        print(f"| {label} | {tiles} | {masked} | {' | '.join(cells)} |")
+        print(f"| {label} | {tiles} | {masked} | {zeroes} | {' | '.join(cells)} |")
     print()
 
 

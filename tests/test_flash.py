@@ -23,7 +23,7 @@ from jattn.attention import make_problem
 from jattn.core._common import MASK_VALUE
 from jattn.core.chunked import chunked_forward_with_lse, make_plan
 from jattn.core.cudnn import supports_cudnn
-from jattn.kernels import aot, blocks, flash, gpu, tpu
+from jattn.kernels import _tile, aot, blocks, flash, gpu, tpu
 from jattn.kernels._config import HEADER
 from jattn.reference import attention_reference, attention_vjp_reference
 
@@ -39,6 +39,41 @@ def test_nan_in_keys_only_padded_query_rows_reach_stays_out():
     """The shared suite's test, in the default suite (``TestFlashSuite`` runs in the slow one): the
     kernel's own test of its padded query rows, which must not reach keys by position."""
     TestFlashSuite().test_nan_in_keys_only_padded_query_rows_reach_stays_out()
+
+
+@pytest.mark.parametrize("lowering", ["triton", "mosaic_tpu"])
+@pytest.mark.parametrize(
+    ("mask", "q_len", "kv_len", "zeroes"),
+    [
+        (masks.causal(), 40, 40, False),  # self-attention: every query and key is attended
+        (masks.sliding_window(8), 40, 40, False),
+        (masks.causal(), 31, 66, True),  # keys past the last query: an unfilled cache
+        (masks.padding(np.array([30])), 40, 40, True),  # a mask that cannot tell
+    ],
+)
+def test_masked_tiles_zero_unattended_rows_only_where_some_row_is_attended_by_nothing(
+    monkeypatch, lowering, mask, q_len, kv_len, zeroes
+):
+    """Zeroing the rows a masked tile does not attend (a reduction over the tile and a select on
+    v, k or q and dO, in each masked step) keeps NaN out only where a row is attended by nothing at
+    all; where the mask attends every row, a NaN reaches the outputs anyway, and it is skipped."""
+    zeroed = []
+    zero_unused = _tile.zero_unused
+    monkeypatch.setattr(
+        _tile, "zero_unused", lambda used, x: zeroed.append(used is not None) or zero_unused(used, x)
+    )
+    x = jnp.zeros((1, q_len, 1, 16), jnp.float32)
+    y = jnp.zeros((1, kv_len, 1, 16), jnp.float32)
+    platform = "tpu" if lowering == "mosaic_tpu" else "cpu"
+    block = 128 if lowering == "mosaic_tpu" else 16
+
+    def loss(q, k, v):
+        problem = make_problem(q, k, v, mask=mask)
+        out = flash.flash_problem(problem, platform=platform, interpret=True, block_q=block, block_kv=block)
+        return out.sum()
+
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), x, y, y)  # traces forward, dq and dk/dv
+    assert len(zeroed) >= 3 and any(zeroed) == zeroes
 
 
 @pytest.mark.parametrize("value", [-1e10, -1e20])

@@ -256,9 +256,14 @@ def test_window_diagnosis_compares_the_window_with_its_block_aligned_twin(monkey
         ("causal ∧ BlockWindow(128, 8)", 1116, 128),
         ("sliding window, forward kv step 128", 1116, 248),  # the table's steps are 64
         ("sliding window, 64x64 tiles", 4216, 496),
+        ("dense causal ∧ padding(N): rows zeroed", 8256, 128),
+        ("sliding window ∧ padding(N): rows zeroed", 1116, 248),
     ]
     assert table.forward_kv_step == 64 and variants[3][2] == dataclasses.replace(table, forward_kv_step=128)
     assert variants[4][2] == table.with_tiles(64, 64)
+    # the kernels zero unattended rows for the padded variants and the block-aligned intersection
+    zeroing = [not mask._attends_every_row(16384, 16384) for _, mask, _ in variants]
+    assert zeroing == [False, False, True, False, False, True, True]
 
 
 def test_window_diagnosis_prints_speedups_and_tile_costs_against_dense_causal(monkeypatch, capsys):
@@ -284,9 +289,9 @@ def test_window_diagnosis_prints_speedups_and_tile_costs_against_dense_causal(mo
     bench.window_diagnosis(bench.CPU_TINY)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     # 64 tokens on 16x16 tiles: causal lists 10 tiles (4 masked), the window of 16 lists 7 (7)
-    assert rows[0] == "| dense causal | 10 | 4 | 8000.000 | 1.00x | 1.00 | 16000.000 | 1.00x | 1.00 |"
-    assert rows[1] == "| sliding window | 7 | 7 | 2000.000 | 4.00x | 0.36 | 5000.000 | 3.20x | 0.45 |"
-    assert rows[2].startswith("| broken | 7 | 7 | n/a (RuntimeError) |")
+    assert rows[0] == "| dense causal | 10 | 4 | no | 8000.000 | 1.00x | 1.00 | 16000.000 | 1.00x | 1.00 |"
+    assert rows[1] == "| sliding window | 7 | 7 | no | 2000.000 | 4.00x | 0.36 | 5000.000 | 3.20x | 0.45 |"
+    assert rows[2].startswith("| broken | 7 | 7 | no | n/a (RuntimeError) |")
 
 
 def _autotune(monkeypatch, tiny: bool = True):

@@ -362,3 +362,21 @@ def test_array_on_the_left_combines_like_array_on_the_right(xp, op):
     left = combine(array, mask)
     assert isinstance(left, masks.Mask)
     np.testing.assert_array_equal(left.dense(6, 6), combine(mask, array).dense(6, 6))
+
+
+@pytest.mark.parametrize("left", [None, 0, 3, 9])
+@pytest.mark.parametrize("right", [None, 0, 2])
+@pytest.mark.parametrize(("q_len", "kv_len"), [(1, 1), (8, 8), (5, 13), (13, 5), (31, 66)])
+def test_a_window_attends_every_row_exactly_when_its_dense_mask_does(left, right, q_len, kv_len):
+    """The flash kernels skip zeroing unattended rows only where the mask says every query and
+    every key is attended: the claim must agree with the dense matrix, and never be wrong."""
+    mask = masks.SlidingWindow(left, right)
+    dense = np.asarray(mask.dense(q_len, kv_len))
+    assert mask._attends_every_row(q_len, kv_len) == bool(dense.any(axis=1).all() and dense.any(axis=0).all())
+
+
+def test_masks_that_cannot_tell_claim_nothing_about_their_rows():
+    assert masks.full()._attends_every_row(3, 5)
+    assert not masks.padding(np.array([3]))._attends_every_row(3, 5)  # a default: unknown
+    assert not (masks.causal() & masks.causal())._attends_every_row(4, 4)
+    assert not masks.causal()._attends_every_row(0, 4)

@@ -109,6 +109,18 @@ class Mask:
         del q_len, kv_len
         return self
 
+    def _attends_every_row(self, q_len: int, kv_len: int) -> bool:
+        """True if, for these lengths, every query attends some key and every key is attended by
+        some query; False if not or not known (the default).
+
+        The flash kernels zero the rows of a masked tile that nothing in the tile attends, so
+        that NaN in a key or query nothing attends at all (padding, an unfilled cache) stays out
+        of the matmuls. Where every row is attended somewhere, a NaN reaches the outputs under
+        any masking, and they skip that zeroing.
+        """
+        del q_len, kv_len
+        return False
+
     def _layout(self, q_len: int, kv_len: int, block_q: int, block_kv: int) -> np.ndarray:
         """Exact layout from the predicate, evaluated a band of query blocks at a time."""
         if not self._concrete():
@@ -271,6 +283,9 @@ class Full(_PositionMask):
     def _allowed(self, q, kv):
         return (q >= 0) & (kv >= 0)
 
+    def _attends_every_row(self, q_len, kv_len):
+        return q_len > 0 and kv_len > 0
+
     def _layout(self, q_len, kv_len, block_q, block_kv):
         return np.full((-(-q_len // block_q), -(-kv_len // block_kv)), FULL, np.int8)
 
@@ -294,6 +309,16 @@ class SlidingWindow(_PositionMask):
         if self.right is not None:
             ok = ok & (kv <= q + self.right)
         return ok
+
+    def _attends_every_row(self, q_len, kv_len):
+        # Query t reaches keys [t - left, t + right]. Every query reaches a key if the last one
+        # does (q_len - 1 - left <= kv_len - 1); every key is reached if the last one is, by a
+        # query t >= kv_len - 1 - right.
+        if q_len == 0 or kv_len == 0:
+            return False
+        last_query_reaches = self.left is None or q_len - 1 - self.left <= kv_len - 1
+        last_key_reached = self.right is None or kv_len - 1 - self.right <= q_len - 1
+        return last_query_reaches and last_key_reached
 
     def _layout(self, q_len, kv_len, block_q, block_kv):
         # Analytic. Row t allows keys [lo(t), hi(t)], both increasing in t, so a tile with rows

@@ -36,6 +36,10 @@ class KernelConfig:
       formula: the in-kernel mask formula (``blocks.mask_formula``) or None.
       interpret: run the kernel in Pallas interpret mode.
       empty_lse: the lse of a row that attends nothing (ring attention merges by it).
+      zero_unattended: whether masked tiles zero the rows that nothing in the tile attends before
+        a matmul sums over them (``_tile.zero_unused``). Only rows that nothing attends at all
+        can hold NaN that must stay out; where the mask attends every row
+        (``Mask._attends_every_row``) the kernels skip it.
     """
 
     scale: float
@@ -54,6 +58,12 @@ class KernelConfig:
     formula: Any
     interpret: bool
     empty_lse: float = 0.0
+    zero_unattended: bool = True
+
+    def for_zeroing(self, allowed):
+        """``allowed`` where the unattended rows of a masked tile are zeroed, else None (as for a
+        full tile): what ``_tile.keys_used`` and ``_tile.queries_used`` take."""
+        return allowed if self.zero_unattended else None
 
 
 @jax.tree_util.register_dataclass

@@ -465,6 +465,7 @@ def flash_problem(
         **_tiling(sizes),
         formula=formula,
         interpret=bool(interpret),
+        zero_unattended=not mask._attends_every_row(q_len, kv_len),
     )
     out = _flash(lowering, cfg, q, k, v, bias, aux)  # [B, T', N, Hv']
     return out[:, :q_len, :, : problem.value_head_dim]

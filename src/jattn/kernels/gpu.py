@@ -223,7 +223,17 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
 
     def visit(masked: bool, j, step, stats):  # keys [kv_start, kv_start + kv_step) of the j-th tile
         _, k, v, bias, allowed = _kv_step(cfg, aux, kv_refs, q_start, q_vectors, masked, j, step, kv_step)
-        return _tile.online_softmax_step(stats, q, k, v, bias, allowed, scale=cfg.scale, softcap=cfg.softcap)
+        return _tile.online_softmax_step(
+            stats,
+            q,
+            k,
+            v,
+            bias,
+            allowed,
+            scale=cfg.scale,
+            softcap=cfg.softcap,
+            zero_unattended=cfg.zero_unattended,
+        )
 
     init = _tile.init_statistics(cfg.block_q, v_ref.shape[-1])
     stats = _loop_full_then_masked(sched_ref, visit, init, cfg.block_kv // kv_step)
@@ -302,7 +312,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
         kv_start, k, v, bias, allowed = _kv_step(
             cfg, aux, kv_refs, q_start, q_vectors, masked, j, step, kv_step
         )
-        k = _tile.zero_unused(_tile.keys_used(allowed), k)  # dq sums over keys
+        k = _tile.zero_unused(_tile.keys_used(cfg.for_zeroing(allowed)), k)  # dq sums over keys
         _, ds = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap
         )
@@ -353,7 +363,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool, group:
                 keys_first=True,
             )
         dk, dv = grads
-        used = _tile.queries_used(allowed, keys_first=True)  # [q_step, 1]
+        used = _tile.queries_used(cfg.for_zeroing(allowed), keys_first=True)  # [q_step, 1]
         q, d_out = _tile.zero_unused(used, q), _tile.zero_unused(used, d_out)  # dk, dv sum over queries
         p_t, ds_t = _tile.probs_and_dscores(
             q, k, v, d_out, lse, delta, bias, allowed, scale=cfg.scale, softcap=cfg.softcap, keys_first=True

@@ -211,7 +211,15 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
         bias = None if bias_ref is None else bias_ref[...]
         stats = (m_ref[...], l_ref[...], acc_ref[...])
         m_ref[...], l_ref[...], acc_ref[...] = _tile.online_softmax_step(
-            stats, q_ref[...], k_ref[...], v_ref[...], bias, allowed, scale=cfg.scale, softcap=cfg.softcap
+            stats,
+            q_ref[...],
+            k_ref[...],
+            v_ref[...],
+            bias,
+            allowed,
+            scale=cfg.scale,
+            softcap=cfg.softcap,
+            zero_unattended=cfg.zero_unattended,
         )
 
     @pl.when(j < _count(sched_ref, i, width))
@@ -317,7 +325,7 @@ def _dq_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: bo
             dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
 
     def run(allowed):
-        k = _tile.zero_unused(_tile.keys_used(allowed), k_ref[...])  # dq sums over keys
+        k = _tile.zero_unused(_tile.keys_used(cfg.for_zeroing(allowed)), k_ref[...])  # dq sums over keys
         _, ds = _tile_grads(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref, delta_ref, bias_ref, allowed, cfg
         )
@@ -350,7 +358,7 @@ def _dkv_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bias: b
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
     def run(allowed):
-        used = _tile.queries_used(allowed)  # [bq, 1]: dk and dv sum over the queries
+        used = _tile.queries_used(cfg.for_zeroing(allowed))  # [bq, 1]: dk and dv sum over the queries
         q, d_out = _tile.zero_unused(used, q_ref[...]), _tile.zero_unused(used, do_ref[...])
         p, ds = _tile_grads(q, k_ref[...], v_ref[...], d_out, lse_ref, delta_ref, bias_ref, allowed, cfg)
         dv_acc[...] += _tile.matmul(p, d_out, transpose_a=True)  # [bkv, Hv]
