@@ -153,19 +153,19 @@ def init_statistics(block_q: int, value_dim: int):
     )
 
 
-def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap, zero_unattended: bool):
+def online_softmax_step(stats, q, k, v, bias, allowed, *, scale, softcap, zeroing):
     """Fold one kv tile into the running softmax statistics (FlashAttention-2, Dao 2023).
 
     Args:
       stats: ``(m [bq, 1], l [bq, 1], acc [bq, Hv])`` float32.
       q: ``[bq, H]``; k: ``[bkv, H]``; v: ``[bkv, Hv]``; bias ``[bq, bkv]`` or None;
       allowed: bool ``[bq, bkv]`` for a masked tile, None for a full one.
-      zero_unattended: zero the rows of v no query of the tile attends (``KernelConfig``).
+      zeroing: ``allowed`` where the rows of v no query of the tile attends are zeroed, else None
+        (``KernelConfig.for_zeroing``).
     """
     m, row_sum, acc = stats
     # p·v sums over the keys; q and k reach only s, whose masked entries are replaced
-    if zero_unattended:
-        v = zero_unused(keys_used(allowed), v)
+    v = zero_unused(keys_used(zeroing), v)
     s, _ = masked_logits(q, k, bias, allowed, scale=scale, softcap=softcap)  # [bq, bkv]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
     p = exp_of_difference(s, m_new)

@@ -232,7 +232,7 @@ def _forward_kernel(*refs, cfg: KernelConfig, aux: KernelAux, has_bias: bool):
             allowed,
             scale=cfg.scale,
             softcap=cfg.softcap,
-            zero_unattended=cfg.zero_unattended,
+            zeroing=cfg.for_zeroing(allowed),
         )
 
     init = _tile.init_statistics(cfg.block_q, v_ref.shape[-1])

@@ -219,7 +219,7 @@ def _forward_kernel(sched_ref, *refs, cfg: KernelConfig, aux: KernelAux, has_bia
             allowed,
             scale=cfg.scale,
             softcap=cfg.softcap,
-            zero_unattended=cfg.zero_unattended,
+            zeroing=cfg.for_zeroing(allowed),
         )
 
     @pl.when(j < _count(sched_ref, i, width))
