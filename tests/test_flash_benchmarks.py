@@ -351,6 +351,26 @@ def test_autotune_keeps_the_current_entry_unless_a_candidate_beats_it(monkeypatc
     assert "float32 head_dim=16" in capsys.readouterr().out
 
 
+def _autotune_cut_after(monkeypatch, autotune, tmp_path, seconds_of: list[float]):
+    """Run the autotuner's main on "compiled" candidates (their sizes) timed ``seconds_of`` in
+    turn, cut (the session's time limit) at the next timing: (sizes timed, the table's path)."""
+    timed = []
+
+    def seconds(sizes, inputs):
+        timed.append(sizes)
+        if len(timed) > len(seconds_of):
+            raise KeyboardInterrupt
+        return seconds_of[len(timed) - 1]
+
+    monkeypatch.setattr(autotune, "compile_candidate", lambda sizes, **kwargs: sizes)
+    monkeypatch.setattr(autotune, "seconds_per_call", seconds)
+    output = tmp_path / "block_sizes.json"
+    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
+    with pytest.raises(KeyboardInterrupt):
+        autotune.main()
+    return timed, output
+
+
 def test_autotune_cut_short_keeps_the_fastest_candidate_it_timed(monkeypatch, tmp_path):
     """A GPU session's time can end mid-sweep (on an H200 the run of 2026-11-28 timed 76 of 86
     candidates of a pair and wrote nothing): each candidate faster than all timed before is
@@ -366,21 +386,8 @@ def test_autotune_cut_short_keeps_the_fastest_candidate_it_timed(monkeypatch, tm
         ]
 
     monkeypatch.setattr(autotune, "backward_candidates", three_launches)
-    timed = []
-    seconds_of = [2.0, 0.5, 1.5, 1.0]  # current, the first tile's forward, then its backward batch
-
-    def seconds(sizes, inputs):
-        timed.append(sizes)
-        if len(timed) > len(seconds_of):
-            raise KeyboardInterrupt  # the session's time limit, in the middle of the batch
-        return seconds_of[len(timed) - 1]
-
-    monkeypatch.setattr(autotune, "compile_candidate", lambda sizes, **kwargs: sizes)
-    monkeypatch.setattr(autotune, "seconds_per_call", seconds)
-    output = tmp_path / "block_sizes.json"
-    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
-    with pytest.raises(KeyboardInterrupt):
-        autotune.main()
+    # the current entry, the first tile's forward, then its backward batch, cut in its middle
+    timed, output = _autotune_cut_after(monkeypatch, autotune, tmp_path, [2.0, 0.5, 1.5, 1.0])
     assert timed[0] == current and len(timed) == 5
     table = json.loads(output.read_text())
     entry, source = table["triton"]["sm90"]["float32"]["16"], table["sources"]["triton/sm90"]["float32"]["16"]
@@ -389,20 +396,7 @@ def test_autotune_cut_short_keeps_the_fastest_candidate_it_timed(monkeypatch, tm
 
 def test_autotune_cut_before_any_candidate_wins_leaves_the_table_alone(monkeypatch, tmp_path):
     autotune = _autotune(monkeypatch)
-    timed = []
-
-    def seconds(sizes, inputs):
-        timed.append(sizes)
-        if len(timed) == 3:
-            raise KeyboardInterrupt
-        return 1.0 if len(timed) == 1 else 2.0  # the current entry is the fastest
-
-    monkeypatch.setattr(autotune, "compile_candidate", lambda sizes, **kwargs: sizes)
-    monkeypatch.setattr(autotune, "seconds_per_call", seconds)
-    output = tmp_path / "block_sizes.json"
-    monkeypatch.setattr(sys, "argv", ["autotune_flash.py", "--output", str(output)])
-    with pytest.raises(KeyboardInterrupt):
-        autotune.main()
+    _, output = _autotune_cut_after(monkeypatch, autotune, tmp_path, [1.0, 2.0])  # the current entry wins
     assert not output.exists()
 
 
