@@ -92,7 +92,7 @@ def candidate_inputs(dtype: str, head_dim: int):
 def compile_candidate(sizes: flash.BlockSizes, inputs, gradient: bool):
     """The causal forward (or forward+backward) step with these sizes, compiled for ``inputs``."""
     step = gpu_bench.jitted_step(gpu_bench.flash_with_sizes(masks.causal(), sizes), gradient)
-    return gpu_bench._lower_and_compile(step, inputs)
+    return gpu_bench.lower_and_compile(step, inputs)
 
 
 def seconds_per_call(step, inputs) -> float:

@@ -384,8 +384,20 @@ def _inputs(setup: Setup, length: int, head_dim: int):
     return tuple(jax.random.normal(k, shape, jnp.bfloat16) for k in jax.random.split(key, 4))
 
 
-def _lower_and_compile(step, inputs):
+def lower_and_compile(step, inputs):
     return step.lower(*inputs).compile()
+
+
+def compile_passes(attends: dict, inputs) -> dict[tuple, Future]:
+    """``{(key, backward): future}`` of the forward and forward+backward steps of each
+    ``attends[key]`` on ``inputs``, compiled together (``compile_all``)."""
+    return compile_all(
+        {
+            (key, backward): functools.partial(lower_and_compile, jitted_step(attend, backward), inputs)
+            for key, attend in attends.items()
+            for backward, _ in PASSES
+        }
+    )
 
 
 # (setup, name, causal, backward, length, head_dim) -> the future of the compiled step
@@ -406,7 +418,7 @@ def precompile_steps(setup: Setup, cells) -> None:
         name, causal, backward, length, head_dim = cell
         step = jitted_step(functools.partial(impls[name], causal=causal), backward)
         inputs = _inputs(setup, length, head_dim)  # drawn here, not in the compiling threads
-        jobs[(setup, *cell)] = functools.partial(_lower_and_compile, step, inputs)
+        jobs[(setup, *cell)] = functools.partial(lower_and_compile, step, inputs)
     _STEPS.update(compile_all(jobs))
 
 
@@ -494,12 +506,15 @@ def measure_throughput(setup: Setup) -> dict:
     """Seconds per call (or a failure note) for every (implementation, head dim, pass, causal, N),
     in the order of ``throughput_cells``."""
     results = {}
+    compiled: set[str] = set()
     for name, head_dim, backward, pass_name, causal, length in throughput_cells(setup):
         cell = (name, head_dim, pass_name, causal, length)
         if _over_budget():
             results[cell] = "skipped (time budget)"
             continue
-        precompile_throughput(setup, [name])  # XLA's, which no bar needs, once it is reached
+        if name not in compiled:  # XLA's steps, which no bar needs, once they are reached
+            precompile_throughput(setup, [name])
+            compiled.add(name)
         try:
             step = compiled_step(setup, name, causal, backward, length, head_dim)
             results[cell] = time_call(step, _inputs(setup, length, head_dim), setup.repeats, setup.calls)
@@ -600,13 +615,7 @@ def sliding_window_vs_causal(setup: Setup) -> None:
     attends = {"flash": functools.partial(jattn.flash_attention, mask=mask)}
     if peer:
         attends["cudnn"] = functools.partial(jattn.attention, mask=mask, implementation="cudnn")
-    window_steps = compile_all(
-        {
-            (name, backward): functools.partial(_lower_and_compile, jitted_step(attend, backward), inputs)
-            for name, attend in attends.items()
-            for backward, _ in PASSES
-        }
-    )
+    window_steps = compile_passes(attends, inputs)
     for backward, pass_name in PASSES:
         try:
             steps = [
@@ -716,14 +725,8 @@ def window_diagnosis(setup: Setup) -> None:
         "| variant | tiles | masked | zeroes | fwd ms | fwd speedup | fwd tile cost | fwd_bwd ms "
         "| fwd_bwd speedup | fwd_bwd tile cost |\n|---|---|---|---|---|---|---|---|---|---|"
     )
-    steps = compile_all(
-        {
-            (index, backward): functools.partial(
-                _lower_and_compile, jitted_step(flash_with_sizes(mask, sizes), backward), inputs
-            )
-            for index, (_, mask, sizes) in enumerate(variants)
-            for backward, _ in PASSES
-        }
+    steps = compile_passes(
+        {index: flash_with_sizes(mask, sizes) for index, (_, mask, sizes) in enumerate(variants)}, inputs
     )
     dense: dict[str, tuple[float, int]] = {}  # pass -> (seconds, listed pairs) of dense causal
     for index, ((label, mask, sizes), layout) in enumerate(zip(variants, layouts, strict=True)):

@@ -224,7 +224,7 @@ def test_throughput_steps_compile_once_each(monkeypatch):
         compiled.append(step)
         return step
 
-    monkeypatch.setattr(bench, "_lower_and_compile", fake_compile)
+    monkeypatch.setattr(bench, "lower_and_compile", fake_compile)
     monkeypatch.setattr(bench, "_STEPS", {})
     bench.precompile_throughput(bench.CPU_TINY, ["jattn_flash"])  # XLA's steps wait: no bar needs them
     assert (
@@ -285,7 +285,7 @@ def test_window_diagnosis_prints_speedups_and_tile_costs_against_dense_causal(mo
             raise RuntimeError("compile failed") from None
 
     monkeypatch.setattr(bench, "time_call", fake_time)
-    monkeypatch.setattr(bench, "_lower_and_compile", lambda step, inputs: step)
+    monkeypatch.setattr(bench, "lower_and_compile", lambda step, inputs: step)
     bench.window_diagnosis(bench.CPU_TINY)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     # 64 tokens on 16x16 tiles: causal lists 10 tiles (4 masked), the window of 16 lists 7 (7)
